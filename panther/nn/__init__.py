@@ -1,0 +1,1 @@
+"""Explicit sketched layers."""

@@ -1,0 +1,143 @@
+"""Custom ops for the low-rank linear: ``torch.ops.panther.sklinear`` and ``panther.lowrank_linear``.
+
+Both are ``torch.library.triton_op``s: under ``torch.compile`` Inductor traces into their bodies,
+so on CPU they lower to generated C++ (and Inductor's GEMM templates), and on CUDA to the Triton
+kernels in ``panther.kernels.lowrank_linear``. Outside of compile they run eagerly.
+
+The backward of each op is itself an op, so the GPU path can swap in backward kernels.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torch.library import triton_op
+
+from panther.kernels.lowrank_linear import reference as ref
+
+
+def _flat(x: Tensor) -> Tensor:
+    return x.reshape(-1, x.shape[-1])
+
+
+def _empty(like: Tensor) -> Tensor:
+    # Stand-in for a gradient that was not asked for (custom-op returns cannot be None).
+    return like.new_empty(0)
+
+
+# ---------------------------------------------------------------------------------------------
+# panther::sklinear
+# ---------------------------------------------------------------------------------------------
+
+
+@triton_op("panther::sklinear", mutates_args=())
+def sklinear(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias: Tensor | None) -> Tensor:
+    """y = 1/(2L)·Σᵢ (x·S1ᵢ·U1ᵢ + x·U2ᵢ·S2ᵢ) + bias, over the last dim of x.
+
+    Shapes: x (..., in); S1s, U2s (L, in, k); U1s, S2s (L, k, out); bias (out,) or None.
+    Returns (..., out). U1s and U2s are fixed: no gradient flows to them.
+    """
+    y = ref.sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
+    return y.reshape(*x.shape[:-1], U1s.shape[2])
+
+
+@triton_op("panther::sklinear_backward", mutates_args=())
+def sklinear_backward(
+    grad: Tensor,
+    x: Tensor,
+    S1s: Tensor,
+    S2s: Tensor,
+    U1s: Tensor,
+    U2s: Tensor,
+    need_dx: bool,
+    need_dS: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dS1s, dS2s, db) of :func:`sklinear`; a gradient not asked for comes back empty."""
+    dx, dS1s, dS2s, db = ref.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
+    return (
+        dx.reshape(x.shape) if dx is not None else _empty(x),
+        dS1s if dS1s is not None else _empty(S1s),
+        dS2s if dS2s is not None else _empty(S2s),
+        db if db is not None else _empty(grad),
+    )
+
+
+def _sklinear_setup(ctx, inputs, output):
+    x, S1s, S2s, U1s, U2s, bias = inputs
+    ctx.save_for_backward(x, S1s, S2s, U1s, U2s)
+    ctx.has_bias = bias is not None
+
+
+def _sklinear_bwd(ctx, grad):
+    x, S1s, S2s, U1s, U2s = ctx.saved_tensors
+    nx, nS1, nS2, _, _, nb = ctx.needs_input_grad
+    dx, dS1s, dS2s, db = torch.ops.panther.sklinear_backward(
+        grad, x, S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias)
+    )
+    return (
+        dx if nx else None,
+        dS1s if nS1 else None,
+        dS2s if nS2 else None,
+        None,
+        None,
+        db if (nb and ctx.has_bias) else None,
+    )
+
+
+sklinear.register_autograd(_sklinear_bwd, setup_context=_sklinear_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# panther::lowrank_linear
+# ---------------------------------------------------------------------------------------------
+
+
+@triton_op("panther::lowrank_linear", mutates_args=())
+def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float) -> Tensor:
+    """y = scale·(x·A)·B + bias over the last dim of x.
+
+    Shapes: x (..., in), A (in, r), B (r, out), bias (out,) or None. Returns (..., out).
+    """
+    y = ref.lowrank_forward(_flat(x), A, B, bias, scale)
+    return y.reshape(*x.shape[:-1], B.shape[1])
+
+
+@triton_op("panther::lowrank_linear_backward", mutates_args=())
+def lowrank_linear_backward(
+    grad: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_db: bool,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dA, dB, db) of :func:`lowrank_linear`; a gradient not asked for comes back empty."""
+    dx, dA, dB, db = ref.lowrank_backward(_flat(grad), _flat(x), A, B, scale, need_dx, need_dA, need_dB, need_db)
+    return (
+        dx.reshape(x.shape) if dx is not None else _empty(x),
+        dA if dA is not None else _empty(A),
+        dB if dB is not None else _empty(B),
+        db if db is not None else _empty(grad),
+    )
+
+
+def _lowrank_setup(ctx, inputs, output):
+    x, A, B, bias, scale = inputs
+    ctx.save_for_backward(x, A, B)
+    ctx.scale = scale
+    ctx.has_bias = bias is not None
+
+
+def _lowrank_bwd(ctx, grad):
+    x, A, B = ctx.saved_tensors
+    nx, nA, nB, nb, _ = ctx.needs_input_grad
+    nb = bool(nb and ctx.has_bias)
+    dx, dA, dB, db = torch.ops.panther.lowrank_linear_backward(grad, x, A, B, ctx.scale, nx, nA, nB, nb)
+    return (dx if nx else None, dA if nA else None, dB if nB else None, db if nb else None, None)
+
+
+lowrank_linear.register_autograd(_lowrank_bwd, setup_context=_lowrank_setup)

@@ -1,0 +1,1 @@
+"""Sketching operators (placeholder module; filled in by the sketch work)."""
