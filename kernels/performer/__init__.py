@@ -1,0 +1,17 @@
+"""Performer (FAVOR+) random-feature attention: reference math (and Triton kernels on CUDA)."""
+
+from .reference import (
+    feature_map,
+    feature_map_backward,
+    linear_attention,
+    performer_attention,
+    performer_attention_backward,
+)
+
+__all__ = [
+    "feature_map",
+    "feature_map_backward",
+    "linear_attention",
+    "performer_attention",
+    "performer_attention_backward",
+]

@@ -1,0 +1,187 @@
+"""Sketched linear layers: :class:`SKLinear` and :class:`SKLinear_triton`."""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from panther._validation import check_input, check_int, check_tensor, warn_budget
+
+
+def _signs(shape: tuple[int, ...], scale: float, generator, device, dtype) -> Tensor:
+    """Random ±scale entries (a scaled sign sketch), drawn from ``generator`` or the global RNG."""
+    bits = torch.randint(0, 2, shape, generator=generator, device=device if generator is None else generator.device)
+    return (bits.to(device=device, dtype=dtype) * 2 - 1) * scale
+
+
+class SKLinear(nn.Module):
+    r"""Linear layer whose weight is a two-sided random sketch: ``y ≈ x·Wᵀ + b`` with fewer parameters.
+
+    With ``W`` (out × in) the dense weight, ``L = num_terms`` and ``k = low_rank``, the layer keeps
+    fixed random sign matrices ``U1ᵢ`` (k × out) and ``U2ᵢ`` (in × k) with entries ±1/√k
+    (buffers) and learns ``S1ᵢ = Wᵀ·U1ᵢᵀ`` (in × k) and ``S2ᵢ = U2ᵢᵀ·Wᵀ`` (k × out):
+
+    .. math::
+
+        y = \frac{1}{2L} \sum_{i=1}^{L} \left(x S1_i U1_i + x U2_i S2_i\right) + b
+
+    which is an unbiased estimate of ``x·Wᵀ`` (``E[U1ᵢᵀU1ᵢ] = I``, ``E[U2ᵢU2ᵢᵀ] = I``) holding
+    ``2·L·k·(in+out)`` parameters instead of ``in·out``. It is a rank-``2Lk`` product, so the
+    forward costs ``2·T·2Lk·(in+out)`` FLOPs instead of ``2·T·in·out``.
+
+    Args:
+        in_features: size of each input sample.
+        out_features: size of each output sample.
+        num_terms: number of sketch terms ``L`` (> 0).
+        low_rank: rank ``k`` of each term (> 0). Above ``min(in, out)`` is legal but only costs.
+        W_init: optional dense weight to sketch, shape (out_features, in_features) as in
+            ``nn.Linear``. Default: Kaiming-uniform, as ``nn.Linear`` initializes.
+        bias: learn an additive bias. Default: True.
+        dtype, device: of the parameters and buffers.
+        generator: optional ``torch.Generator`` for every random draw (init and sketches).
+            Default: torch's global RNG, so ``torch.manual_seed`` reproduces construction.
+
+    Shape:
+        input (..., in_features), including 1-D; output (..., out_features).
+
+    Raises:
+        TypeError / ValueError: non-int or non-positive sizes, a ``W_init`` that is not a tensor
+            of shape (out_features, in_features); in ``forward``, an input whose last dim is not
+            ``in_features`` or whose dtype/device differ from the layer's.
+
+    Warns:
+        UserWarning: when ``2·L·k·(in+out) >= in·out`` (the sketch saves no parameters).
+
+    Example:
+        >>> import torch, panther as pr
+        >>> layer = pr.nn.SKLinear(512, 256, num_terms=2, low_rank=16)
+        >>> layer(torch.randn(64, 512)).shape
+        torch.Size([64, 256])
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        num_terms: int,
+        low_rank: int,
+        W_init: Tensor | None = None,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> None:
+        super().__init__()
+        self.in_features = check_int("in_features", in_features)
+        self.out_features = check_int("out_features", out_features)
+        self.num_terms = check_int("num_terms", num_terms)
+        self.low_rank = check_int("low_rank", low_rank)
+        if W_init is not None:
+            check_tensor("W_init", W_init)
+            if tuple(W_init.shape) != (out_features, in_features):
+                raise ValueError(
+                    f"W_init must have shape (out_features, in_features) = ({out_features}, {in_features}) "
+                    f"as nn.Linear.weight does, got {tuple(W_init.shape)}"
+                )
+            if not W_init.is_floating_point():
+                raise TypeError(f"W_init must be a floating-point tensor, got dtype {W_init.dtype}")
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        warn_budget(type(self).__name__, num_terms, low_rank, in_features, out_features)
+
+        factory = {"device": device, "dtype": dtype}
+        param_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        # Sketch in at least fp32 so that low-precision layers start from well-rounded factors.
+        work = torch.float64 if param_dtype == torch.float64 else torch.float32
+        L, k = self.num_terms, self.low_rank
+        if W_init is None:
+            W = torch.empty(out_features, in_features, device=device, dtype=work)
+            nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
+        else:
+            W = W_init.detach().to(device=device, dtype=work)
+        b = None
+        if bias:
+            bound = 1.0 / math.sqrt(in_features)
+            b = torch.empty(out_features, device=device, dtype=work).uniform_(-bound, bound, generator=generator)
+        U1s = _signs((L, k, out_features), 1.0 / math.sqrt(k), generator, device, work)
+        U2s = _signs((L, in_features, k), 1.0 / math.sqrt(k), generator, device, work)
+        S1s = torch.einsum("oi,lko->lik", W, U1s)  # Wᵀ·U1ᵢᵀ
+        S2s = torch.einsum("lik,oi->lko", U2s, W)  # U2ᵢᵀ·Wᵀ
+
+        self.S1s = nn.Parameter(S1s.to(**factory))
+        self.S2s = nn.Parameter(S2s.to(**factory))
+        self.register_buffer("U1s", U1s.to(**factory))
+        self.register_buffer("U2s", U2s.to(**factory))
+        self.bias = nn.Parameter(b.to(**factory)) if b is not None else None
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, num_terms: int, low_rank: int, *, generator: torch.Generator | None = None
+    ) -> "SKLinear":
+        """Sketch a dense ``nn.Linear`` (weight and bias copied; same dtype and device).
+
+        Raises:
+            TypeError: ``linear`` is not an ``nn.Linear``.
+        """
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            num_terms,
+            low_rank,
+            W_init=w.detach(),
+            bias=linear.bias is not None,
+            dtype=w.dtype,
+            device=w.device,
+            generator=generator,
+        )
+        if linear.bias is not None:
+            with torch.no_grad():
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    def dense_weight(self) -> Tensor:
+        """The (out_features, in_features) weight this layer applies: ``(1/2L)·Σ (S1ᵢU1ᵢ + U2ᵢS2ᵢ)ᵀ``."""
+        wt = (self.S1s @ self.U1s + self.U2s @ self.S2s).sum(0) / (2 * self.num_terms)
+        return wt.t()
+
+    def forward(self, x: Tensor) -> Tensor:
+        check_input("x", x, last_dim=self.in_features, like=self.S1s)
+        return torch.ops.panther.sklinear(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"num_terms={self.num_terms}, low_rank={self.low_rank}, bias={self.bias is not None}"
+        )
+
+
+class SKLinear_triton(SKLinear):
+    """:class:`SKLinear` that insists on the Triton kernels.
+
+    Same arguments, parameters and function as :class:`SKLinear`. On a CUDA device the forward and
+    backward run panther's fused Triton kernels (as ``SKLinear`` does there too). On any other
+    device there is no Triton path: the layer computes the same function through the reference
+    path and warns once per layer.
+    """
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._warned_no_cuda = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not x.is_cuda and not self._warned_no_cuda and not torch.compiler.is_compiling():
+            self._warned_no_cuda = True
+            warnings.warn(
+                f"SKLinear_triton: input is on {x.device}, where there are no Triton kernels; "
+                "computing the same function through the reference path",
+                UserWarning,
+                stacklevel=2,
+            )
+        return super().forward(x)
