@@ -190,7 +190,7 @@ def test_training_step_lowers_loss():
     g = torch.Generator().manual_seed(6)
     target = torch.randn(40, 24, generator=g)
     layer = pr.nn.SKLinear(40, 24, 1, 4, generator=g)
-    opt = torch.optim.SGD(layer.parameters(), lr=0.05)
+    opt = torch.optim.Adam(layer.parameters(), lr=0.05)
     x = torch.randn(128, 40, generator=g)
     y = x @ target * 0.1
     losses = []
