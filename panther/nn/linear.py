@@ -9,12 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from panther._validation import check_input, check_int, check_tensor, warn_budget
-
-
-def _signs(shape: tuple[int, ...], scale: float, generator, device, dtype) -> Tensor:
-    """Random ±scale entries (a scaled sign sketch), drawn from ``generator`` or the global RNG."""
-    bits = torch.randint(0, 2, shape, generator=generator, device=device if generator is None else generator.device)
-    return (bits.to(device=device, dtype=dtype) * 2 - 1) * scale
+from panther.sketch import sign_matrix
 
 
 class SKLinear(nn.Module):
@@ -107,8 +102,9 @@ class SKLinear(nn.Module):
         if bias:
             bound = 1.0 / math.sqrt(in_features)
             b = torch.empty(out_features, device=device, dtype=work).uniform_(-bound, bound, generator=generator)
-        U1s = _signs((L, k, out_features), 1.0 / math.sqrt(k), generator, device, work)
-        U2s = _signs((L, in_features, k), 1.0 / math.sqrt(k), generator, device, work)
+        U1s = sign_matrix(k, out_features, num=L, generator=generator, device=device, dtype=work)
+        # U2ᵢ is (in × k) with the same ±1/√k entries: draw (k × in) and transpose.
+        U2s = sign_matrix(k, in_features, num=L, generator=generator, device=device, dtype=work).transpose(1, 2).contiguous()
         S1s = torch.einsum("oi,lko->lik", W, U1s)  # Wᵀ·U1ᵢᵀ
         S2s = torch.einsum("lik,oi->lko", U2s, W)  # U2ᵢᵀ·Wᵀ
 
