@@ -5,6 +5,7 @@
 * ``pr.nn`` -- explicit sketched layers (``SKLinear``, ``SKLinear_triton``, ``SKConv2d``,
   ``RandMultiHeadAttention``, ``pr.nn.pawXimpl.sinSRPE``);
 * ``pr.sketch`` -- seedable sketching operators (sign, Gaussian, SRHT, count sketch, SJLT);
+* ``pr.linalg`` -- low-rank factorizations (randomized SVD, data-aware);
 * ``pr.ops`` -- the ``torch.ops.panther`` custom operators the layers call into.
 """
 
@@ -18,5 +19,6 @@ except PackageNotFoundError:  # running from a source tree that was not installe
 from . import ops  # noqa: E402  (registers torch.ops.panther.*)
 from . import sketch  # noqa: E402
 from . import nn  # noqa: E402
+from . import linalg  # noqa: E402
 
-__all__ = ["nn", "ops", "sketch", "__version__"]
+__all__ = ["linalg", "nn", "ops", "sketch", "__version__"]
