@@ -64,11 +64,13 @@ def test_sketch_method_is_unbiased():
     g = torch.Generator().manual_seed(4)
     W = torch.randn(20, 30, generator=g, dtype=F64)
     x = torch.randn(3, 30, generator=g, dtype=F64)
-    n = 3000
-    mean = sum(x @ (lambda A, B: A @ B)(*lowrank(W, 8, "sketch", generator=g)) for _ in range(n)) / n
-    one = x @ (lambda A, B: A @ B)(*lowrank(W, 8, "sketch", generator=g))
+    n = 500
+    draws = [x @ (lambda A, B: A @ B)(*lowrank(W, 8, "sketch", generator=g)) for _ in range(n + 10)]
     ref = x @ W.t()
-    assert (mean - ref).norm() < 3 * (one - ref).norm() / n**0.5
+    mean = sum(draws[:n]) / n
+    one = sum((d - ref).norm() for d in draws[n:]) / 10  # typical error of a single draw
+    # The mean of n independent unbiased draws has ~1/√n of one draw's error; bias would not shrink.
+    assert (mean - ref).norm() < 2.5 * one / n**0.5
 
 
 def test_data_aware_beats_rsvd_on_correlated_activations():

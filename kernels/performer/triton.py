@@ -54,10 +54,40 @@ __all__ = ["performer_attention", "performer_attention_backward"]
 
 
 @triton.jit
-def _mm(a, b, FEAT_F32: tl.constexpr, PREC: tl.constexpr):
-    """a @ b with fp32 accumulation; operands in fp32 (fp32/fp16 inputs) or bf16."""
+def _dot(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """a @ b with fp32 accumulation. The interpreter multiplies bf16 as raw bits (triton 3.9), so
+    there bf16 operands go through fp32 (exact: bf16 products are exact in fp32)."""
+    if INTERP and a.dtype == tl.bfloat16:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32))
+    else:
+        return tl.dot(a, b, input_precision=PREC)
+
+
+@triton.jit
+def _rne_bf16(x):
+    """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32. The interpreter's own
+    fp32→bf16 cast truncates; the GPU's rounds to nearest: this makes the two agree."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + (0x7FFF + ((bits >> 16) & 1))) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _cast(x, DT: tl.constexpr, INTERP: tl.constexpr):
+    """x.to(DT), rounding to nearest also under the interpreter."""
+    if INTERP and DT == tl.bfloat16:
+        return _rne_bf16(x.to(tl.float32)).to(DT)
+    else:
+        return x.to(DT)
+
+
+@triton.jit
+def _mm(a, b, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """Feature-side product: operands in fp32 (fp32/fp16 inputs) or bf16 (bf16 inputs)."""
     if FEAT_F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision=PREC)
+        return _dot(a.to(tl.float32), b.to(tl.float32), PREC, INTERP)
+    elif INTERP:
+        return tl.dot(_rne_bf16(a.to(tl.float32)), _rne_bf16(b.to(tl.float32)))
     else:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
@@ -73,56 +103,56 @@ def _load_rows(base, rows, cols, n_rows, n_cols, s_row, s_col):
 
 
 @triton.jit
-def _logits(x, w, rs, PREC: tl.constexpr):
+def _logits(x, w, rs, PREC: tl.constexpr, INTERP: tl.constexpr):
     """(ω·xs − ‖xs‖²/2)·log2(e) of shape (BN, BM), and ω·x (unscaled projection)."""
-    proj = tl.dot(x, tl.trans(w), input_precision=PREC)
+    proj = _dot(x, tl.trans(w), PREC, INTERP)
     xf = x.to(tl.float32)
     half = (0.5 * rs * rs * 1.4426950408889634) * tl.sum(xf * xf, 1)
     return proj * (rs * 1.4426950408889634) - half[:, None], proj
 
 
 @triton.jit
-def _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+def _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
     """φ(q) (BN, BM) fp32, zero on padded features; and the projection ω·x for the relu backward."""
     if SOFTMAX:
-        lg, proj = _logits(x, w, rs, PREC)
+        lg, proj = _logits(x, w, rs, PREC, INTERP)
         lg = tl.where(fvalid[None, :], lg, float("-inf"))
         mx = tl.max(lg, 1)
         phi = tl.exp2(lg - (mx + log2_sqrt_m)[:, None])
     else:
-        proj = tl.dot(x, tl.trans(w), input_precision=PREC)
+        proj = _dot(x, tl.trans(w), PREC, INTERP)
         phi = tl.where(fvalid[None, :], tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
     return phi, proj
 
 
 @triton.jit
-def _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, PREC: tl.constexpr):
+def _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
     """φ(k) (BN, BM) fp32 with a given stabilizer c2 (log2 units, includes log2 √m); zero on
     masked or padded keys and padded features."""
     valid = rvalid[:, None] & fvalid[None, :]
     if SOFTMAX:
-        lg, proj = _logits(x, w, rs, PREC)
+        lg, proj = _logits(x, w, rs, PREC, INTERP)
         phi = tl.where(valid, tl.exp2(lg - c2), 0.0)
     else:
-        proj = tl.dot(x, tl.trans(w), input_precision=PREC)
+        proj = _dot(x, tl.trans(w), PREC, INTERP)
         phi = tl.where(valid, tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
     return phi, proj
 
 
 @triton.jit
-def _phi_backward(dphi, phi, proj, x, w, rvalid, rs, inv_sqrt_m, SOFTMAX: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr):
+def _phi_backward(dphi, phi, proj, x, w, rvalid, rs, inv_sqrt_m, SOFTMAX: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
     """dx (BN, BD) fp32 from dφ: softmax dxs = (dφ·φ)·ω − Σ(dφ·φ)·xs, relu dxs = (dφ·1[ω·xs>0]/√m)·ω."""
     if SOFTMAX:
         t = dphi * phi
-        dxs = _mm(t, w, FEAT_F32, PREC) - (tl.sum(t, 1) * rs)[:, None] * x.to(tl.float32)
+        dxs = _mm(t, w, FEAT_F32, PREC, INTERP) - (tl.sum(t, 1) * rs)[:, None] * x.to(tl.float32)
     else:
         t = tl.where(rvalid[:, None] & (proj > 0), dphi * inv_sqrt_m, 0.0)
-        dxs = _mm(t, w, FEAT_F32, PREC)
+        dxs = _mm(t, w, FEAT_F32, PREC, INTERP)
     return dxs * rs
 
 
 @triton.jit
-def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr):
+def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     w = tl.load(
@@ -130,7 +160,7 @@ def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr
         mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
         other=0.0,
     )
-    return w.to(DT)
+    return _cast(w, DT, INTERP)
 
 
 @triton.jit
@@ -155,7 +185,7 @@ def _state_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
@@ -178,13 +208,13 @@ def _state_kernel(
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
     for ci in range(c_start, c_end):
-        w = _load_omega(W, h, D, M, BD, BM, K.dtype.element_ty)
+        w = _load_omega(W, h, D, M, BD, BM, K.dtype.element_ty, INTERP)
         rows = ci * BN + offs_n
         rvalid = _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK)
         x = _load_rows(Kb, rows, offs_d, Nk, D, skn, skd)
         vt = _load_rows(Vb, rows, offs_e, Nk, E, svn, sve)
         if SOFTMAX and not CAUSAL:
-            lg, proj = _logits(x, w, rs, PREC)
+            lg, proj = _logits(x, w, rs, PREC, INTERP)
             lg = tl.where(rvalid[:, None] & fvalid[None, :], lg, float("-inf"))
             new = tl.maximum(run, tl.max(lg))
             alpha = tl.exp2(run - new)
@@ -193,8 +223,8 @@ def _state_kernel(
             run = new
             phi = tl.exp2(lg - (new + log2_sqrt_m))
         else:
-            phi, proj = _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC)
-        S += _mm(tl.trans(phi), vt, FEAT_F32, PREC)
+            phi, proj = _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        S += _mm(tl.trans(phi), vt, FEAT_F32, PREC, INTERP)
         z += tl.sum(phi, 0)
     out = bh * nseg + seg
     tl.store(S_OUT + out * BM * BE + offs_m[:, None] * BE + offs_e[None, :], S)
@@ -212,7 +242,7 @@ def _fwd_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
@@ -237,27 +267,27 @@ def _fwd_kernel(
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
     for ci in range(c_start, c_end):
-        w = _load_omega(W, h, D, M, BD, BM, Q.dtype.element_ty)
+        w = _load_omega(W, h, D, M, BD, BM, Q.dtype.element_ty, INTERP)
         rows = ci * BN + offs_n
         x = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
-        phq, _ = _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC)
-        num = _mm(phq, S, FEAT_F32, PREC)
+        phq, _ = _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        num = _mm(phq, S, FEAT_F32, PREC, INTERP)
         den = tl.sum(phq * z[None, :], 1)
         if CAUSAL:
             rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
             xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
             vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-            phk, _ = _phi_key(xk, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC)
-            sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC)
+            phk, _ = _phi_key(xk, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+            sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
             sc = tl.where(offs_n[:, None] >= offs_n[None, :], sc, 0.0)
-            num += _mm(sc, vt, FEAT_F32, PREC)
+            num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
             den += tl.sum(sc, 1)
-            S += _mm(tl.trans(phk), vt, FEAT_F32, PREC)
+            S += _mm(tl.trans(phk), vt, FEAT_F32, PREC, INTERP)
             z += tl.sum(phk, 0)
         out = num / tl.where(den == 0.0, 1.0, den)[:, None]
         tl.store(
             Ob + rows[:, None] * son + offs_e[None, :] * soe,
-            out.to(O.dtype.element_ty),
+            _cast(out, O.dtype.element_ty, INTERP),
             mask=(rows[:, None] < N) & (offs_e[None, :] < E),
         )
 
@@ -270,7 +300,7 @@ def _bwd_q_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
@@ -297,44 +327,44 @@ def _bwd_q_kernel(
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
     for ci in range(c_start, c_end):
-        w = _load_omega(W, h, D, M, BD, BM, Q.dtype.element_ty)
+        w = _load_omega(W, h, D, M, BD, BM, Q.dtype.element_ty, INTERP)
         rows = ci * BN + offs_n
         x = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
-        phq, projq = _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC)
-        num = _mm(phq, S, FEAT_F32, PREC)
+        phq, projq = _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        num = _mm(phq, S, FEAT_F32, PREC, INTERP)
         den = tl.sum(phq * z[None, :], 1)
         if CAUSAL:
             rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
             xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
             vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-            phk, _ = _phi_key(xk, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC)
-            sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC)
+            phk, _ = _phi_key(xk, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+            sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
             sc = tl.where(offs_n[:, None] >= offs_n[None, :], sc, 0.0)
-            num += _mm(sc, vt, FEAT_F32, PREC)
+            num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
             den += tl.sum(sc, 1)
         inv = 1.0 / tl.where(den == 0.0, 1.0, den)
         g = _load_rows(Gb, rows, offs_e, N, E, sgn, sge).to(tl.float32)
         gs = g * inv[:, None]
         gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
         # dφ(q) = G'·[S; z]ᵀ (+ intra-chunk (G'·V'ᵀ masked)·φ(k))
-        dphi = _mm(gs, tl.trans(S), FEAT_F32, PREC) + gd[:, None] * z[None, :]
+        dphi = _mm(gs, tl.trans(S), FEAT_F32, PREC, INTERP) + gd[:, None] * z[None, :]
         if CAUSAL:
-            p = _mm(gs, tl.trans(vt), FEAT_F32, PREC) + gd[:, None]
+            p = _mm(gs, tl.trans(vt), FEAT_F32, PREC, INTERP) + gd[:, None]
             p = tl.where(offs_n[:, None] >= offs_n[None, :], p, 0.0)
-            dphi += _mm(p, phk, FEAT_F32, PREC)
-            S += _mm(tl.trans(phk), vt, FEAT_F32, PREC)
+            dphi += _mm(p, phk, FEAT_F32, PREC, INTERP)
+            S += _mm(tl.trans(phk), vt, FEAT_F32, PREC, INTERP)
             z += tl.sum(phk, 0)
             tl.store(GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :], gs, mask=rows[:, None] < N)
             tl.store(GD + bh * N + rows, gd, mask=rows < N)
         qvalid = rows < N
-        dx = _phi_backward(dphi, phq, projq, x, w, qvalid, rs, inv_sqrt_m, SOFTMAX, FEAT_F32, PREC)
+        dx = _phi_backward(dphi, phq, projq, x, w, qvalid, rs, inv_sqrt_m, SOFTMAX, FEAT_F32, PREC, INTERP)
         tl.store(
             DQ + bh * N * D + rows[:, None] * D + offs_d[None, :],
-            dx.to(DQ.dtype.element_ty),
+            _cast(dx, DQ.dtype.element_ty, INTERP),
             mask=qvalid[:, None] & (offs_d[None, :] < D),
         )
         phq = tl.where(qvalid[:, None], phq, 0.0)
-        R += _mm(tl.trans(phq), gs, FEAT_F32, PREC)
+        R += _mm(tl.trans(phq), gs, FEAT_F32, PREC, INTERP)
         rz += tl.sum(phq * gd[:, None], 0)
     out = bh * nseg + seg
     tl.store(R_OUT + out * BM * BE + offs_m[:, None] * BE + offs_e[None, :], R)
@@ -349,7 +379,7 @@ def _bwd_k_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
@@ -373,36 +403,36 @@ def _bwd_k_kernel(
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
     for i in range(c_start, c_end):
         ci = c_end - 1 - (i - c_start) if CAUSAL else i  # causal: walk the chunks backward
-        w = _load_omega(W, h, D, M, BD, BM, K.dtype.element_ty)
+        w = _load_omega(W, h, D, M, BD, BM, K.dtype.element_ty, INTERP)
         rows = ci * BN + offs_n
         rvalid = _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK)
         x = _load_rows(Kb, rows, offs_d, Nk, D, skn, skd)
         vt = _load_rows(Vb, rows, offs_e, Nk, E, svn, sve)
-        phk, projk = _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC)
-        dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC) + rz[None, :]
-        dv = _mm(phk, R, FEAT_F32, PREC)
+        phk, projk = _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
+        dv = _mm(phk, R, FEAT_F32, PREC, INTERP)
         if CAUSAL:
             xq = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
-            phq, _ = _phi_query(xq, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC)
+            phq, _ = _phi_query(xq, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
             gs = tl.load(GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :], mask=rows[:, None] < N, other=0.0)
             gd = tl.load(GD + bh * N + rows, mask=rows < N, other=0.0)
             upper = offs_n[:, None] <= offs_n[None, :]  # (key j, query i): i ≥ j
-            p = _mm(vt, tl.trans(gs), FEAT_F32, PREC) + gd[None, :]
-            dphi += _mm(tl.where(upper, p, 0.0), phq, FEAT_F32, PREC)
-            sc = _mm(phk, tl.trans(phq), FEAT_F32, PREC)
-            dv += _mm(tl.where(upper, sc, 0.0), gs, FEAT_F32, PREC)
-            R += _mm(tl.trans(phq), gs, FEAT_F32, PREC)
+            p = _mm(vt, tl.trans(gs), FEAT_F32, PREC, INTERP) + gd[None, :]
+            dphi += _mm(tl.where(upper, p, 0.0), phq, FEAT_F32, PREC, INTERP)
+            sc = _mm(phk, tl.trans(phq), FEAT_F32, PREC, INTERP)
+            dv += _mm(tl.where(upper, sc, 0.0), gs, FEAT_F32, PREC, INTERP)
+            R += _mm(tl.trans(phq), gs, FEAT_F32, PREC, INTERP)
             rz += tl.sum(phq * gd[:, None], 0)
-        dx = _phi_backward(dphi, phk, projk, x, w, rvalid, rs, inv_sqrt_m, SOFTMAX, FEAT_F32, PREC)
+        dx = _phi_backward(dphi, phk, projk, x, w, rvalid, rs, inv_sqrt_m, SOFTMAX, FEAT_F32, PREC, INTERP)
         kvalid = rows < Nk
         tl.store(
             DK + bh * Nk * D + rows[:, None] * D + offs_d[None, :],
-            dx.to(DK.dtype.element_ty),
+            _cast(dx, DK.dtype.element_ty, INTERP),
             mask=kvalid[:, None] & (offs_d[None, :] < D),
         )
         tl.store(
             DV + bh * Nk * E + rows[:, None] * E + offs_e[None, :],
-            dv.to(DV.dtype.element_ty),
+            _cast(dv, DV.dtype.element_ty, INTERP),
             mask=kvalid[:, None] & (offs_e[None, :] < E),
         )
 
@@ -478,6 +508,7 @@ class _Cfg:
             HAS_MASK=key_mask is not None,
             FEAT_F32=q.dtype != torch.bfloat16,
             PREC="ieee" if q.dtype == torch.float32 else "tf32",
+            INTERP=q.device.type == "cpu",
         )
         self.BM, self.BE = self.consts["BM"], self.consts["BE"]
         self.num_warps = 8 if self.BM * max(self.BE, self.consts["BD"]) >= 128 * 64 else 4
@@ -520,6 +551,7 @@ class _Cfg:
         if not self.softmax:
             return S.sum(1), z.sum(1), c
         cmax = c.amax(1, keepdim=True)
+        cmax = torch.where(cmax > -1e29, cmax, torch.zeros_like(cmax))  # every key masked: c = 0
         wgt = torch.exp2(c - cmax)
         S = (S * wgt[:, :, None, None]).sum(1)
         z = (z * wgt[:, :, None]).sum(1)

@@ -1,1 +1,6 @@
-"""Explicit sketched layers."""
+"""Explicit sketched layers (see the API spec): drop-in, cheaper versions of dense layers."""
+
+from .conv import SKConv2d
+from .linear import SKLinear, SKLinear_triton
+
+__all__ = ["SKConv2d", "SKLinear", "SKLinear_triton"]

@@ -5,6 +5,8 @@ and a device dispatch (Triton on CUDA where a kernel exists, the plain-PyTorch r
 elsewhere).
 """
 
+from . import attention  # noqa: F401
+from . import conv  # noqa: F401
 from . import linear  # noqa: F401
 
-__all__ = ["linear"]
+__all__ = ["attention", "conv", "linear"]

@@ -1,8 +1,10 @@
 """Custom ops for the low-rank linear: ``torch.ops.panther.sklinear`` and ``panther.lowrank_linear``.
 
 Both are ``torch.library.triton_op``s: under ``torch.compile`` Inductor traces into their bodies,
-so on CPU they lower to generated C++ (and Inductor's GEMM templates), and on CUDA to the Triton
-kernels in ``panther.kernels.lowrank_linear``. Outside of compile they run eagerly.
+so on CPU they lower to generated C++ (and Inductor's GEMM templates), and on CUDA it sees the
+Triton kernels of ``panther.kernels.lowrank_linear.triton`` (launched through ``wrap_triton``).
+Outside of compile they run eagerly. On CUDA, operands the kernels do not take (mixed dtypes,
+float64) go through the reference.
 
 The backward of each op is itself an op, so the GPU path can swap in backward kernels.
 """
@@ -15,9 +17,19 @@ from torch.library import triton_op
 
 from panther.kernels.lowrank_linear import reference as ref
 
+try:  # triton comes with torch's CUDA wheels; a CPU-only install may lack it
+    from panther.kernels.lowrank_linear import triton as tk
+except ImportError:  # pragma: no cover - depends on the install
+    tk = None
+
 
 def _flat(x: Tensor) -> Tensor:
     return x.reshape(-1, x.shape[-1])
+
+
+def _impl(x: Tensor, *weights: Tensor | None):
+    """The kernels for these operands: Triton on CUDA where they take them, else the reference."""
+    return tk if tk is not None and x.is_cuda and tk.supported(x, *weights) else ref
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -37,7 +49,7 @@ def sklinear(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias
     Shapes: x (..., in); S1s, U2s (L, in, k); U1s, S2s (L, k, out); bias (out,) or None.
     Returns (..., out). U1s and U2s are fixed: no gradient flows to them.
     """
-    y = ref.sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
+    y = _impl(x, S1s, S2s, U1s, U2s, bias).sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
     return y.reshape(*x.shape[:-1], U1s.shape[2])
 
 
@@ -54,7 +66,8 @@ def sklinear_backward(
     need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dS1s, dS2s, db) of :func:`sklinear`; a gradient not asked for comes back empty."""
-    dx, dS1s, dS2s, db = ref.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
+    impl = _impl(x, grad, S1s, S2s, U1s, U2s)
+    dx, dS1s, dS2s, db = impl.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
     return (
         dx.reshape(x.shape) if dx is not None else _empty(x),
         dS1s if dS1s is not None else _empty(S1s),
@@ -99,7 +112,7 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: 
 
     Shapes: x (..., in), A (in, r), B (r, out), bias (out,) or None. Returns (..., out).
     """
-    y = ref.lowrank_forward(_flat(x), A, B, bias, scale)
+    y = _impl(x, A, B, bias).lowrank_forward(_flat(x), A, B, bias, scale)
     return y.reshape(*x.shape[:-1], B.shape[1])
 
 
@@ -116,7 +129,8 @@ def lowrank_linear_backward(
     need_db: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """(dx, dA, dB, db) of :func:`lowrank_linear`; a gradient not asked for comes back empty."""
-    dx, dA, dB, db = ref.lowrank_backward(_flat(grad), _flat(x), A, B, scale, need_dx, need_dA, need_dB, need_db)
+    impl = _impl(x, grad, A, B)
+    dx, dA, dB, db = impl.lowrank_backward(_flat(grad), _flat(x), A, B, scale, need_dx, need_dA, need_dB, need_db)
     return (
         dx.reshape(x.shape) if dx is not None else _empty(x),
         dA if dA is not None else _empty(A),
