@@ -1,0 +1,163 @@
+"""``torch.compile(model, backend="panther")``: rewrite dense layers into sketched ops, then Inductor.
+
+The backend is found through the ``torch_dynamo_backends`` entry point (``pyproject.toml``), so
+``backend="panther"`` works in a process that never imported panther. For each graph Dynamo
+captures it
+
+1. validates the options (:class:`panther.options.PantherOptions`);
+2. runs the passes of :mod:`panther.passes` on a fresh copy of the graph (the Dynamo
+   GraphModule itself is never edited): find linear / conv2d / attention layers, decide per
+   layer, compute factors from the real weights, rewrite into ``torch.ops.panther`` ops;
+3. writes the debugging dumps (``dump_dir`` / ``$PANTHER_DUMP_DIR``, and ``TORCH_TRACE``
+   artifacts) and logs a summary table to the ``panther`` logger;
+4. lowers the rewritten graph with Inductor's ``compile_fx`` (``mode=`` passed on; the
+   factors become frozen constants under max-autotune without grad, so on CPU the sketched
+   GEMMs use Inductor's C++ GEMM template);
+5. returns a callable that checks, on every call, that no rewritten weight changed in place
+   since its factors were computed (``_version``): it refreshes them or raises
+   (``on_stale``), never serving stale factors.
+
+Example::
+
+    >>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, 10))
+    >>> fast = torch.compile(model, backend="panther", options={"rank_fraction": 0.25})
+    >>> with torch.no_grad():
+    ...     y = fast(torch.randn(8, 512))
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import torch
+import torch.fx as fx
+
+from panther.options import PantherOptions
+
+__all__ = ["panther_backend", "PantherCompiled", "StaleWeightError"]
+
+log = logging.getLogger("panther")
+
+
+class StaleWeightError(RuntimeError):
+    """A rewritten weight changed after compilation and ``on_stale="raise"`` was asked for."""
+
+
+def panther_backend(gm: fx.GraphModule, example_inputs: list[Any], options: dict | None = None, mode: str | None = None, **kwargs: Any):
+    """The ``torch.compile`` backend. ``options`` are :class:`PantherOptions` fields.
+
+    Args:
+        gm: the graph Dynamo captured (not modified).
+        example_inputs: its real inputs (parameters included), SymInts as ints.
+        options: dict of :class:`PantherOptions` fields (``torch.compile(options=...)``).
+        mode: Inductor mode from ``torch.compile(mode=...)``; ``options["mode"]`` also works
+            (torch.compile does not accept both ``mode`` and ``options``).
+
+    Raises:
+        ValueError / TypeError: malformed options (the message lists what is allowed).
+    """
+    if kwargs:
+        raise TypeError(f"panther backend got unexpected arguments {sorted(kwargs)}; it takes options= and mode=")
+    opts = PantherOptions.from_dict(options)
+    if mode is not None and mode != "default":
+        opts = PantherOptions.from_dict(opts, mode=mode)
+    return PantherCompiled(gm, example_inputs, opts)
+
+
+def _graph_name() -> str:
+    from torch._guards import CompileContext
+
+    cid = CompileContext.current_compile_id()
+    if cid is None:
+        return "graph"
+    return f"graph_{cid.frame_id}_{cid.frame_compile_id}"
+
+
+class PantherCompiled:
+    """What the backend returns for one graph: the Inductor-compiled rewritten graph.
+
+    Attributes:
+        report: the :class:`panther.passes.Report` (also ``rewrites.json`` in a dump).
+        graph_module: the rewritten ``torch.fx.GraphModule`` (runs eagerly when called).
+        dump_path: the dump folder of this graph, or None.
+    """
+
+    def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: PantherOptions):
+        from panther import passes
+        from panther.passes import dump
+
+        self.options = opts
+        name = _graph_name()
+        ctx = passes.run_passes(gm, example_inputs, opts, graph_name=name)
+        self.report = ctx.report
+        self.graph_module = ctx.gm
+        self._ctx = ctx
+        self.dump_path = dump.emit(gm, ctx)
+        self._watch = [c for c in ctx.candidates if c.decision == "rewrite" and c.weight_index is not None]
+        self._example_inputs = list(example_inputs)
+        self._freeze = self._wants_freezing()
+        self._tracing_context = torch._guards.TracingContext.try_get()
+        self._compiled = self._lower(example_inputs)
+
+    # -- lowering ----------------------------------------------------------------------------
+
+    def _inductor_patches(self) -> dict[str, Any]:
+        from torch._inductor import list_mode_options
+
+        patches: dict[str, Any] = {}
+        if self.options.mode and self.options.mode != "default":
+            patches.update(list_mode_options(self.options.mode))
+        patches.update(self.options.inductor)
+        return patches
+
+    def _wants_freezing(self) -> bool:
+        patches = self._inductor_patches()
+        return bool(patches.get("max_autotune")) and not torch.is_grad_enabled() and bool(self._watch)
+
+    def _lower(self, example_inputs: list[Any]):
+        from torch._inductor.compile_fx import compile_fx
+
+        from panther.passes.graph import copy_graph
+
+        patches = self._inductor_patches()
+        if self._freeze:
+            patches["freezing"] = True
+            on_cpu = all(t.device.type == "cpu" for t in example_inputs if isinstance(t, torch.Tensor))
+            if on_cpu:
+                patches["max_autotune_gemm_backends"] = "CPP,ATEN"
+        # compile_fx may edit the module it is given: hand it a copy (buffers are shared).
+        return compile_fx(copy_graph(self.graph_module), example_inputs, config_patches=patches)
+
+    # -- calls -------------------------------------------------------------------------------
+
+    def __call__(self, *args: Any) -> Any:
+        for cand in self._watch:
+            if args[cand.weight_index]._version != cand.weight_version:
+                self._stale(args)
+                break
+        return self._compiled(*args)
+
+    def _stale(self, args: tuple) -> None:
+        changed = [c for c in self._watch if args[c.weight_index]._version != c.weight_version]
+        names = ", ".join(c.label for c in changed[:4]) + (", ..." if len(changed) > 4 else "")
+        if self.options.on_stale == "raise":
+            raise StaleWeightError(
+                f"panther: weight(s) of {names} changed in place after torch.compile computed their "
+                "low-rank factors; recompile (torch._dynamo.reset() or a fresh torch.compile) or pass "
+                "options={'on_stale': 'refresh'}"
+            )
+        from panther.passes.kinds import kind_module
+
+        with torch.no_grad():
+            for cand in changed:
+                weight = args[cand.weight_index]
+                kind_module(cand.kind).factorize(self._ctx, cand, weight)
+                for key, buf_name in cand.attrs["buffers"].items():
+                    self.graph_module.get_buffer(buf_name).copy_(cand.factors[key])
+                cand.weight_version = weight._version
+        log.info("panther: refreshed the factors of %s (weights changed after compilation)", names)
+        if self._freeze:
+            # Frozen factors are constants of the compiled code: compile again with the new ones.
+            with torch._guards.tracing(self._tracing_context):
+                self._compiled = self._lower(self._example_inputs)

@@ -1,0 +1,72 @@
+"""``panther.explain(model, *example_inputs, **options)``: what the backend would do, without compiling.
+
+Dynamo captures the model's graphs as ``torch.compile(model, backend="panther")`` would, and
+each graph goes through the same passes (find, decide, measure, rewrite) with the same
+options, but nothing is handed to Inductor: the model runs its dense graphs eagerly, once, on
+the example inputs. The dumps are written as the backend writes them when ``dump_dir`` (or
+``$PANTHER_DUMP_DIR``) is set.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from panther.options import PantherOptions
+
+__all__ = ["explain"]
+
+
+def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any] | None = None, **options: Any):
+    """Report of the rewrites ``torch.compile(model, backend="panther", options=options)`` would make.
+
+    Args:
+        model: an ``nn.Module`` or a function.
+        *example_inputs: positional inputs to run it on (their sizes are the example sizes).
+        example_kwargs: keyword inputs for the model, if any.
+        **options: :class:`panther.options.PantherOptions` fields.
+
+    Returns:
+        :class:`panther.passes.Report`: one row per candidate layer with its decision and reason,
+        parameters, FLOPs and bytes before and after, predicted and measured error;
+        ``print(report)`` shows the summary table. With several graphs (graph breaks) the
+        report holds them all; ``report.graphs`` lists the per-graph reports.
+
+    Raises:
+        ValueError / TypeError: malformed options.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
+        >>> with torch.no_grad():
+        ...     report = panther.explain(model, torch.randn(8, 256), min_params=0)
+        >>> [c.decision for c in report.candidates]
+        ['rewrite', 'rewrite']
+    """
+    from panther.passes import Report, run_passes
+    from panther.passes import dump
+
+    from .backend import _graph_name
+
+    opts = PantherOptions.from_dict(options)
+    reports: list[Report] = []
+
+    def backend(gm, inputs):
+        ctx = run_passes(gm, inputs, opts, graph_name=_graph_name())
+        dump.emit(gm, ctx)
+        reports.append(ctx.report)
+        return gm.forward
+
+    torch.compile(model, backend=backend)(*example_inputs, **(example_kwargs or {}))
+    if len(reports) == 1:
+        merged = reports[0]
+    else:
+        merged = Report(graph="model", options=opts.to_dict())
+        for r in reports:
+            merged.candidates.extend(r.candidates)
+            merged.notes.extend(r.notes)
+        errs = [r.output_error for r in reports if r.output_error is not None]
+        merged.output_error = max(errs) if errs else None
+    merged.graphs = reports
+    return merged

@@ -1,0 +1,85 @@
+"""Measure the output error of each rewrite on the example inputs.
+
+:func:`measure_layers` runs the dense graph once on the real example inputs (Dynamo hands the
+backend real tensors); at each chosen candidate it also runs the replacement on the same
+inputs and records ``measured_error = ‖approx − dense‖ / ‖dense‖``. :func:`measure_outputs`
+runs the rewritten graph and compares its outputs with the dense ones (``report.output_error``).
+
+Side effects are fenced off: inputs that are not parameters are cloned (a graph may update a
+buffer in place), the global RNG state is restored afterwards, and nothing records autograd.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch.utils import _pytree as pytree
+
+from .kinds import kind_module
+
+__all__ = ["measure_layers", "measure_outputs", "rel_err"]
+
+
+def rel_err(approx: Any, exact: Any) -> float | None:
+    """Largest relative Frobenius error over the floating tensors of two (nested) outputs."""
+    a_leaves, b_leaves = pytree.tree_leaves(approx), pytree.tree_leaves(exact)
+    worst = None
+    for a, b in zip(a_leaves, b_leaves):
+        if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and b.dtype.is_floating_point and b.numel():
+            a64, b64 = a.detach().double(), b.detach().double()
+            if not torch.isfinite(a64).all():
+                err = float("inf")
+            else:
+                err = float((a64 - b64).norm() / b64.norm().clamp_min(1e-30))
+            worst = err if worst is None else max(worst, err)
+    return worst
+
+
+def _inputs(example_inputs: list[Any]) -> list[Any]:
+    return [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x for x in example_inputs]
+
+
+@contextlib.contextmanager
+def _fenced(example_inputs: list[Any]):
+    devices = sorted({x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
+    with torch.random.fork_rng(devices=devices), torch.no_grad():
+        yield
+
+
+class _LayerProbe(fx.Interpreter):
+    def __init__(self, gm: fx.GraphModule, cands: list) -> None:
+        super().__init__(gm)
+        self.anchor = {c.node: c for c in cands}
+        self.watch: dict[fx.Node, list] = {}
+        self.stash: dict[int, dict[str, Any]] = {}
+        for c in cands:
+            self.stash[id(c)] = {}
+            for key, value in c.inputs.items():
+                if isinstance(value, fx.Node):
+                    self.watch.setdefault(value, []).append((c, key))
+
+    def run_node(self, n: fx.Node) -> Any:
+        val = super().run_node(n)
+        for c, key in self.watch.get(n, ()):
+            self.stash[id(c)][key] = val
+        cand = self.anchor.get(n)
+        if cand is not None:
+            got = self.stash.pop(id(cand))
+            values = {k: got[k] if isinstance(v, fx.Node) else v for k, v in cand.inputs.items()}
+            cand.measured_error = rel_err(kind_module(cand.kind).eager(cand, values), val)
+        return val
+
+
+def measure_layers(gm: fx.GraphModule, example_inputs: list[Any], cands: list) -> Any:
+    """Run the dense ``gm`` on the example inputs, measuring each of ``cands``; return its outputs."""
+    with _fenced(example_inputs):
+        return _LayerProbe(gm, cands).run(*_inputs(example_inputs))
+
+
+def measure_outputs(gm: fx.GraphModule, example_inputs: list[Any], dense_outputs: Any) -> float | None:
+    """Relative error of the rewritten ``gm``'s outputs against ``dense_outputs``."""
+    with _fenced(example_inputs):
+        return rel_err(gm(*_inputs(example_inputs)), dense_outputs)

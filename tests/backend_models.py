@@ -1,0 +1,95 @@
+"""Small models and helpers shared by the backend tests (tests/test_backend_*.py).
+
+Weights get a decaying singular-value spectrum, as trained weights have (a random init has a
+flat one, which no low rank approximates well); outputs can then be compared at tight,
+meaningful tolerances.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def give_spectrum(model: nn.Module, decay: float = 0.8, seed: int = 0) -> nn.Module:
+    """Set every Linear / Conv2d weight to U·diag(decay**i)·Vᵀ (scaled to keep its norm)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for mod in model.modules():
+            if isinstance(mod, (nn.Linear, nn.Conv2d)):
+                w = mod.weight
+                out, rest = w.shape[0], w[0].numel()
+                k = min(out, rest)
+                U, _ = torch.linalg.qr(torch.randn(out, k, generator=gen))
+                V, _ = torch.linalg.qr(torch.randn(rest, k, generator=gen))
+                s = decay ** torch.arange(k, dtype=torch.float32)
+                new = (U * s) @ V.T
+                new *= w.norm() / new.norm()
+                w.copy_(new.reshape(w.shape))
+    return model
+
+
+class MLP(nn.Module):
+    def __init__(self, d_in: int = 64, hidden: int = 128, d_out: int = 16):
+        super().__init__()
+        self.fc1 = nn.Linear(d_in, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, hidden)
+        self.head = nn.Linear(hidden, d_out)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+class CNN(nn.Module):
+    """conv(3->32) -> conv(32->64, stride 2) -> grouped conv (groups=2: unsupported) -> head."""
+
+    def __init__(self, grouped: bool = True):
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 32, 3, padding=1)
+        self.conv2 = nn.Conv2d(32, 64, 3, stride=2, padding=1)
+        self.conv3 = nn.Conv2d(64, 64, 3, padding=1, groups=2 if grouped else 1)
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv1(x))
+        x = torch.relu(self.conv2(x))
+        x = torch.relu(self.conv3(x))
+        return self.head(x.mean((2, 3)))
+
+
+def transformer_encoder(d_model: int = 64, nhead: int = 4, layers: int = 2) -> nn.Module:
+    layer = nn.TransformerEncoderLayer(d_model, nhead, 2 * d_model, dropout=0.1, batch_first=True)
+    return nn.TransformerEncoder(layer, layers, enable_nested_tensor=False).eval()
+
+
+def bert(attn: str = "sdpa", hidden: int = 64, layers: int = 2):
+    from transformers import BertConfig, BertModel
+
+    cfg = BertConfig(
+        vocab_size=128, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4,
+        intermediate_size=2 * hidden, max_position_embeddings=128, attn_implementation=attn,
+    )
+    return BertModel(cfg).eval()
+
+
+def gpt2(attn: str = "sdpa", hidden: int = 64, layers: int = 2):
+    from transformers import GPT2Config, GPT2Model
+
+    cfg = GPT2Config(
+        vocab_size=128, n_embd=hidden, n_layer=layers, n_head=4, n_positions=128, attn_implementation=attn,
+        bos_token_id=0, eos_token_id=0,
+    )
+    return GPT2Model(cfg).eval()
+
+
+def capture(model, *args, **kwargs):
+    """The Dynamo graphs and example inputs ``torch.compile(model)`` would hand a backend."""
+    graphs = []
+
+    def backend(gm, example_inputs):
+        graphs.append((gm, list(example_inputs)))
+        return gm.forward
+
+    torch.compile(model, backend=backend)(*args, **kwargs)
+    return graphs
