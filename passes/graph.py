@@ -46,17 +46,18 @@ def node_val(node: Any) -> Any:
 
 
 def fake_mode_of(gm: fx.GraphModule, example_inputs: list[Any]) -> Any:
-    """The FakeTensorMode of the graph's recorded values (or of the active tracing context)."""
+    """The FakeTensorMode of the graph's recorded values (else of the active tracing context).
+
+    New nodes' values must come from the same mode as Dynamo's recorded ones, which is not
+    always the tracing context's (the backend may be handed a copy of it).
+    """
     from torch._guards import detect_fake_mode
 
-    mode = detect_fake_mode(example_inputs)
-    if mode is not None:
-        return mode
     for node in gm.graph.nodes:
         val = node_val(node)
         if isinstance(val, torch.Tensor) and hasattr(val, "fake_mode"):
             return val.fake_mode
-    return None
+    return detect_fake_mode(example_inputs)
 
 
 def set_val(node: fx.Node, fake_mode: Any) -> Any:

@@ -106,7 +106,8 @@ def find_linear(ctx) -> list[Candidate]:
             cand.attrs.update(layout=layout, weight_input=ph.name, row_slice=row_slice)
             cand.weight_index = ctx.inputs.index(ph)
             base_path = ctx.inputs.path(ph) or ""
-            cand.path = base_path.rsplit(".", 1)[0] if base_path.endswith((".weight", ".bias")) else base_path
+            cand.path = base_path.rsplit(".", 1)[0] if base_path.endswith(".weight") else base_path
+            cand.path = cand.path[: -len("_weight")] if cand.path.endswith("_weight") else cand.path  # in_proj_weight
             if row_slice is not None:
                 cand.path += f"[{row_slice.start or ''}:{row_slice.stop if row_slice.stop is not None else ''}]"
             counters[KIND]["matched"] += 1

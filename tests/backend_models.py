@@ -15,10 +15,12 @@ def give_spectrum(model: nn.Module, decay: float = 0.8, seed: int = 0) -> nn.Mod
     """Set every Linear / Conv2d weight to U·diag(decay**i)·Vᵀ (scaled to keep its norm)."""
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for mod in model.modules():
-            if isinstance(mod, (nn.Linear, nn.Conv2d)):
-                w = mod.weight
-                out, rest = w.shape[0], w[0].numel()
+        weights = [m.weight for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))]
+        weights += [m.in_proj_weight for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+        weights += [p for n, p in model.named_parameters() if n.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight"))]
+        for w in weights:
+            if True:
+                out, rest = w.shape[0], w[0].numel()  # GPT-2 Conv1D stores in x out: same treatment
                 k = min(out, rest)
                 U, _ = torch.linalg.qr(torch.randn(out, k, generator=gen))
                 V, _ = torch.linalg.qr(torch.randn(rest, k, generator=gen))
