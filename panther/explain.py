@@ -9,6 +9,7 @@ the example inputs. The dumps are written as the backend writes them when ``dump
 
 from __future__ import annotations
 
+import types
 from typing import Any, Callable
 
 import torch
@@ -16,6 +17,12 @@ import torch
 from panther.options import PantherOptions
 
 __all__ = ["explain"]
+
+_calls = 0
+
+
+def _call(model, args, kwargs):
+    return model(*args, **kwargs)
 
 
 def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any] | None = None, **options: Any):
@@ -58,7 +65,13 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
         reports.append(ctx.report)
         return gm.forward
 
-    torch.compile(model, backend=backend)(*example_inputs, **(example_kwargs or {}))
+    # Dynamo keeps compiled entries on the code object it compiles. Compiling a fresh copy of
+    # a tiny caller (which inlines the model) keeps explain's entries off the model's own code,
+    # so explain never uses up the recompile limit of the user's later torch.compile calls.
+    global _calls
+    _calls += 1
+    caller = types.FunctionType(_call.__code__.replace(co_name=f"_panther_explain_{_calls}"), _call.__globals__)
+    torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
     if len(reports) == 1:
         merged = reports[0]
     else:

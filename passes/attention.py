@@ -136,13 +136,13 @@ def _match_manual(node: fx.Node) -> Match | None:
         return None
     absorbed = [node]
     p = node.args[0]
+    shared = False  # an intermediate with other users (e.g. probabilities returned to the caller)
     while isinstance(p, fx.Node) and (is_target(p, F.dropout, torch.dropout, *_CASTS)):
         if is_target(p, F.dropout, torch.dropout):
             train = _arg(p, 2, "training", True) if p.target is F.dropout else _arg(p, 2, "train", True)
             if train and _arg(p, 1, "p", 0.5) != 0.0:
                 raise Dense("dropout", "attention dropout in training mode")
-        if not _single_user(p):
-            return None
+        shared |= not _single_user(p)
         absorbed.append(p)
         p = p.args[0]
     if not (isinstance(p, fx.Node) and is_target(p, *_SOFTMAX)):
@@ -150,7 +150,7 @@ def _match_manual(node: fx.Node) -> Match | None:
     dim = _arg(p, 1, "dim", None)
     if dim not in (-1, 3):
         return None
-    if not _single_user(p):
+    if shared or not _single_user(p):
         raise Dense("users", "the attention probabilities have other users (e.g. output_attentions=True)")
     absorbed.append(p)
     s = p.args[0]

@@ -19,15 +19,14 @@ def give_spectrum(model: nn.Module, decay: float = 0.8, seed: int = 0) -> nn.Mod
         weights += [m.in_proj_weight for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
         weights += [p for n, p in model.named_parameters() if n.endswith(("c_attn.weight", "c_fc.weight", "c_proj.weight"))]
         for w in weights:
-            if True:
-                out, rest = w.shape[0], w[0].numel()  # GPT-2 Conv1D stores in x out: same treatment
-                k = min(out, rest)
-                U, _ = torch.linalg.qr(torch.randn(out, k, generator=gen))
-                V, _ = torch.linalg.qr(torch.randn(rest, k, generator=gen))
-                s = decay ** torch.arange(k, dtype=torch.float32)
-                new = (U * s) @ V.T
-                new *= w.norm() / new.norm()
-                w.copy_(new.reshape(w.shape))
+            out, rest = w.shape[0], w[0].numel()  # GPT-2's Conv1D stores in x out: same treatment
+            k = min(out, rest)
+            U, _ = torch.linalg.qr(torch.randn(out, k, generator=gen))
+            V, _ = torch.linalg.qr(torch.randn(rest, k, generator=gen))
+            s = decay ** torch.arange(k, dtype=torch.float32)
+            new = (U * s) @ V.T
+            new *= w.norm() / new.norm()
+            w.copy_(new.reshape(w.shape))
     return model
 
 
@@ -95,3 +94,25 @@ def capture(model, *args, **kwargs):
 
     torch.compile(model, backend=backend)(*args, **kwargs)
     return graphs
+
+
+def passes_in_backend(model, *args, options=None, dynamic=None, **kwargs):
+    """Run the panther passes inside a Dynamo backend (where Dynamo's graph metadata is live).
+
+    Returns a list, per graph, of (ctx, dense outputs, rewritten-graph outputs), both on the
+    example inputs; nothing is compiled by Inductor.
+    """
+    from panther.options import PantherOptions
+    from panther.passes import run_passes
+
+    opts = PantherOptions.from_dict(options or {})
+    results = []
+
+    def backend(gm, example_inputs):
+        ctx = run_passes(gm, example_inputs, opts)
+        with torch.no_grad():
+            results.append((ctx, gm(*example_inputs), ctx.gm(*example_inputs)))
+        return gm.forward
+
+    torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
+    return results
