@@ -24,6 +24,7 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch._logging import trace_structured
 
 from .graph import node_val
 
@@ -122,8 +123,6 @@ def _unique(root: str, name: str) -> str:
 
 def emit(dynamo_gm: fx.GraphModule, ctx) -> str | None:
     """Emit the TORCH_TRACE artifacts, and the dump folder when a dump dir is set; return the folder."""
-    from torch._logging import trace_structured
-
     report = ctx.report
     for name, payload in (
         ("panther_graph_before", lambda: dynamo_gm.print_readable(print_output=False)),

@@ -1,0 +1,234 @@
+"""torch.compile(backend="panther") end to end on CPU: Inductor code, accuracy, dumps, staleness,
+dynamic shapes, training graphs, and the explicit pr.nn layers.
+
+Inductor compiles are slow on 2 cores: one compiled MLP is shared by the tests that only read it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+
+import networkx as nx
+import pytest
+import torch
+from torch._inductor.utils import run_and_get_code
+
+import panther as pr
+from backend_models import MLP, give_spectrum
+from panther.backend import StaleWeightError, panther_backend
+from panther.explain import explain
+from panther_testing import RTOL, rel_err
+
+# Compiled code and an eager run of the same rewritten graph: fp32 rounding, reordered by Inductor.
+COMPILED_VS_EAGER_RTOL = 1e-5
+# On fresh inputs the output error may exceed the error measured on the example inputs by this factor.
+PREDICTION_SLACK = 2.0
+
+
+def compile_panther(model, dynamic=None, **options):
+    """torch.compile with the panther backend, keeping each graph's PantherCompiled."""
+    made = []
+
+    def backend(gm, example_inputs):
+        compiled = panther_backend(gm, example_inputs, options=options)
+        made.append(compiled)
+        return compiled
+
+    return torch.compile(model, backend=backend, dynamic=dynamic), made
+
+
+def fresh_mlp() -> MLP:
+    """An MLP whose forward is a new code object: Dynamo's per-code state (automatic dynamic
+    shapes seen by earlier tests) starts empty."""
+
+    class FreshMLP(MLP):
+        def forward(self, x):
+            return super().forward(x)
+
+    return give_spectrum(FreshMLP()).eval()
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    torch.manual_seed(0)
+    model = give_spectrum(MLP()).eval()
+    dump = tmp_path_factory.mktemp("dump")
+    compiled, made = compile_panther(model, min_params=0, dump_dir=str(dump))
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        y, code = run_and_get_code(compiled, x)
+    return {"model": model, "compiled": compiled, "made": made, "x": x, "y": y, "code": "\n".join(code), "dump": dump}
+
+
+def test_generated_cpp_runs_the_sketched_gemms(mlp):
+    code = mlp["code"]
+    assert "cpp_fused" in code  # Inductor's generated C++ (the GELUs)
+    # Each rewritten linear is two GEMMs: x·A (mm), then (x·A)·B + bias (addmm).
+    assert len(mlp["made"][0].report.rewritten) == 3
+    assert len(re.findall(r"extern_kernels\.mm\(", code)) == 3
+    assert len(re.findall(r"extern_kernels\.addmm\(", code)) == 3
+
+
+def test_output_within_the_predicted_error(mlp):
+    report = mlp["made"][0].report
+    assert report.predicted_error is not None and report.predicted_error < 0.5
+    with torch.no_grad():
+        x = torch.randn(8, 64)
+        err = rel_err(mlp["compiled"](x), mlp["model"](x))
+    assert err <= PREDICTION_SLACK * report.predicted_error + RTOL[torch.float32]
+
+
+def test_compiled_matches_eager_rewritten_graph(mlp):
+    made = mlp["made"][0]
+    with torch.no_grad():
+        eager = made.graph_module(*made._example_inputs)
+    out = eager[0] if isinstance(eager, (tuple, list)) else eager
+    assert rel_err(mlp["y"], out) <= COMPILED_VS_EAGER_RTOL
+
+
+def test_dump_folder(mlp):
+    (folder,) = [os.path.join(mlp["dump"], d) for d in os.listdir(mlp["dump"])]
+    assert mlp["made"][0].dump_path == folder
+    names = set(os.listdir(folder))
+    assert {"before.py", "after.py", "before.dot", "after.dot", "before.graphml", "after.graphml",
+            "rewrites.json", "summary.txt"} <= names
+    with open(os.path.join(folder, "rewrites.json")) as f:
+        data = json.load(f)
+    assert len(data["candidates"]) == 3
+    row = data["candidates"][0]
+    for key in ("path", "kind", "shapes", "decision", "reason", "params_before", "params_after", "flops_before",
+                "flops_after", "bytes_before", "bytes_after", "flops_before_at_example", "measured_error",
+                "predicted_error"):
+        assert key in row
+    assert row["path"] == "fc1" and row["decision"] == "rewrite"
+    assert "lowrank_linear" in open(os.path.join(folder, "after.py")).read()
+    after = nx.read_graphml(os.path.join(folder, "after.graphml"))
+    marked = [n for n, a in after.nodes(data=True) if a["rewritten"]]
+    assert len(marked) == 3 * 3  # per layer: get_attr A, get_attr B, lowrank_linear
+    dot = open(os.path.join(folder, "after.dot")).read()
+    assert dot.startswith("digraph") and dot.count("fillcolor") == len(marked)
+    assert dot.count(" -> ") == after.number_of_edges()
+
+
+def test_dump_dir_from_environment_and_trace_artifacts(monkeypatch, tmp_path):
+    monkeypatch.setenv("PANTHER_DUMP_DIR", str(tmp_path))
+    from panther.passes import dump
+
+    seen = []
+    real = dump.trace_structured
+
+    def spy(name, metadata_fn, payload_fn):
+        seen.append(metadata_fn()["name"])
+        json.loads(payload_fn()) if metadata_fn()["encoding"] == "json" else payload_fn()
+        return real(name, metadata_fn=metadata_fn, payload_fn=payload_fn)
+
+    monkeypatch.setattr(dump, "trace_structured", spy)
+    with torch.no_grad():
+        report = explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0)
+    assert report.dump_dir and os.path.isfile(os.path.join(report.dump_dir, "rewrites.json"))
+    assert {"panther_rewrites", "panther_graph_before", "panther_graph_after", "panther_summary"} <= set(seen)
+
+
+def test_max_autotune_uses_cpp_gemm_template():
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.ReLU()).eval()
+    give_spectrum(model)
+    compiled, made = compile_panther(model, min_params=0, mode="max-autotune", measure_error=False)
+    x = torch.randn(16, 128)
+    with torch.no_grad():
+        y, code = run_and_get_code(compiled, x)
+        assert rel_err(y, model(x)) < 0.05
+    assert made[0].options.mode == "max-autotune"
+    assert "micro_gemm" in "\n".join(code)  # Inductor's C++ GEMM template on the frozen factors
+
+
+def test_mode_is_forwarded_through_torch_compile(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    patches = []
+    real = cfx.compile_fx
+
+    def spy(gm, inputs, config_patches=None, **kw):
+        patches.append(dict(config_patches or {}))
+        return real(gm, inputs, config_patches=config_patches, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", spy)
+    model = torch.nn.Linear(8, 8)
+    with torch.no_grad():
+        torch.compile(model, backend="panther", mode="max-autotune-no-cudagraphs")(torch.randn(2, 8))
+    assert patches and patches[0].get("max_autotune") is True
+
+
+@pytest.mark.parametrize("on_stale", ["refresh", "raise"])
+def test_weight_changed_after_compile(on_stale):
+    model = give_spectrum(MLP()).eval()
+    compiled, made = compile_panther(model, min_params=0, on_stale=on_stale, measure_error=False)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        stale = compiled(x)
+        err_before = rel_err(stale, model(x))
+        model.fc1.weight.mul_(0.5)
+        if on_stale == "raise":
+            with pytest.raises(StaleWeightError, match="fc1"):
+                compiled(x)
+            return
+        fresh = compiled(x)
+        dense = model(x)
+    assert len(made) == 1  # no recompilation: the factors were refreshed in place
+    assert rel_err(fresh, stale) > 0.01
+    cand = made[0].report.rewritten[0]
+    assert cand.path == "fc1" and cand.weight_version == model.fc1.weight._version
+    assert rel_err(fresh, dense) <= PREDICTION_SLACK * err_before
+
+
+def test_dynamic_shapes():
+    model = fresh_mlp()
+    compiled, made = compile_panther(model, min_params=0, measure_error=False)
+    with torch.no_grad():
+        for batch in (4, 6, 9):
+            x = torch.randn(batch, 64)
+            assert rel_err(compiled(x), model(x)) < 0.5
+    assert len(made) == 2  # the second compile is dynamic in the batch size, the third reuses it
+    assert not made[0].report.rewritten[0].cost_before["flops"].free_symbols
+    assert made[1].report.rewritten[0].cost_before["flops"].free_symbols
+
+
+def test_dynamic_true_compiles_once():
+    model = fresh_mlp()
+    compiled, made = compile_panther(model, dynamic=True, min_params=0, measure_error=False)
+    with torch.no_grad():
+        for batch in (3, 5, 7):
+            x = torch.randn(batch, 64)
+            assert rel_err(compiled(x), model(x)) < 0.5
+    assert len(made) == 1
+
+
+def test_training_graph_stays_dense_and_trains():
+    from panther.passes.decide import TrainingGraphWarning
+
+    model = MLP().train()
+    compiled, made = compile_panther(model, min_params=0)
+    x = torch.randn(8, 64)
+    with pytest.warns(TrainingGraphWarning):
+        y = compiled(x)
+    assert not made[0].report.rewritten
+    assert rel_err(y, model(x)) <= 1e-5
+    y.sum().backward()
+    assert model.fc1.weight.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["panther", "inductor"])
+def test_explicit_layers_compile_without_graph_breaks(backend):
+    torch.manual_seed(0)
+    layers = [
+        (pr.nn.SKLinear(64, 64, num_terms=1, low_rank=8), torch.randn(4, 64)),
+        (pr.nn.SKConv2d(3, 8, 3, padding=1, num_terms=1, low_rank=4), torch.randn(2, 3, 8, 8)),
+        (pr.nn.RandMultiHeadAttention(32, 4, num_random_features=16), torch.randn(2, 6, 32)),
+    ]
+    for layer, x in layers:
+        args = (x, x, x) if isinstance(layer, pr.nn.RandMultiHeadAttention) else (x,)
+        expected = layer(*args)
+        out = torch.compile(layer, backend=backend, fullgraph=True)(*args)
+        out, expected = (out[0], expected[0]) if isinstance(out, tuple) else (out, expected)
+        assert rel_err(out, expected) <= 1e-4, type(layer).__name__
