@@ -34,15 +34,27 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton.runtime.errors import OutOfResources
 
 from .reference import RELU_EPS
 
 LOG2E = 1.4426950408889634
 CAUSAL_KEY_SHIFT = 40.0
-DEFAULT_CHUNK = 64
+# (chunk, warps) per kernel group, timed on an H200 at B=4, H=12, d=64, m=256 (docs/benchmarks.md).
+# "fwd": the key pass and the output pass; "bwd": the backward passes (causal: one setting for all,
+# since the key pass and the backward passes must cut the sequence into the same segments).
+TUNED = {
+    ("noncausal", "fwd"): (64, 4),
+    ("noncausal", "bwd"): (32, 8),
+    ("causal", "fwd"): (16, 8),
+    ("causal", "bwd"): (16, 8),
+}
+# Warps override for every kernel (the benchmark's --sweep sets it); None: TUNED, or 4 for small
+# tiles (m·max(E, D) < 128·64).
+NUM_WARPS: int | None = None
 # Programs to aim for per launch, as a multiple of the SM count (CPU/interpreter: a small fixed
 # number, so small test shapes still get several segments).
-PROGRAMS_PER_SM = 2
+PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3
 
 __all__ = ["performer_attention", "performer_attention_backward"]
@@ -90,6 +102,12 @@ def _mm(a, b, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
         return tl.dot(_rne_bf16(a.to(tl.float32)), _rne_bf16(b.to(tl.float32)))
     else:
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
+
+
+@triton.jit
+def _f32(a, b, c, d):
+    """Scalar arguments as fp32 (Inductor's launcher may type Python floats as fp64)."""
+    return tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32), tl.cast(d, tl.float32)
 
 
 @triton.jit
@@ -164,6 +182,20 @@ def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr
 
 
 @triton.jit
+def _causal_c2(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BM: tl.constexpr):
+    """Causal key stabilizer of head h in log2 units, log2 √m folded in:
+    (maxⱼ‖ωⱼ‖²/2 − CAUSAL_KEY_SHIFT)·log2(e) + log2 √m (see the module docstring)."""
+    offs_m = tl.arange(0, BM)
+    offs_d = tl.arange(0, BD)
+    w = tl.load(
+        W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
+        other=0.0,
+    ).to(tl.float32)
+    return (0.5 * tl.max(tl.sum(w * w, 1), 0) - 40.0) * 1.4426950408889634 + log2_sqrt_m
+
+
+@triton.jit
 def _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK: tl.constexpr):
     rvalid = rows < Nk
     if HAS_MASK:
@@ -179,7 +211,7 @@ def _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _state_kernel(
-    K, V, W, MASK, CK, S_OUT, Z_OUT, C_OUT,
+    K, V, W, MASK, S_OUT, Z_OUT, C_OUT,
     Nk, D, E, M, H,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
@@ -189,6 +221,7 @@ def _state_kernel(
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     nseg = tl.num_programs(0)
     b = bh // H
     h = bh % H
@@ -201,7 +234,7 @@ def _state_kernel(
     Vb = V + b * svb + h * svh
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = tl.load(CK + h)
+        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
     S = tl.zeros((BM, BE), tl.float32)
     z = tl.zeros((BM,), tl.float32)
     run = tl.max(tl.full((BN,), -1e30, tl.float32), 0)  # running max (log2 units), non-causal softmax
@@ -235,7 +268,7 @@ def _state_kernel(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, W, MASK, CK, S_IN, Z_IN, O,
+    Q, K, V, W, MASK, S_IN, Z_IN, O,
     N, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     sob, soh, son, soe,
@@ -246,6 +279,7 @@ def _fwd_kernel(
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
     offs_n = tl.arange(0, BN)
@@ -257,13 +291,15 @@ def _fwd_kernel(
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
     Ob = O + b * sob + h * soh
-    # Initial state: the whole-sequence state (non-causal) or this segment's exclusive prefix.
+    tile = offs_m[:, None] * BE + offs_e[None, :]
+    # The whole-sequence state (non-causal; bf16 for bf16 inputs) or, carried from chunk to chunk,
+    # this segment's exclusive prefix (causal; fp32).
     st = bh * tl.num_programs(0) + seg if CAUSAL else bh
-    S = tl.load(S_IN + st * BM * BE + offs_m[:, None] * BE + offs_e[None, :])
+    S = tl.load(S_IN + st * BM * BE + tile)
     z = tl.load(Z_IN + st * BM + offs_m)
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = tl.load(CK + h)
+        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
     for ci in range(c_start, c_end):
@@ -294,7 +330,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_q_kernel(
-    G, Q, K, V, W, MASK, CK, S_IN, Z_IN, DQ, R_OUT, RZ_OUT, GS, GD,
+    G, Q, K, V, W, MASK, S_IN, Z_IN, DQ, R_OUT, RZ_OUT, GS, GD,
     N, D, E, M, H,
     sgb, sgh, sgn, sge, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
@@ -304,6 +340,7 @@ def _bwd_q_kernel(
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     nseg = tl.num_programs(0)
     b = bh // H
     h = bh % H
@@ -316,12 +353,13 @@ def _bwd_q_kernel(
     Qb = Q + b * sqb + h * sqh
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
-    st = bh * nseg + seg if CAUSAL else bh
-    S = tl.load(S_IN + st * BM * BE + offs_m[:, None] * BE + offs_e[None, :])
+    tile = offs_m[:, None] * BE + offs_e[None, :]
+    st = bh * nseg + seg if CAUSAL else bh  # as in _fwd_kernel
+    S = tl.load(S_IN + st * BM * BE + tile)
     z = tl.load(Z_IN + st * BM + offs_m)
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = tl.load(CK + h)
+        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
     R = tl.zeros((BM, BE), tl.float32)  # Σ φ(q)ᵀ g/den over this segment
     rz = tl.zeros((BM,), tl.float32)  # Σ φ(q)ᵀ gden
     c_start = seg * CPS
@@ -383,6 +421,7 @@ def _bwd_k_kernel(
 ):
     seg = tl.program_id(0)
     bh = tl.program_id(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     nseg = tl.num_programs(0)
     b = bh // H
     h = bh % H
@@ -395,10 +434,18 @@ def _bwd_k_kernel(
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
     # R = Σ φ(q)ᵀG' over the queries that see these keys: all (non-causal), or the later segments.
+    tile = offs_m[:, None] * BE + offs_e[None, :]
+    # R = Σ φ(q)ᵀG' over the queries that see these keys: all (non-causal; bf16 for bf16 inputs),
+    # or, carried backward from chunk to chunk, the later segments' (causal; fp32).
     st = bh * nseg + seg if CAUSAL else bh
-    R = tl.load(R_IN + st * BM * BE + offs_m[:, None] * BE + offs_e[None, :])
+    R = tl.load(R_IN + st * BM * BE + tile)
     rz = tl.load(RZ_IN + st * BM + offs_m)
-    c2 = tl.load(CK + (h if CAUSAL else bh)) if SOFTMAX else 0.0
+    c2 = 0.0
+    if SOFTMAX:
+        if CAUSAL:
+            c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
+        else:
+            c2 = tl.load(CK + bh)  # the global key max of the forward pass
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
     for i in range(c_start, c_end):
@@ -437,9 +484,50 @@ def _bwd_k_kernel(
         )
 
 
+@triton.jit
+def _reduce_kernel(
+    S, Z, C, S_OUT, Z_OUT, C_OUT, P, log2_sqrt_m,
+    BM: tl.constexpr, BE: tl.constexpr, BP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr,
+):
+    """Combine the P segment states (S, z) of one (batch, head), grid (B·H,):
+    MODE 0: sum; 1: sum rescaled to the largest segment max C (also written, as the key
+    stabilizer with log2 √m folded in); 2/3: exclusive prefix / suffix sums, in place.
+    Modes 0/1 write S in S_OUT's dtype (bf16 for bf16 inputs: the operand dtype of its products)."""
+    bh = tl.program_id(0)
+    offs_m = tl.arange(0, BM)
+    tile = offs_m[:, None] * BE + tl.arange(0, BE)[None, :]
+    cmax = 0.0
+    if MODE == 1:
+        offs_p = tl.arange(0, BP)
+        cmax = tl.max(tl.load(C + bh * P + offs_p, mask=offs_p < P, other=-1e30), 0)
+        cmax = tl.where(cmax > -1e29, cmax, 0.0)  # every key masked: c = 0
+    acc = tl.zeros((BM, BE), tl.float32)
+    accz = tl.zeros((BM,), tl.float32)
+    for i in range(0, P):
+        p = bh * P + (P - 1 - i if MODE == 3 else i)
+        s = tl.load(S + p * BM * BE + tile)
+        z = tl.load(Z + p * BM + offs_m)
+        if MODE >= 2:
+            tl.store(S + p * BM * BE + tile, acc)
+            tl.store(Z + p * BM + offs_m, accz)
+        if MODE == 1:
+            wgt = tl.exp2(tl.load(C + p) - cmax)
+            s = s * wgt
+            z = z * wgt
+        acc += s
+        accz += z
+    if MODE < 2:
+        tl.store(S_OUT + bh * BM * BE + tile, _cast(acc, S_OUT.dtype.element_ty, INTERP))
+        tl.store(Z_OUT + bh * BM + offs_m, accz)
+    if MODE == 1:
+        tl.store(C_OUT + bh, cmax + tl.cast(log2_sqrt_m, tl.float32))
+
+
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
+
+
 
 
 def _pow2(n: int) -> int:
@@ -466,8 +554,8 @@ def _segments(n: int, bn: int, bh: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(chunks, cps), cps
 
 
-class _Cfg:
-    """Shapes, block sizes, launch constants and scalars shared by the kernels of one call."""
+class _Plan:
+    """Validated shapes, block sizes and launch settings of one call; launches the kernels."""
 
     def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size):
         if kernel_fn not in ("softmax", "relu"):
@@ -480,93 +568,85 @@ class _Cfg:
             raise ValueError(f"causal attention needs as many queries as keys, got {N} and {Nk}")
         if not (q.dtype == k.dtype == v.dtype) or q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"q, k, v must share one of fp32/fp16/bf16, got {q.dtype}, {k.dtype}, {v.dtype}")
-        bn = DEFAULT_CHUNK if chunk_size is None else int(chunk_size)
-        if bn < 16 or bn & (bn - 1):
+        if chunk_size is not None and (chunk_size < 16 or chunk_size & (chunk_size - 1)):
             raise ValueError(f"chunk_size must be a power of two >= 16, got {chunk_size}")
         self.B, self.H, self.N, self.Nk, self.D, self.E, self.m = B, H, N, Nk, D, E, m
         self.BH = B * H
-        self.softmax = kernel_fn == "softmax"
-        self.causal = causal
-        self.device = q.device
+        self.softmax, self.causal, self.device = kernel_fn == "softmax", causal, q.device
+        self.chunk_size = chunk_size
         self.omega = omega.contiguous()
-        self.key_mask = key_mask
         if key_mask is not None:
             if key_mask.shape != (B, Nk):
                 raise ValueError(f"key_mask must have shape {(B, Nk)}, got {tuple(key_mask.shape)}")
-            self.mask_arg = key_mask.to(torch.bool).view(torch.uint8)
-            self.mask_strides = (self.mask_arg.stride(0), self.mask_arg.stride(1))
+            self.mask = key_mask if key_mask.dtype == torch.bool else key_mask != 0
+            self.mask_strides = (self.mask.stride(0), self.mask.stride(1))
         else:
-            self.mask_arg = q  # never read (HAS_MASK is false)
-            self.mask_strides = (0, 0)
-        self.consts = dict(
-            BN=bn,
-            BD=_pow2(D),
-            BE=_pow2(E),
-            BM=_pow2(m),
-            SOFTMAX=self.softmax,
-            CAUSAL=causal,
-            HAS_MASK=key_mask is not None,
-            FEAT_F32=q.dtype != torch.bfloat16,
-            PREC="ieee" if q.dtype == torch.float32 else "tf32",
-            INTERP=q.device.type == "cpu",
+            self.mask, self.mask_strides = q, (0, 0)  # never read (HAS_MASK is false)
+        self.BD, self.BE, self.BM = _pow2(D), _pow2(E), _pow2(m)
+        feat_f32 = q.dtype != torch.bfloat16
+        self.common = dict(
+            BD=self.BD, BE=self.BE, BM=self.BM, SOFTMAX=self.softmax, CAUSAL=causal, HAS_MASK=key_mask is not None,
+            FEAT_F32=feat_f32, PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERP=q.device.type == "cpu",
         )
-        self.BM, self.BE = self.consts["BM"], self.consts["BE"]
-        self.num_warps = 8 if self.BM * max(self.BE, self.consts["BD"]) >= 128 * 64 else 4
-        self.scalars = dict(
-            rs=math.sqrt(scale),
-            log2_sqrt_m=0.5 * math.log2(m),
-            inv_sqrt_m=1.0 / math.sqrt(m),
-            eps=RELU_EPS,
-        )
-        if self.softmax and causal:
-            # c = maxⱼ‖ωⱼ‖²/2 − shift (log2 units, with log2 √m folded in), one per head.
-            sq = omega.detach().to(torch.float32).square().sum(-1).amax(-1)
-            self.ck = ((0.5 * sq - CAUSAL_KEY_SHIFT) * LOG2E + self.scalars["log2_sqrt_m"]).contiguous()
-        else:
-            self.ck = None
+        self.scal = (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS)
+        self.small = self.BM * max(self.BE, self.BD) < 128 * 64
+        # Software-pipelining depth: the loop's loads (ω, q/k, v tiles) are multi-buffered in shared
+        # memory beside the state; deep pipelines of large tiles overflow it (227 KB on Hopper).
+        big = (4 if feat_f32 else 2) * self.BM * self.BE + q.element_size() * self.BM * self.BD
+        self.num_stages = 3 if big <= 64 * 1024 else 2 if big <= 96 * 1024 and not feat_f32 else 1
+        self.f32 = dict(device=q.device, dtype=torch.float32)
 
-    def key_state(self, k, v):
-        """Run _state_kernel; returns per-segment (S, z, c) and the segment layout."""
-        P, cps = _segments(self.Nk, self.consts["BN"], self.BH, self.device)
-        f32 = dict(device=self.device, dtype=torch.float32)
-        S = torch.empty(self.BH, P, self.BM, self.BE, **f32)
-        z = torch.empty(self.BH, P, self.BM, **f32)
-        c = torch.empty(self.BH, P, **f32)
-        self.state_cps = cps
-        torch.library.wrap_triton(_state_kernel)[(P, self.BH)](
-            k, v, self.omega, self.mask_arg, self.ck if self.ck is not None else c, S, z, c,
-            self.Nk, self.D, self.E, self.m, self.H,
-            *k.stride(), *v.stride(), *self.mask_strides,
-            self.scalars["rs"], self.scalars["log2_sqrt_m"], self.scalars["inv_sqrt_m"], self.scalars["eps"], cps,
-            num_warps=self.num_warps, **self.consts,
-        )
-        return S, z, c
+    def tiles(self, group: str) -> tuple[int, int]:
+        """(chunk, warps) of a kernel group: "fwd" (state and output passes) or "bwd"."""
+        bn, warps = TUNED[("causal" if self.causal else "noncausal", group)]
+        if self.chunk_size is not None:
+            bn = self.chunk_size
+        return bn, NUM_WARPS or (4 if self.small else warps)
 
-    def forward_state(self, k, v):
-        """(S, z, c_key): the whole-sequence state per (batch, head) (non-causal, with the global
-        key stabilizer c_key, log2 units incl. log2 √m) or per-segment exclusive prefixes (causal)."""
-        S, z, c = self.key_state(k, v)
+    def launch(self, kernel, grid, args, group: str) -> None:
+        bn, warps = self.tiles(group)
+        kw = dict(BN=bn, num_warps=warps, num_stages=self.num_stages, **self.common)
+        try:
+            torch.library.wrap_triton(kernel)[grid](*args, **kw)
+        except OutOfResources:
+            if kw["num_stages"] == 1:
+                raise
+            kw["num_stages"] = 1  # a shape the heuristic above misjudged
+            torch.library.wrap_triton(kernel)[grid](*args, **kw)
+
+    def reduce(self, S, z, c, mode: int):
+        """_reduce_kernel over dim 1 of S (BH, P, BM, BE) and z (BH, P, BM); see its docstring."""
+        P = S.shape[1]
+        sdt = torch.float32 if self.common["FEAT_F32"] else torch.bfloat16
+        out = (torch.empty(self.BH, self.BM, self.BE, device=self.device, dtype=sdt), torch.empty(self.BH, self.BM, **self.f32)) if mode < 2 else (S, z)
+        cout = torch.empty(self.BH, **self.f32) if mode == 1 else z
+        torch.library.wrap_triton(_reduce_kernel)[(self.BH,)](
+            S, z, c if c is not None else z, *out, cout, P, self.scal[1],
+            BM=self.BM, BE=self.BE, BP=triton.next_power_of_2(P), MODE=mode, INTERP=self.common["INTERP"],
+            num_warps=4 if self.small else 8,
+        )
+        return out[0], out[1], cout if mode == 1 else None
+
+    def forward_state(self, k, v, group: str):
+        """Key pass: (S, z, c_key, segments, chunks per segment). Non-causal: the whole-sequence
+        state per (batch, head) and (softmax) the global key stabilizer; causal: per-segment
+        exclusive prefix states."""
+        bn, _ = self.tiles(group)
+        P, cps = _segments(self.Nk, bn, self.BH, self.device)
+        S = torch.empty(self.BH, P, self.BM, self.BE, **self.f32)
+        z = torch.empty(self.BH, P, self.BM, **self.f32)
+        c = torch.empty(self.BH, P, **self.f32)
+        self.launch(
+            _state_kernel, (P, self.BH),
+            (k, v, self.omega, self.mask, S, z, c, self.Nk, self.D, self.E, self.m, self.H,
+             *k.stride(), *v.stride(), *self.mask_strides, *self.scal, cps),
+            group,
+        )
         if self.causal:
-            return _exclusive_cumsum(S), _exclusive_cumsum(z), self.ck
-        if not self.softmax:
-            return S.sum(1), z.sum(1), c
-        cmax = c.amax(1, keepdim=True)
-        cmax = torch.where(cmax > -1e29, cmax, torch.zeros_like(cmax))  # every key masked: c = 0
-        wgt = torch.exp2(c - cmax)
-        S = (S * wgt[:, :, None, None]).sum(1)
-        z = (z * wgt[:, :, None]).sum(1)
-        ckey = cmax[:, 0] + self.scalars["log2_sqrt_m"]
-        return S, z, ckey
-
-
-def _exclusive_cumsum(x: Tensor) -> Tensor:
-    """Σ over earlier segments (dim 1)."""
-    return torch.cat([torch.zeros_like(x[:, :1]), torch.cumsum(x[:, :-1], 1)], 1)
-
-
-def _exclusive_revcumsum(x: Tensor) -> Tensor:
-    """Σ over later segments (dim 1)."""
-    return torch.cat([torch.cumsum(x[:, 1:].flip(1), 1).flip(1), torch.zeros_like(x[:, :1])], 1)
+            S, z, _ = self.reduce(S, z, None, 2)
+            return S, z, None, P, cps
+        S, z, ckey = self.reduce(S, z, c, 1 if self.softmax else 0)
+        return S, z, ckey, P, cps
 
 
 def performer_attention(
@@ -580,17 +660,20 @@ def performer_attention(
     scale: float,
     chunk_size: int | None = None,
 ) -> Tensor:
-    """Performer attention output (B, H, N, E) in v's dtype; same contract as the reference."""
-    cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
-    S, z, _ = cfg.forward_state(k, v)
-    out = torch.empty(cfg.B, cfg.H, cfg.N, cfg.E, device=q.device, dtype=v.dtype)
-    P, cps = (S.shape[1], cfg.state_cps) if causal else _segments(cfg.N, cfg.consts["BN"], cfg.BH, cfg.device)
-    torch.library.wrap_triton(_fwd_kernel)[(P, cfg.BH)](
-        q, k, v, cfg.omega, cfg.mask_arg, cfg.ck if cfg.ck is not None else z, S, z, out,
-        cfg.N, cfg.D, cfg.E, cfg.m, cfg.H,
-        *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides, *out.stride(),
-        cfg.scalars["rs"], cfg.scalars["log2_sqrt_m"], cfg.scalars["inv_sqrt_m"], cfg.scalars["eps"], cps,
-        num_warps=cfg.num_warps, **cfg.consts,
+    """Performer attention output (B, H, N, E) in v's dtype; same contract as the reference.
+
+    ``chunk_size`` (a power of two ≥ 16) overrides the tuned chunk of every kernel.
+    """
+    plan = _Plan(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
+    S, z, _, P, cps = plan.forward_state(k, v, "fwd")
+    if not causal:
+        P, cps = _segments(plan.N, plan.tiles("fwd")[0], plan.BH, plan.device)
+    out = torch.empty(plan.B, plan.H, plan.N, plan.E, device=q.device, dtype=v.dtype)
+    plan.launch(
+        _fwd_kernel, (P, plan.BH),
+        (q, k, v, plan.omega, plan.mask, S, z, out, plan.N, plan.D, plan.E, plan.m, plan.H,
+         *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *out.stride(), *plan.scal, cps),
+        "fwd",
     )
     return out
 
@@ -608,44 +691,39 @@ def performer_attention_backward(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out; omega gets no gradient."""
-    cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
-    if grad.shape != (cfg.B, cfg.H, cfg.N, cfg.E):
-        raise ValueError(f"grad must have shape {(cfg.B, cfg.H, cfg.N, cfg.E)}, got {tuple(grad.shape)}")
-    S, z, ckey = cfg.forward_state(k, v)
-    BN, BM, BE = cfg.consts["BN"], cfg.BM, cfg.BE
-    f32 = dict(device=q.device, dtype=torch.float32)
+    plan = _Plan(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
+    B, H, N, Nk, D, E, BH = plan.B, plan.H, plan.N, plan.Nk, plan.D, plan.E, plan.BH
+    if grad.shape != (B, H, N, E):
+        raise ValueError(f"grad must have shape {(B, H, N, E)}, got {tuple(grad.shape)}")
+    # Causal: the key pass must cut the same segments as the backward passes.
+    S, z, ckey, P, cps = plan.forward_state(k, v, "bwd" if causal else "fwd")
+    bn = plan.tiles("bwd")[0]
     if causal:
-        P, cps = S.shape[1], cfg.state_cps
-        gs = torch.empty(cfg.BH, cfg.N, BE, **f32)
-        gd = torch.empty(cfg.BH, cfg.N, **f32)
+        gs = torch.empty(BH, N, plan.BE, **plan.f32)  # G' = [g/den, −Σ g·out/den] for the key pass
+        gd = torch.empty(BH, N, **plan.f32)
     else:
-        P, cps = _segments(cfg.N, BN, cfg.BH, cfg.device)
+        P, cps = _segments(N, bn, BH, plan.device)
         gs = gd = z  # unused
-    R = torch.empty(cfg.BH, P, BM, BE, **f32)
-    rz = torch.empty(cfg.BH, P, BM, **f32)
-    dq = torch.empty(cfg.B, cfg.H, cfg.N, cfg.D, device=q.device, dtype=q.dtype)
-    scal = (cfg.scalars["rs"], cfg.scalars["log2_sqrt_m"], cfg.scalars["inv_sqrt_m"], cfg.scalars["eps"])
-    torch.library.wrap_triton(_bwd_q_kernel)[(P, cfg.BH)](
-        grad, q, k, v, cfg.omega, cfg.mask_arg, cfg.ck if cfg.ck is not None else z, S, z, dq, R, rz, gs, gd,
-        cfg.N, cfg.D, cfg.E, cfg.m, cfg.H,
-        *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides,
-        *scal, cps,
-        num_warps=cfg.num_warps, **cfg.consts,
+    R = torch.empty(BH, P, plan.BM, plan.BE, **plan.f32)
+    rz = torch.empty(BH, P, plan.BM, **plan.f32)
+    dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+    plan.launch(
+        _bwd_q_kernel, (P, BH),
+        (grad, q, k, v, plan.omega, plan.mask, S, z, dq, R, rz, gs, gd, N, D, E, plan.m, H,
+         *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *plan.scal, cps),
+        "bwd",
     )
     if causal:
-        R, rz = _exclusive_revcumsum(R), _exclusive_revcumsum(rz)
-        Pk, cpsk = P, cps
+        R, rz, _ = plan.reduce(R, rz, None, 3)
     else:
-        R, rz = R.sum(1), rz.sum(1)
-        Pk, cpsk = _segments(cfg.Nk, BN, cfg.BH, cfg.device)
-    dk = torch.empty(cfg.B, cfg.H, cfg.Nk, cfg.D, device=q.device, dtype=k.dtype)
-    dv = torch.empty(cfg.B, cfg.H, cfg.Nk, cfg.E, device=q.device, dtype=v.dtype)
-    ck = ckey if ckey is not None else z
-    torch.library.wrap_triton(_bwd_k_kernel)[(Pk, cfg.BH)](
-        q, k, v, cfg.omega, cfg.mask_arg, ck.contiguous(), R, rz, gs, gd, dk, dv,
-        cfg.N, cfg.Nk, cfg.D, cfg.E, cfg.m, cfg.H,
-        *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides,
-        *scal, cpsk,
-        num_warps=cfg.num_warps, **cfg.consts,
+        R, rz, _ = plan.reduce(R, rz, None, 0)
+        P, cps = _segments(Nk, bn, BH, plan.device)
+    dk = torch.empty(B, H, Nk, D, device=q.device, dtype=k.dtype)
+    dv = torch.empty(B, H, Nk, E, device=q.device, dtype=v.dtype)
+    plan.launch(
+        _bwd_k_kernel, (P, BH),
+        (q, k, v, plan.omega, plan.mask, ckey if ckey is not None else z, R, rz, gs, gd, dk, dv, N, Nk, D, E, plan.m, H,
+         *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *plan.scal, cps),
+        "bwd",
     )
     return dq, dk, dv

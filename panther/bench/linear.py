@@ -1,0 +1,271 @@
+"""``python -m panther bench linear``: panther's low-rank linear against nn.Linear and eager low-rank.
+
+For each shape (in, out, num_terms L, low_rank k, tokens T) and dtype it times, in one run, with
+``triton.testing.do_bench`` (median, L2 flushed before each call):
+
+* ``dense``   ``F.linear(x, W, b)``, the nn.Linear the layer replaces;
+* ``eager``   the two-GEMM low-rank ``addmm(b, x@A, B)`` with A (in×2Lk) and B (2Lk×out) prebuilt
+  (forward+backward trains all of A and B: the plain low-rank layer);
+* ``panther`` ``torch.ops.panther.sklinear`` (SKLinear's op: the Triton kernels on CUDA),
+
+forward and forward+backward, and the roofline floor: max(bytes / copy bandwidth, FLOPs / matmul
+rate), both ceilings measured at the start of the run (an fp32 matmul follows torch's TF32
+setting, as the kernels do). Bytes: x read once and y written once, plus the weights; backward
+adds g and x read once and dx written once. FLOPs: 2·T·r·(in+out) forward with r = 2Lk, and
+2·T·r·(in+out) + 2·T·Lk·(in+out) more for the backward (gh, dx, dS1, dS2).
+
+It prints a table (times in µs; ``×dense`` and ``×eager`` are speedups of panther, ``/floor`` is
+panther's time over the floor) and writes every number to ``--json``.
+
+Example::
+
+    python -m panther bench linear --dtype bf16,fp32 --shapes issue --json bench.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+# (in, out, num_terms, low_rank)
+_ISSUE_LAYERS = [(8192, 8192, 1, 16), (4096, 4096, 1, 64), (768, 3072, 1, 64), (8192, 8192, 2, 64)]
+_ISSUE_TOKENS = [1, 16, 256, 4096, 16384]
+
+SHAPE_SETS: dict[str, list[tuple[int, int, int, int, int]]] = {
+    # The issue's targets: every layer at every T.
+    "issue": [(i, o, L, k, T) for (i, o, L, k) in _ISSUE_LAYERS for T in _ISSUE_TOKENS],
+    # The headline: in=out=8192, L=1, k=16, T=4096.
+    "headline": [(8192, 8192, 1, 16, 4096)],
+    # Memory-bound regime only (T >= 4096).
+    "large": [(i, o, L, k, T) for (i, o, L, k) in _ISSUE_LAYERS for T in (4096, 16384)],
+    # Decode-like T.
+    "decode": [(i, o, L, k, T) for (i, o, L, k) in _ISSUE_LAYERS for T in (1, 16, 256)],
+}
+
+__all__ = ["main", "SHAPE_SETS"]
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _parse(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m panther bench linear", description=__doc__.split("\n\n")[0])
+    p.add_argument("--dtype", default="bf16,fp32", help="comma list of fp32, bf16, fp16 (default: bf16,fp32)")
+    p.add_argument(
+        "--shapes",
+        default="issue",
+        help=f"comma list of shape sets ({', '.join(SHAPE_SETS)}) or IN:OUT:L:K:T specs (default: issue)",
+    )
+    p.add_argument("--json", metavar="PATH", help="write every measurement here")
+    p.add_argument("--no-backward", action="store_true", help="time the forward only")
+    p.add_argument("--paths", action="store_true", help="also time each forward kernel path (fused, split)")
+    p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (torch's setting, for all)")
+    p.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up, ms (default 10)")
+    p.add_argument("--rep", type=float, default=50.0, help="do_bench repetition time, ms (default 50)")
+    return p.parse_args(argv)
+
+
+def _shapes(spec: str) -> list[tuple[int, int, int, int, int]]:
+    out: list[tuple[int, int, int, int, int]] = []
+    for item in spec.split(","):
+        item = item.strip()
+        if item in SHAPE_SETS:
+            out += SHAPE_SETS[item]
+        else:
+            try:
+                n_in, n_out, L, k, T = (int(v) for v in item.split(":"))
+            except ValueError:
+                raise SystemExit(f"unknown shape set or spec {item!r}: use {', '.join(SHAPE_SETS)} or IN:OUT:L:K:T")
+            out.append((n_in, n_out, L, k, T))
+    return out
+
+
+def _bench(fn, args, grad_to_none=None) -> float:
+    from triton.testing import do_bench
+
+    return float(do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _ceilings(dtype: torch.dtype, args) -> tuple[float, float]:
+    """(copy bandwidth B/s, counting read + write; matmul rate FLOP/s in dtype) on random data."""
+    n = 1 << 28  # 512 MiB of bf16 / 1 GiB of fp32 per buffer: far past the L2
+    src = torch.randn(n, device="cuda", dtype=dtype)
+    dst = torch.empty_like(src)
+    bw = 2 * src.numel() * src.element_size() / (_bench(lambda: dst.copy_(src), args) * 1e-3)
+    del src, dst
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=dtype)
+    b = torch.randn(m, m, device="cuda", dtype=dtype)
+    rate = 2 * m**3 / (_bench(lambda: a @ b, args) * 1e-3)
+    return bw, rate
+
+
+def _floors(n_in, n_out, L, k, T, es, bw, rate) -> tuple[float, float]:
+    """Roofline floors (seconds) of the forward and of forward+backward."""
+    r = 2 * L * k
+    w = r * (n_in + n_out)  # weight elements, all four factors
+    fwd_bytes = es * (T * n_in + T * n_out + w + n_out)
+    fwd_flops = 2 * T * r * (n_in + n_out)
+    bwd_bytes = es * (T * n_out + T * n_in + T * n_in + w + L * k * (n_in + n_out) + n_out)
+    bwd_flops = 2 * T * r * (n_in + n_out) + 2 * T * L * k * (n_in + n_out)
+    fwd = max(fwd_bytes / bw, fwd_flops / rate)
+    both = max((fwd_bytes + bwd_bytes) / bw, (fwd_flops + bwd_flops) / rate)
+    return fwd, both
+
+
+def _layer(n_in, n_out, L, k, dtype):
+    """Random SKLinear factors at the layer's scale, the dense weight, and the eager (A, B)."""
+    dev = "cuda"
+    S1s = torch.randn(L, n_in, k, device=dev, dtype=dtype) * n_in**-0.5
+    S2s = torch.randn(L, k, n_out, device=dev, dtype=dtype) * n_in**-0.5
+    U1s = torch.randint(0, 2, (L, k, n_out), device=dev).to(dtype).mul_(2).sub_(1).mul_(k**-0.5)
+    U2s = torch.randint(0, 2, (L, n_in, k), device=dev).to(dtype).mul_(2).sub_(1).mul_(k**-0.5)
+    bias = torch.randn(n_out, device=dev, dtype=dtype) * n_in**-0.5
+    W = torch.randn(n_out, n_in, device=dev, dtype=dtype) * n_in**-0.5
+    A = torch.cat([S1s.permute(1, 0, 2).reshape(n_in, L * k), U2s.permute(1, 0, 2).reshape(n_in, L * k)], 1)
+    B = torch.cat([U1s.reshape(L * k, n_out), S2s.reshape(L * k, n_out)], 0) / (2 * L)
+    return S1s, S2s, U1s, U2s, bias, W, A.contiguous(), B.contiguous()
+
+
+def _first_call(fn) -> float:
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    fn()
+    torch.cuda.synchronize()
+    return time.perf_counter() - t0
+
+
+def _measure(shape, dtype, bw, rate, args) -> dict:
+    import panther  # noqa: F401  (registers torch.ops.panther)
+
+    n_in, n_out, L, k, T = shape
+    S1s, S2s, U1s, U2s, bias, W, A, B = _layer(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    g = torch.randn(T, n_out, device="cuda", dtype=dtype)
+    op = torch.ops.panther.sklinear
+    rec: dict = {"in": n_in, "out": n_out, "L": L, "k": k, "T": T, "dtype": str(dtype).replace("torch.", "")}
+    fwd_floor, both_floor = _floors(n_in, n_out, L, k, T, torch.finfo(dtype).bits // 8, bw, rate)
+    rec["floor_fwd_us"] = fwd_floor * 1e6
+    rec["floor_fwdbwd_us"] = both_floor * 1e6
+
+    fwd = {
+        "dense": lambda: F.linear(x, W, bias),
+        "eager": lambda: torch.addmm(bias, x @ A, B),
+        "panther": lambda: op(x, S1s, S2s, U1s, U2s, bias),
+    }
+    rec["first_call_fwd_s"] = _first_call(fwd["panther"])
+    for name, fn in fwd.items():
+        rec[f"{name}_fwd_us"] = _bench(fn, args) * 1e3
+    if args.paths:
+        from panther.kernels.lowrank_linear import triton as tk
+
+        for path in ("fused", "split"):
+            fn = lambda p=path: tk.sklinear_forward(x, S1s, S2s, U1s, U2s, bias, path=p)  # noqa: E731
+            fn()
+            rec[f"panther_{path}_fwd_us"] = _bench(fn, args) * 1e3
+
+    if not args.no_backward:
+        xg = x.detach().requires_grad_()
+        leaves = {
+            "dense": [W.detach().requires_grad_(), bias.detach().requires_grad_()],
+            "eager": [A.detach().requires_grad_(), B.detach().requires_grad_(), bias.detach().requires_grad_()],
+            "panther": [S1s.detach().requires_grad_(), S2s.detach().requires_grad_(), bias.detach().requires_grad_()],
+        }
+        (Wg, bd), (Ag, Bg, be), (S1g, S2g, bp) = leaves["dense"], leaves["eager"], leaves["panther"]
+        both = {
+            "dense": lambda: F.linear(xg, Wg, bd).backward(g),
+            "eager": lambda: torch.addmm(be, xg @ Ag, Bg).backward(g),
+            "panther": lambda: op(xg, S1g, S2g, U1s, U2s, bp).backward(g),
+        }
+        rec["first_call_fwdbwd_s"] = _first_call(both["panther"])
+        for name, fn in both.items():
+            rec[f"{name}_fwdbwd_us"] = _bench(fn, args, grad_to_none=[xg, *leaves[name]]) * 1e3
+    return rec
+
+
+def _fmt_row(rec: dict, mode: str) -> str:
+    key = "fwd" if mode == "fwd" else "fwdbwd"
+    p = rec[f"panther_{key}_us"]
+    shape = f"{rec['in']}x{rec['out']} L{rec['L']} k{rec['k']}"
+    return (
+        f"{shape:<22}{rec['T']:>6}  {rec['dtype']:<9}{mode:<8}"
+        f"{rec[f'dense_{key}_us']:>10.1f}{rec[f'eager_{key}_us']:>9.1f}{p:>9.1f}{rec[f'floor_{key}_us']:>9.1f}"
+        f"{rec[f'dense_{key}_us'] / p:>8.1f}x{rec[f'eager_{key}_us'] / p:>7.2f}x{p / rec[f'floor_{key}_us']:>7.2f}"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parse(argv)
+    if not torch.cuda.is_available():
+        print("bench linear: needs a CUDA device (the kernels it times are the GPU ones)", file=sys.stderr)
+        return 2
+    try:
+        dtypes = [DTYPES[d.strip()] for d in args.dtype.split(",")]
+    except KeyError as e:
+        raise SystemExit(f"unknown dtype {e}: use {', '.join(DTYPES)}")
+    shapes = _shapes(args.shapes)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+    import triton
+
+    env = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": "python -m panther bench linear " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "fp32_tf32": bool(args.tf32),
+    }
+    print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
+    records, ceilings = [], {}
+    for dtype in dtypes:
+        torch.manual_seed(0)
+        bw, rate = _ceilings(dtype, args)
+        name = str(dtype).replace("torch.", "")
+        ceilings[name] = {"copy_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12}
+        print(f"# {name}: copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s")
+        for shape in shapes:
+            try:
+                rec = _measure(shape, dtype, bw, rate, args)
+            except torch.OutOfMemoryError:
+                print(f"# skipped {shape} {name}: out of memory")
+                torch.cuda.empty_cache()
+                continue
+            records.append(rec)
+            torch.cuda.empty_cache()
+    header = (
+        f"{'layer':<22}{'T':>6}  {'dtype':<9}{'mode':<8}{'dense':>10}{'eager':>9}{'panther':>9}{'floor':>9}"
+        f"{'×dense':>9}{'×eager':>8}{'/floor':>7}"
+    )
+    print("\n" + header + "\n" + "-" * len(header))
+    for rec in records:
+        print(_fmt_row(rec, "fwd"))
+        if "panther_fwdbwd_us" in rec:
+            print(_fmt_row(rec, "fwd+bwd"))
+    if args.paths:
+        print("\nforward paths (µs):")
+        for rec in records:
+            print(
+                f"  {rec['in']}x{rec['out']} L{rec['L']} k{rec['k']} T{rec['T']} {rec['dtype']}: "
+                f"fused {rec['panther_fused_fwd_us']:.1f}  split {rec['panther_split_fwd_us']:.1f}  "
+                f"chosen {rec['panther_fwd_us']:.1f}"
+            )
+    firsts = [r["first_call_fwd_s"] for r in records]
+    if firsts:
+        print(f"\nfirst call (compile + autotune) of a new shape: {min(firsts):.2f} .. {max(firsts):.2f} s forward")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"env": env, "ceilings": ceilings, "results": records}, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+

@@ -1,0 +1,159 @@
+"""The Triton low-rank linear kernels against their reference (kernels/lowrank_linear/reference.py).
+
+Without CUDA the kernels run on CPU tensors under ``TRITON_INTERPRET=1`` (the conftest sets it);
+with CUDA the same tests run on the GPU. Small odd shapes, every dtype, forward and backward, both
+forward paths, with and without split reductions; fresh allocations are poisoned with NaN, and the
+reference runs in float64. The launchers are called directly: the ops pick Triton only on CUDA.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from panther.kernels.lowrank_linear import reference as ref  # noqa: E402
+from panther.kernels.lowrank_linear import triton as tk  # noqa: E402
+from panther_testing import assert_close  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+# (T, in, out, L, k): odd sizes, T = 1, one L·k over 16 (two rank tiles per pair).
+CASES = [(1, 17, 33, 1, 3), (5, 33, 40, 2, 8), (37, 40, 17, 2, 3), (37, 17, 40, 1, 8)]
+
+
+def _id(c):
+    return "T{}_{}x{}_L{}_k{}".format(*c)
+
+
+@pytest.fixture(autouse=True)
+def _one_config(monkeypatch):
+    """Pin each autotuner to its first config: these tests check results, not tuning (and on a
+    GPU, tuning every small shape would compile every config)."""
+    for kern in (tk._xa_kernel, tk._hq_kernel, tk._fused_kernel, tk._wgrad_kernel):
+        monkeypatch.setattr(kern, "configs", kern.configs[:1])
+
+
+@pytest.fixture(params=["split", "whole"])
+def splits(request, monkeypatch):
+    """``split``: reductions split in slices of 16 (the atomic paths); ``whole``: the defaults."""
+    if request.param == "split":
+        monkeypatch.setattr(tk, "_K_GRANULE", 16)
+        monkeypatch.setattr(tk, "_T_GRANULE", 16)
+    return request.param
+
+
+def _layer(case, dtype, bias=True, x_layout="contiguous"):
+    T, n_in, n_out, L, k = case
+    g = torch.Generator().manual_seed(hash(case) % 2**31)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(device=DEV, dtype=dtype)
+
+    if x_layout == "transposed":  # column-major (T, in): stride (1, T)
+        x = rnd(n_in, T).t()
+    elif x_layout == "strided":  # every other column of a wider matrix
+        x = rnd(T, 2 * n_in)[:, ::2]
+    else:
+        x = rnd(T, n_in)
+    S1s = rnd(L, n_in, k, scale=n_in**-0.5)
+    S2s = rnd(L, k, n_out, scale=k**-0.5)
+    U1s = rnd(L, k, n_out).sign() * k**-0.5
+    U2s = rnd(L, n_in, k).sign() * k**-0.5
+    b = rnd(n_out) if bias else None
+    return x, S1s, S2s, U1s, U2s, b
+
+
+def _f64(ts):
+    return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_sklinear_forward(case, path, dtype, splits, poison):
+    i = CASES.index(case)
+    args = _layer(case, dtype, bias=i % 2 == 0, x_layout=["contiguous", "transposed", "strided", "contiguous"][i])
+    y = tk.sklinear_forward(*args, path=path)
+    assert y.shape == (case[0], case[2]) and y.dtype == dtype
+    assert_close(y, ref.sklinear_forward(*_f64(args)), name="y")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_sklinear_backward(case, dtype, splits, poison):
+    i = CASES.index(case)
+    x, S1s, S2s, U1s, U2s, _ = _layer(case, dtype, x_layout=["contiguous", "strided", "transposed", "contiguous"][i])
+    g = torch.randn(case[0], case[2], device=DEV).to(dtype)
+    if i == 3:
+        g = g.t().contiguous().t()  # non-contiguous grad
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    for name, a, w, like in zip(("dx", "dS1s", "dS2s", "db"), got, want, (x, S1s, S2s, g[0])):
+        assert a.shape == like.shape and a.dtype == dtype, name
+        assert_close(a, w, name=name)
+
+
+@pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)], ids=str)
+def test_sklinear_backward_only_what_is_asked(needs, poison):
+    args = _layer(CASES[2], torch.float32)[:5]
+    g = torch.randn(CASES[2][0], CASES[2][2], device=DEV)
+    got = tk.sklinear_backward(g, *args, *needs)
+    want = ref.sklinear_backward(*_f64([g, *args]), *needs)
+    for a, w in zip(got, want):
+        assert (a is None) == (w is None)
+        if a is not None:
+            assert_close(a, w)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", [(37, 40, 17, 1, 24), (1, 17, 33, 1, 5)], ids=_id)
+def test_lowrank_forward_backward(case, dtype, splits, poison):
+    T, n_in, n_out, _, r = case
+    x = torch.randn(T, n_in, device=DEV).to(dtype)
+    A = (torch.randn(n_in, r, device=DEV) * n_in**-0.5).to(dtype)
+    B = (torch.randn(n_out, r, device=DEV) * r**-0.5).to(dtype).t()  # non-contiguous factor
+    b = torch.randn(n_out, device=DEV).to(dtype)
+    for path in ("fused", "split"):
+        y = tk.lowrank_forward(x, A, B, b, 0.75, path=path)
+        assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.75), name=f"y ({path})")
+    g = torch.randn(T, n_out, device=DEV).to(dtype)
+    got = tk.lowrank_backward(g, x, A, B, 0.75, True, True, True, True)
+    want = ref.lowrank_backward(*_f64([g, x, A, B]), 0.75, True, True, True, True)
+    for name, a, w, like in zip(("dx", "dA", "dB", "db"), got, want, (x, A, B, b)):
+        assert a.shape == like.shape and a.dtype == dtype, name
+        assert_close(a, w, name=name)
+
+
+def test_rank_above_max_falls_back_to_reference(poison):
+    x = torch.randn(3, 17, device=DEV)
+    A = torch.randn(17, tk.MAX_RANK + 1, device=DEV)
+    B = torch.randn(tk.MAX_RANK + 1, 5, device=DEV)
+    assert_close(tk.lowrank_forward(x, A, B, None, 0.5), ref.lowrank_forward(*_f64([x, A, B]), None, 0.5))
+
+
+def test_empty_batch(poison):
+    x, S1s, S2s, U1s, U2s, b = _layer((0, 17, 33, 1, 3), torch.float32)
+    assert tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b).shape == (0, 33)
+    dx, dS1s, dS2s, db = tk.sklinear_backward(torch.zeros(0, 33, device=DEV), x, S1s, S2s, U1s, U2s, True, True, True)
+    assert dx.shape == (0, 17) and dS1s.abs().sum() == 0 and dS2s.abs().sum() == 0 and db.abs().sum() == 0
+
+
+def test_fp32_follows_torch_tf32_setting():
+    old = torch.get_float32_matmul_precision()
+    try:
+        torch.set_float32_matmul_precision("highest")
+        assert not tk._tf32(torch.float32)
+        torch.set_float32_matmul_precision("high")
+        assert tk._tf32(torch.float32)
+        assert not tk._tf32(torch.bfloat16)
+    finally:
+        torch.set_float32_matmul_precision(old)
+
+
+def test_t_bucket_is_the_autotune_key():
+    assert [tk._m_bucket(t) for t in (1, 16, 17, 4096, 5000, 10**6)] == [16, 16, 32, 4096, 8192, 16384]
+    for kern in (tk._xa_kernel, tk._hq_kernel, tk._fused_kernel, tk._wgrad_kernel):
+        assert "M_BUCKET" in kern.keys and "M" not in kern.keys
