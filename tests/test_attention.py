@@ -15,12 +15,12 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from panther.kernels.performer import reference as ref
 from panther_testing import assert_close
 from test_spec_examples import BLOCKS
 
 import panther as pr
 from panther.features import orthogonal_random_features
-from panther.kernels.performer import reference as ref
 from panther.nn import RandMultiHeadAttention
 from panther.nn.pawXimpl import sinSRPE
 
@@ -102,6 +102,15 @@ def test_op_opcheck_and_gradcheck(kernel_fn, causal, masked):
         (q, k, v),
         fast_mode=causal,
     )
+
+
+def test_op_dispatch():
+    from panther.ops import attention as ops_attention
+
+    x = torch.zeros(1)
+    assert ops_attention._impl("performer_attention", x) is ref.performer_attention
+    assert ops_attention._impl("performer_attention_backward", x.double()) is ref.performer_attention_backward
+    assert ops_attention._triton_fn("no_such_function") is None
 
 
 def test_backward_op_opcheck():
@@ -321,9 +330,9 @@ def test_from_mha_without_bias_and_on_dtype():
 @pytest.mark.parametrize(
     "kwargs,match",
     [
-        (dict(batch_first=False), "batch_first=True"),
-        (dict(batch_first=True, add_bias_kv=True), "add_bias_kv"),
-        (dict(batch_first=True, add_zero_attn=True), "add_zero_attn"),
+        ({"batch_first": False}, "batch_first=True"),
+        ({"batch_first": True, "add_bias_kv": True}, "add_bias_kv"),
+        ({"batch_first": True, "add_zero_attn": True}, "add_zero_attn"),
     ],
     ids=["seq-first", "bias-kv", "zero-attn"],
 )
@@ -419,20 +428,20 @@ def test_init_matches_multihead_attention_statistics():
     "args,kwargs,exc,match",
     [
         ((15, 2, 8), {}, ValueError, r"embed_dim \(15\) must be divisible by num_heads \(2\)"),
-        ((16, 2, 8), dict(kernel_fn="gelu"), ValueError, r"kernel_fn must be one of \['softmax', 'relu'\]"),
+        ((16, 2, 8), {"kernel_fn": "gelu"}, ValueError, r"kernel_fn must be one of \['softmax', 'relu'\]"),
         ((16, 2, 0), {}, ValueError, "num_random_features must be a positive integer"),
         ((16, 0, 8), {}, ValueError, "num_heads must be a positive integer"),
         ((0, 1, 8), {}, ValueError, "embed_dim must be a positive integer"),
         ((16, 2, 8.0), {}, TypeError, "num_random_features must be an int"),
-        ((16, 2, 8), dict(dropout=1.0), ValueError, r"dropout must be in \[0.0, 1.0\)"),
-        ((16, 2, 8), dict(dropout=-0.1), ValueError, r"dropout must be in \[0.0, 1.0\)"),
-        ((16, 2, 8), dict(iscausal=1), TypeError, "iscausal must be a bool"),
-        ((16, 2, 8), dict(bias="yes"), TypeError, "bias must be a bool"),
-        ((16, 2, 8), dict(SRPE=torch.nn.Linear(2, 2)), TypeError, "SRPE must be a panther.nn.pawXimpl.sinSRPE"),
-        ((16, 2, 8), dict(SRPE=sinSRPE(4, 4, 2, 8)), ValueError, "SRPE has num_heads=4, perHead_in=4"),
-        ((16, 2, 8), dict(SRPE=sinSRPE(2, 8, 2, 8, dtype=F64)), ValueError, "SRPE is torch.float64 on cpu"),
-        ((16, 2, 8), dict(generator=3), TypeError, "generator must be a torch.Generator"),
-        ((16, 2, 8), dict(dtype=torch.int64), TypeError, "dtype must be a floating-point"),
+        ((16, 2, 8), {"dropout": 1.0}, ValueError, r"dropout must be in \[0.0, 1.0\)"),
+        ((16, 2, 8), {"dropout": -0.1}, ValueError, r"dropout must be in \[0.0, 1.0\)"),
+        ((16, 2, 8), {"iscausal": 1}, TypeError, "iscausal must be a bool"),
+        ((16, 2, 8), {"bias": "yes"}, TypeError, "bias must be a bool"),
+        ((16, 2, 8), {"SRPE": torch.nn.Linear(2, 2)}, TypeError, "SRPE must be a panther.nn.pawXimpl.sinSRPE"),
+        ((16, 2, 8), {"SRPE": sinSRPE(4, 4, 2, 8)}, ValueError, "SRPE has num_heads=4, perHead_in=4"),
+        ((16, 2, 8), {"SRPE": sinSRPE(2, 8, 2, 8, dtype=F64)}, ValueError, "SRPE is torch.float64 on cpu"),
+        ((16, 2, 8), {"generator": 3}, TypeError, "generator must be a torch.Generator"),
+        ((16, 2, 8), {"dtype": torch.int64}, TypeError, "dtype must be a floating-point"),
     ],
     ids=[
         "indivisible", "kernel_fn", "m0", "heads0", "embed0", "m-float", "dropout1", "dropout-neg",
@@ -508,7 +517,7 @@ def test_spec_attention_example(capsys):
     (code,) = [b for b in BLOCKS if "RandMultiHeadAttention(" in b]
     namespace: dict = {}
     start = time.perf_counter()
-    exec(compile(code, "<spec attention example>", "exec"), namespace)
+    exec(compile(code, "<spec attention example>", "exec"), namespace)  # noqa: S102
     seconds = time.perf_counter() - start
     assert "Output shape: torch.Size([32, 100, 512])" in capsys.readouterr().out
     assert namespace["attn_weights"] is None and torch.isfinite(namespace["output"]).all()

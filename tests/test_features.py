@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -71,7 +72,7 @@ def test_softmax_kernel_error_keeps_falling_to_4096():
     seeds = range(5)
     err = {m: sum(_haar_error(m, s) for s in seeds) / len(seeds) for m in HAAR_MS}
     msg = ", ".join(f"m={m}: {e:.4f}" for m, e in err.items())
-    for small, large in zip(HAAR_MS, HAAR_MS[1:]):
+    for small, large in itertools.pairwise(HAAR_MS):
         assert err[large] < err[small], f"error did not fall from m={small} to m={large}: {msg}"
     assert err[4096] < HAAR_MAX_ERR_4096, msg
     assert err[16] / err[4096] > HAAR_MIN_RATIO, msg
@@ -107,12 +108,12 @@ def test_device_and_dtype(device):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(num_heads=0, m=4, d=4), ValueError, "num_heads must be a positive integer"),
-        (dict(num_heads=1, m=0, d=4), ValueError, "m must be a positive integer"),
-        (dict(num_heads=1, m=4, d=-1), ValueError, "d must be a positive integer"),
-        (dict(num_heads=1.0, m=4, d=4), TypeError, "num_heads must be an int"),
-        (dict(num_heads=1, m=4, d=4, dtype=torch.int32), TypeError, "dtype must be a floating-point"),
-        (dict(num_heads=1, m=4, d=4, generator=0), TypeError, "generator must be a torch.Generator"),
+        ({"num_heads": 0, "m": 4, "d": 4}, ValueError, "num_heads must be a positive integer"),
+        ({"num_heads": 1, "m": 0, "d": 4}, ValueError, "m must be a positive integer"),
+        ({"num_heads": 1, "m": 4, "d": -1}, ValueError, "d must be a positive integer"),
+        ({"num_heads": 1.0, "m": 4, "d": 4}, TypeError, "num_heads must be an int"),
+        ({"num_heads": 1, "m": 4, "d": 4, "dtype": torch.int32}, TypeError, "dtype must be a floating-point"),
+        ({"num_heads": 1, "m": 4, "d": 4, "generator": 0}, TypeError, "generator must be a torch.Generator"),
     ],
     ids=["heads0", "m0", "d-neg", "heads-float", "int-dtype", "bad-generator"],
 )

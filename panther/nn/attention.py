@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -129,7 +130,7 @@ class RandMultiHeadAttention(nn.Module):
         bias: bool = True,
         kernel_fn: str = "softmax",
         iscausal: bool = False,
-        SRPE: sinSRPE | None = None,  # noqa: N803  (name fixed by the API spec)
+        SRPE: sinSRPE | None = None,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
         *,
@@ -198,7 +199,7 @@ class RandMultiHeadAttention(nn.Module):
         else:
             for proj in (self.q_proj, self.k_proj, self.v_proj):
                 _init_(proj.weight, nn.init.xavier_uniform_, generator)
-        _init_(self.out_proj.weight, lambda t, generator: nn.init.kaiming_uniform_(t, a=math.sqrt(5), generator=generator), generator)
+        _init_(self.out_proj.weight, functools.partial(nn.init.kaiming_uniform_, a=math.sqrt(5)), generator)  # as nn.Linear
         for proj in (self.q_proj, self.k_proj, self.v_proj, self.out_proj):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
@@ -227,12 +228,12 @@ class RandMultiHeadAttention(nn.Module):
             return attention_mask
         if attention_mask.is_complex():
             raise TypeError(f"attention_mask must be bool or hold 0/1, got dtype {attention_mask.dtype}")
-        if not torch.compiler.is_compiling():
-            if not ((attention_mask == 0) | (attention_mask == 1)).all():
-                raise ValueError(
-                    "attention_mask must be bool or hold only 0 and 1 (1/True = attend); additive "
-                    "masks (0/-inf) are not supported"
-                )
+        # (A data-dependent check: skipped while torch.compile traces, where it would break the graph.)
+        if not torch.compiler.is_compiling() and not ((attention_mask == 0) | (attention_mask == 1)).all():
+            raise ValueError(
+                "attention_mask must be bool or hold only 0 and 1 (1/True = attend); additive "
+                "masks (0/-inf) are not supported"
+            )
         return attention_mask != 0
 
     def forward(
@@ -297,7 +298,7 @@ class RandMultiHeadAttention(nn.Module):
         kernel_fn: str = "softmax",
         *,
         iscausal: bool = False,
-        SRPE: sinSRPE | None = None,  # noqa: N803
+        SRPE: sinSRPE | None = None,
         dropout: float | None = None,
         generator: torch.Generator | None = None,
     ) -> RandMultiHeadAttention:

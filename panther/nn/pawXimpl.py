@@ -21,7 +21,7 @@ _F_MIN = 1e-4
 _F_MAX = 0.5
 
 
-class sinSRPE(nn.Module):  # noqa: N801  (name fixed by the API spec)
+class sinSRPE(nn.Module):
     r"""Stochastic sinusoidal relative positional encoding (sineSPE of Liutkus et al., 2021).
 
     "Relative Positional Encoding for Transformers with Linear Complexity" (ICML 2021). It turns
@@ -87,7 +87,7 @@ class sinSRPE(nn.Module):  # noqa: N801  (name fixed by the API spec)
     def __init__(
         self,
         num_heads: int,
-        perHead_in: int,  # noqa: N803  (name fixed by the API spec)
+        perHead_in: int,
         sines: int,
         num_realizations: int,
         device: torch.device | str | None = None,

@@ -1,10 +1,11 @@
 """Custom ops for Performer (FAVOR+) attention: ``torch.ops.panther.performer_attention`` and its backward.
 
 The math (feature maps, stabilizers, chunked causal prefix sums, backward) is in
-``kernels/performer/README.md``. Both ops are ``torch.library.triton_op``s: on CUDA tensors their
-body calls the Triton kernels of ``panther.kernels.performer.triton`` when that module imports and
-provides the function, and the plain-PyTorch reference otherwise (CPU, or no kernel yet). Under
-``torch.compile`` Inductor traces into the body, so on CPU the reference lowers to generated C++.
+``kernels/performer/README.md``. Both ops are ``torch.library.triton_op``s: on CUDA fp32/fp16/bf16
+tensors their body calls the Triton kernels of ``panther.kernels.performer.triton`` when that module
+imports and provides the function, and the plain-PyTorch reference otherwise (CPU, float64, or no
+kernel). Under ``torch.compile`` Inductor traces into the body, so on CPU the reference lowers to
+generated C++.
 
 Shapes: q (B, H, N, D); k (B, H, Nk, D); v (B, H, Nk, E); omega (H, m, D) random features;
 key_mask (B, Nk) bool, True = attend, or None. Output (B, H, N, E) in v's dtype. Causal needs
@@ -48,9 +49,14 @@ def _triton_fn(name: str) -> Callable | None:
     return getattr(module, name, None)
 
 
+# The Triton kernels compute in fp32 at most: float64 (gradcheck, accuracy references) runs the
+# reference on every device.
+_TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
 def _impl(name: str, x: Tensor) -> Callable:
-    """The Triton implementation of ``name`` for CUDA tensors where one exists, else the reference."""
-    if x.device.type == "cuda":
+    """The Triton implementation of ``name`` for CUDA fp32/fp16/bf16 tensors where one exists, else the reference."""
+    if x.device.type == "cuda" and x.dtype in _TRITON_DTYPES:
         fn = _triton_fn(name)
         if fn is not None:
             return fn
