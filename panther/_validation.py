@@ -40,6 +40,15 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_dtype(dtype: Any) -> torch.dtype | None:
+    """Return ``dtype`` if it is None or a floating-point ``torch.dtype``; raise TypeError otherwise."""
+    if dtype is None:
+        return None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
+    return dtype
+
+
 def check_tensor(name: str, value: Any) -> torch.Tensor:
     """Return ``value`` if it is a tensor; raise TypeError otherwise."""
     if not isinstance(value, torch.Tensor):

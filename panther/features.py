@@ -13,8 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from panther._validation import check_int
-from panther.sketch import _check_dtype
+from panther._validation import check_dtype, check_int
 
 __all__ = ["orthogonal_random_features"]
 
@@ -85,7 +84,7 @@ def orthogonal_random_features(
     num_heads = check_int("num_heads", num_heads)
     m = check_int("m", m)
     d = check_int("d", d)
-    dtype = _check_dtype(dtype) or torch.get_default_dtype()
+    dtype = check_dtype(dtype) or torch.get_default_dtype()
     device = torch.device(device) if device is not None else torch.get_default_device()
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")

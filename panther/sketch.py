@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from panther._validation import check_input, check_int
+from panther._validation import check_dtype, check_input, check_int
 
 __all__ = [
     "Sketch",
@@ -59,14 +59,6 @@ DeviceLike = torch.device | str | int | None
 # ---------------------------------------------------------------------------------------------
 # Argument checks and random draws
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_dtype(dtype: Any) -> torch.dtype | None:
-    if dtype is None:
-        return None
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating-point torch.dtype (e.g. torch.float32), got {dtype!r}")
-    return dtype
 
 
 def _check_dim(dim: Any, ndim: int) -> int:
@@ -135,7 +127,7 @@ def _distinct_rows(k: int, n: int, s: int, generator: torch.Generator | None, dr
 def _dense_draw(kind: str, k: Any, n: Any, num: Any, generator, seed, device, dtype) -> Tensor:
     k, n = check_int("k", k), check_int("n", n)
     shape = (k, n) if num is None else (check_int("num", num), k, n)
-    dtype = _check_dtype(dtype) or torch.get_default_dtype()
+    dtype = check_dtype(dtype) or torch.get_default_dtype()
     device = _device(device)
     gen, draw_device = _rng(generator, seed, device)
     if kind == "sign":
@@ -260,7 +252,7 @@ class Sketch:
         For the dense sketches, this is the stored tensor itself (not a copy) when no dtype or
         device conversion is asked for.
         """
-        return self._matrix(_check_dtype(dtype), None if device is None else torch.device(device))
+        return self._matrix(check_dtype(dtype), None if device is None else torch.device(device))
 
     def _apply(self, x: Tensor, dim: int) -> Tensor:
         raise NotImplementedError

@@ -9,9 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panther._validation import check_choice, check_float, check_input, check_int, check_tensor
+from panther._validation import check_choice, check_dtype, check_float, check_input, check_int, check_tensor
 from panther.features import orthogonal_random_features
-from panther.sketch import _check_dtype
 
 from .pawXimpl import sinSRPE
 
@@ -151,7 +150,7 @@ class RandMultiHeadAttention(nn.Module):
         self.iscausal = _check_bool("iscausal", iscausal)
         self.kdim = self.embed_dim if kdim is None else check_int("kdim", kdim)
         self.vdim = self.embed_dim if vdim is None else check_int("vdim", vdim)
-        _check_dtype(dtype)
+        check_dtype(dtype)
         generator = _check_generator(generator)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
