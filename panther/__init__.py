@@ -20,5 +20,6 @@ from . import ops  # noqa: E402  (registers torch.ops.panther.*)
 from . import sketch  # noqa: E402
 from . import nn  # noqa: E402
 from . import linalg  # noqa: E402
+from .explain import explain  # noqa: E402
 
-__all__ = ["linalg", "nn", "ops", "sketch", "__version__"]
+__all__ = ["explain", "linalg", "nn", "ops", "sketch", "__version__"]
