@@ -8,19 +8,23 @@ of one (batch, head) and walks it carrying an m×E state in registers. The featu
 with the projection by ω, so φ(Q) and φ(K) never reach memory.
 
 * ``_state_kernel``: per segment, S = Σ φ(k)ᵀv and z = Σ φ(k) over its keys. Non-causal softmax
-  keys use an online running max (rescaling S and z when it grows); the host combines the segments
-  with the global max, so the stabilizer costs no extra pass over K. Causal: the host turns the
-  segment states into exclusive prefix sums.
+  keys use an online running max (rescaling S and z when it grows), so the stabilizer costs no
+  extra pass over K.
+* ``_reduce_kernel``: combines the segments of each (batch, head): a sum (rescaled to the global
+  key max for softmax keys), or exclusive prefix (causal forward) / suffix (causal backward) sums.
 * ``_fwd_kernel``: out = (φ(q)·S + intra-chunk masked quadratic part) / (φ(q)·z + …).
 * ``_bwd_q_kernel``: recomputes out and den, forms G' = [g/den, −Σ g·out/den], writes dq, and
   sums R = Σ φ(q)ᵀG' per segment (causal: also stores G' for the key pass).
 * ``_bwd_k_kernel``: dv = φ(k)·R and dφ(k) = V'·Rᵀ (causal: R is the suffix over later queries,
   chunks walked backward, plus the intra-chunk part), then dk through the feature map.
 
-Extra memory: the per-segment states (B·H·P·m·E fp32, P ≈ 2·SMs/(B·H)) and, for causal backward,
-G' (B·H·N·(E+1) fp32). Never N×N, never N×m.
+Extra memory: the per-segment states (B·H·P·m·E fp32, P ≈ 4·SMs/(B·H)) and, for the causal
+backward, G' (B·H·N·(E+1) fp32). Never N×N, never N×m.
 
-Causal keys use the stabilizer c = maxⱼ‖ωⱼ‖²/2 − ``CAUSAL_KEY_SHIFT``: any per-head constant
+Operands of the products: bf16 for bf16 inputs; fp32 (TF32 for fp16 inputs, full fp32 for fp32
+ones) otherwise, because causal φ(k) can fall below fp16's range. Accumulation is fp32 throughout.
+
+Causal keys use the stabilizer c = maxⱼ‖ωⱼ‖²/2 − 40 (``_causal_c2``): any per-head constant
 cancels in the num/den ratio, and the shift keeps φ(k) = exp(−‖ωⱼ − k‖²/2 + …) out of the fp32
 subnormal range (flushed to zero on the GPU) for head dims ≥ 128, while φ(k) ≤ e^40/√m still
 leaves the sums far from overflow.
@@ -38,12 +42,19 @@ from triton.runtime.errors import OutOfResources
 
 from .reference import RELU_EPS
 
-LOG2E = 1.4426950408889634
-CAUSAL_KEY_SHIFT = 40.0
-# (chunk, warps) per kernel group, timed on an H200 at B=4, H=12, d=64, m=256 (docs/benchmarks.md).
-# "fwd": the key pass and the output pass; "bwd": the backward passes (causal: one setting for all,
-# since the key pass and the backward passes must cut the sequence into the same segments).
+# (chunk, warps) per kernel group: "fwd" (the key pass and the output pass) and "bwd" (the backward
+# passes; a causal backward also runs its own key pass with it, so that both cut the sequence into
+# the same segments). TUNED is the best of `python -m panther bench attention --sweep` on an H200
+# (bf16, B=4, H=12, N=16384, d=64, m=256; docs/benchmarks.md) and serves bf16 with head and value
+# dims ≤ 64 and m ≤ 256. Larger tiles (fp16/fp32 state, d = 128, m > 256) use SAFE, whose settings
+# passed the GPU tests at every dtype and head dim (a 128-row chunk there overflows shared memory).
 TUNED = {
+    ("noncausal", "fwd"): (128, 8),
+    ("noncausal", "bwd"): (32, 8),
+    ("causal", "fwd"): (16, 8),
+    ("causal", "bwd"): (16, 8),
+}
+SAFE = {
     ("noncausal", "fwd"): (64, 4),
     ("noncausal", "bwd"): (32, 8),
     ("causal", "fwd"): (16, 8),
@@ -184,7 +195,7 @@ def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr
 @triton.jit
 def _causal_c2(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BM: tl.constexpr):
     """Causal key stabilizer of head h in log2 units, log2 √m folded in:
-    (maxⱼ‖ωⱼ‖²/2 − CAUSAL_KEY_SHIFT)·log2(e) + log2 √m (see the module docstring)."""
+    (maxⱼ‖ωⱼ‖²/2 − 40)·log2(e) + log2 √m (the shift of 40: see the module docstring)."""
     offs_m = tl.arange(0, BM)
     offs_d = tl.arange(0, BD)
     w = tl.load(
@@ -590,6 +601,7 @@ class _Plan:
         )
         self.scal = (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS)
         self.small = self.BM * max(self.BE, self.BD) < 128 * 64
+        self.settings = TUNED if not feat_f32 and max(self.BD, self.BE) <= 64 and self.BM <= 256 else SAFE
         # Software-pipelining depth: the loop's loads (ω, q/k, v tiles) are multi-buffered in shared
         # memory beside the state; deep pipelines of large tiles overflow it (227 KB on Hopper).
         big = (4 if feat_f32 else 2) * self.BM * self.BE + q.element_size() * self.BM * self.BD
@@ -598,7 +610,7 @@ class _Plan:
 
     def tiles(self, group: str) -> tuple[int, int]:
         """(chunk, warps) of a kernel group: "fwd" (state and output passes) or "bwd"."""
-        bn, warps = TUNED[("causal" if self.causal else "noncausal", group)]
+        bn, warps = self.settings[("causal" if self.causal else "noncausal", group)]
         if self.chunk_size is not None:
             bn = self.chunk_size
         return bn, NUM_WARPS or (4 if self.small else warps)
