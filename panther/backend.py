@@ -89,16 +89,45 @@ class PantherCompiled:
 
         self.options = opts
         name = _graph_name()
-        ctx = passes.run_passes(gm, example_inputs, opts, graph_name=name)
+        try:
+            ctx = passes.run_passes(gm, example_inputs, opts, graph_name=name)
+        except Exception as e:  # never break the model: compile the graph as it is
+            if opts.strict:
+                raise
+            log.warning("panther: the passes failed on %s (%s: %s); compiling it dense", name, type(e).__name__, e)
+            ctx = passes.run_passes(gm, example_inputs, opts, graph_name=name, skip=tuple(n for n, _ in passes.PIPELINE))
+            ctx.report.notes.append(f"the passes failed ({type(e).__name__}: {e}); the graph was compiled dense")
+        self._ctx = ctx
         self.report = ctx.report
         self.graph_module = ctx.gm
-        self._ctx = ctx
-        self.dump_path = dump.emit(gm, ctx)
-        self._watch = [c for c in ctx.candidates if c.decision == "rewrite" and c.weight_index is not None]
         self._example_inputs = list(example_inputs)
-        self._freeze = self._wants_freezing()
         self._tracing_context = torch._guards.TracingContext.try_get()
-        self._compiled = self._lower(example_inputs)
+        self._set_watch()
+        try:
+            self._compiled = self._lower(example_inputs)
+        except Exception as e:
+            if opts.strict or not self._watch and not self.report.rewritten:
+                raise
+            self._fall_back_dense(gm, f"Inductor failed on the rewritten graph ({type(e).__name__}: {e})")
+            self._compiled = self._lower(example_inputs)
+        self.dump_path = dump.emit(gm, ctx)
+
+    def _set_watch(self) -> None:
+        self._watch = [c for c in self._ctx.candidates if c.decision == "rewrite" and c.weight_index is not None]
+        self._freeze = self._wants_freezing()
+
+    def _fall_back_dense(self, gm: fx.GraphModule, why: str) -> None:
+        """Leave every layer of this graph dense (the rewritten graph could not be lowered)."""
+        from panther.passes.graph import copy_graph
+
+        log.warning("panther: %s; %s is compiled dense", why, self.report.graph)
+        for cand in self.report.rewritten:
+            cand.dense("lowering", why)
+            cand.factors = {}
+        self.report.notes.append(f"{why}; the graph was compiled dense")
+        self.report.output_error = None
+        self._ctx.gm = self.graph_module = copy_graph(gm)
+        self._set_watch()
 
     # -- lowering ----------------------------------------------------------------------------
 

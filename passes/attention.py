@@ -357,6 +357,9 @@ def _check(cand: Candidate, m: Match) -> None:
         raise Dense("dtype", f"q/k/v dtypes {qv.dtype}/{kv.dtype}/{vv.dtype} must be one floating dtype")
     if kv.shape[1] != qv.shape[1] or vv.shape[1] != qv.shape[1]:
         raise Dense("gqa", f"{kv.shape[1]} key heads for {qv.shape[1]} query heads")
+    scale = m.scale if m.scale is None or isinstance(m.scale, (int, float)) else node_val(m.scale)
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise Dense("scale", f"the softmax scale is not a constant ({m.scale})")
     cand.absorbed = m.absorbed
     recipe = mask_recipe(m.mask)
     causal = m.causal or recipe["causal"]
@@ -367,7 +370,7 @@ def _check(cand: Candidate, m: Match) -> None:
     D = int(qv.shape[-1])
     cand.attrs.update(
         heads=int(qv.shape[1]), head_dim=D, v_dim=int(vv.shape[-1]), causal=causal,
-        scale=float(m.scale) if m.scale is not None else 1.0 / math.sqrt(D),
+        scale=float(scale) if scale is not None else 1.0 / math.sqrt(D),
         negated=tuple(neg for _, neg in recipe["key"]), has_mask=m.mask is not None,
     )
 

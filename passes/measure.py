@@ -39,7 +39,18 @@ def rel_err(approx: Any, exact: Any) -> float | None:
 
 
 def _inputs(example_inputs: list[Any]) -> list[Any]:
-    return [x.clone() if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter) else x for x in example_inputs]
+    """Real values to run on: tensors that are not parameters cloned, SymInts at their hints."""
+    out = []
+    for x in example_inputs:
+        if isinstance(x, torch.Tensor) and not isinstance(x, torch.nn.Parameter):
+            x = x.clone()
+        elif isinstance(x, (torch.SymInt, torch.SymFloat, torch.SymBool)):
+            hint = x.node.hint  # torch 2.11 hands the backend SymInts for dynamic sizes
+            if hint is None:
+                raise ValueError("a symbolic example input has no hint")
+            x = hint
+        out.append(x)
+    return out
 
 
 @contextlib.contextmanager

@@ -232,3 +232,43 @@ def test_explicit_layers_compile_without_graph_breaks(backend):
         out = torch.compile(layer, backend=backend, fullgraph=True)(*args)
         out, expected = (out[0], expected[0]) if isinstance(out, tuple) else (out, expected)
         assert rel_err(out, expected) <= 1e-4, type(layer).__name__
+
+
+def test_inductor_failure_on_the_rewritten_graph_falls_back_to_dense(monkeypatch):
+    import torch._inductor.compile_fx as cfx
+
+    real = cfx.compile_fx
+
+    def picky(gm, inputs, **kw):
+        if any("panther" in str(n.target) for n in gm.graph.nodes):
+            raise RuntimeError("no kernel for you")
+        return real(gm, inputs, **kw)
+
+    monkeypatch.setattr(cfx, "compile_fx", picky)
+    model = fresh_mlp()
+    x = torch.randn(4, 64)
+    compiled, made = compile_panther(model, min_params=0, measure_error=False)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-5  # dense, and correct
+    assert not made[0].report.rewritten
+    assert {c.reason_code for c in made[0].report.candidates} == {"lowering"}
+    assert "no kernel for you" in made[0].report.notes[-1]
+    compiled, made = compile_panther(fresh_mlp(), min_params=0, measure_error=False, strict=True)
+    with torch.no_grad(), pytest.raises(Exception, match="no kernel for you"):
+        compiled(x)
+
+
+def test_a_failing_pass_compiles_the_graph_dense(monkeypatch):
+    from panther import passes
+
+    def broken(ctx):
+        raise RuntimeError("decide exploded")
+
+    pipeline = [(name, broken if name == "decide" else fn) for name, fn in passes.PIPELINE]
+    monkeypatch.setattr(passes, "PIPELINE", pipeline)
+    model = fresh_mlp()
+    x = torch.randn(4, 64)
+    compiled, made = compile_panther(model, min_params=0)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-5
+    assert not made[0].report.candidates and "decide exploded" in made[0].report.notes[-1]

@@ -237,3 +237,29 @@ def test_costs_are_symbolic_in_dynamic_sizes():
     c = ctx.candidates[0]
     assert c.cost_before["flops"].free_symbols  # e.g. 16384*s0
     assert c.cost_before_at_example["flops"] == 2 * 6 * 64 * 128
+
+
+def test_measuring_failure_keeps_the_rewrites(monkeypatch):
+    from panther import passes
+
+    def broken(*a, **k):
+        raise RuntimeError("cannot run")
+
+    monkeypatch.setattr(passes, "measure_layers", broken)
+    with torch.no_grad():
+        report = explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0)
+    assert len(report.rewritten) == 3 and report.output_error is None
+    assert any("cannot run" in n for n in report.notes)
+
+
+class _SymbolicScale(nn.Module):
+    def forward(self, q, k, v):
+        return nn.functional.scaled_dot_product_attention(q, k, v, scale=q.shape[-1] ** -0.5)
+
+
+def test_non_constant_scale_stays_dense():
+    q = torch.randn(1, 2, 16, 8)
+    with torch.no_grad():
+        (ctx, _, _), = passes_in_backend(_SymbolicScale(), q, q, q, options={"require_savings": False}, dynamic=True)
+    (c,) = ctx.candidates
+    assert c.decision == "dense" and c.reason_code == "scale"
