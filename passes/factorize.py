@@ -4,10 +4,12 @@ A dense weight W (out × in, as ``nn.Linear`` stores it; a conv kernel is flatte
 out × in·kh·kw) is replaced by A (in × r) and B (r × out) with x·Wᵀ ≈ (x·A)·B:
 
 * ``"svd"``: the truncated SVD Wᵀ ≈ U_r·S_r·V_rᵀ split as A = U_r·√S_r, B = √S_r·V_rᵀ (the best
-  rank-r approximation in Frobenius and spectral norm). ``torch.svd_lowrank`` stands in for
-  the full SVD on large matrices.
-* ``"sketch"``: the unbiased two-sided sign sketch of ``pr.nn.SKLinear`` with L terms of rank k,
-  A = [Wᵀ·U1ᵢᵀ …, U2ᵢ …], B = [U1ᵢ; …; U2ᵢᵀ·Wᵀ; …]/(2L), the sign matrices drawn from a seed.
+  rank-r approximation in Frobenius and spectral norm); the randomized SVD stands in for it on
+  large matrices.
+* ``"sketch"``: the unbiased two-sided sign sketch of ``pr.nn.SKLinear``, drawn from a seed.
+
+Both come from :func:`panther.linalg.lowrank`; this module adds the rank rules (spectrum,
+error for a rank, rank for an error).
 
 The relative weight error ‖Wᵀ − A·B‖_F / ‖W‖_F is returned with the factors: it is the
 report's predicted relative output error for inputs that are not aligned with W's spectrum.
@@ -56,44 +58,34 @@ def lowrank_factors(
 ) -> tuple[Tensor, Tensor, float]:
     """Factors (A: in×r, B: r×out) with x·Wᵀ ≈ (x·A)·B, and the relative weight error.
 
+    The factors come from :func:`panther.linalg.lowrank`: ``"svd"`` is the exact truncated SVD
+    up to :data:`FULL_SVD_MAX_DIM` and its randomized version above; ``"sketch"`` is the
+    two-sided sign sketch (rank rounded down to an even number; ``num_terms`` only set the rank).
+
     Args:
         W: (out, in) weight; any float dtype; factors come back in W's dtype and device.
-        rank: r (for ``"sketch"``, rounded down to a multiple of 2·num_terms, at least 2·num_terms).
+        rank: r.
         method: ``"svd"`` or ``"sketch"``.
-        num_terms: L of the sketch.
-        seed: seed of the sketch's sign matrices (a private generator; global RNG untouched).
+        num_terms: L of the sketch (the rank is 2·L·k either way).
+        seed: seed of the random draws (a private generator; the global RNG is untouched).
     """
-    W = W.detach()
-    Wt = W.to(_work_dtype(W)).t()  # (in, out)
-    n_in, n_out = Wt.shape
-    if method == "svd":
-        r = min(rank, n_in, n_out)
-        if min(n_in, n_out) <= FULL_SVD_MAX_DIM or 4 * r > min(n_in, n_out):
-            U, S, Vh = torch.linalg.svd(Wt, full_matrices=False)
-        else:
-            gen_state = torch.random.fork_rng(devices=[Wt.device] if Wt.device.type == "cuda" else [])
-            with gen_state:
-                torch.manual_seed(seed)
-                U, S, V = torch.svd_lowrank(Wt, q=min(r + 16, min(n_in, n_out)), niter=4)
-            Vh = V.t()
-        root = S[:r].sqrt()
-        A = U[:, :r] * root
-        B = root[:, None] * Vh[:r]
-    elif method == "sketch":
-        from panther.sketch import sign_matrix
+    from panther.linalg import lowrank
 
-        k = max(rank // (2 * num_terms), 1)
-        U1 = sign_matrix(k, n_out, num=num_terms, seed=seed, device=Wt.device, dtype=Wt.dtype)  # (L, k, out)
-        U2 = sign_matrix(k, n_in, num=num_terms, seed=seed + 1, device=Wt.device, dtype=Wt.dtype).transpose(1, 2)  # (L, in, k)
-        S1 = torch.einsum("io,lko->lik", Wt, U1)  # Wᵀ·U1ᵢᵀ: (L, in, k)
-        S2 = torch.einsum("lik,io->lko", U2, Wt)  # U2ᵢᵀ·Wᵀ: (L, k, out)
-        A = torch.cat([S1.permute(1, 0, 2).reshape(n_in, -1), U2.permute(1, 0, 2).reshape(n_in, -1)], dim=1)
-        B = torch.cat([U1.reshape(-1, n_out), S2.reshape(-1, n_out)], dim=0) / (2 * num_terms)
+    W = W.detach()
+    n_out, n_in = W.shape
+    gen = torch.Generator(device=W.device).manual_seed(seed)
+    if method == "svd":
+        rank = min(rank, n_in, n_out)
+        exact = min(n_in, n_out) <= FULL_SVD_MAX_DIM or 4 * rank > min(n_in, n_out)
+        A, B = lowrank(W, rank, "svd" if exact else "rsvd", generator=gen)
+    elif method == "sketch":
+        A, B = lowrank(W, max(2, rank - rank % 2), "sketch", generator=gen)
     else:
         raise ValueError(f"method must be one of ['svd', 'sketch'], got {method!r}")
+    Wt = W.to(_work_dtype(W)).t()
     norm = float(Wt.norm())
-    err = float((Wt - A @ B).norm()) / norm if norm > 0 else 0.0
-    return A.to(W.dtype).contiguous(), B.to(W.dtype).contiguous(), err
+    err = float((Wt - A.to(Wt.dtype) @ B.to(Wt.dtype)).norm()) / norm if norm > 0 else 0.0
+    return A.contiguous(), B.contiguous(), err
 
 
 def _work_dtype(W: Tensor) -> torch.dtype:

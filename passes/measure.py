@@ -20,7 +20,7 @@ from torch.utils import _pytree as pytree
 
 from .kinds import kind_module
 
-__all__ = ["measure_layers", "measure_outputs", "rel_err"]
+__all__ = ["measure_layers", "measure_outputs", "rel_err", "real_inputs"]
 
 
 def rel_err(approx: Any, exact: Any) -> float | None:
@@ -38,7 +38,7 @@ def rel_err(approx: Any, exact: Any) -> float | None:
     return worst
 
 
-def _inputs(example_inputs: list[Any]) -> list[Any]:
+def real_inputs(example_inputs: list[Any]) -> list[Any]:
     """Real values to run on: tensors that are not parameters cloned, SymInts at their hints."""
     out = []
     for x in example_inputs:
@@ -87,10 +87,10 @@ class _LayerProbe(fx.Interpreter):
 def measure_layers(gm: fx.GraphModule, example_inputs: list[Any], cands: list) -> Any:
     """Run the dense ``gm`` on the example inputs, measuring each of ``cands``; return its outputs."""
     with _fenced(example_inputs):
-        return _LayerProbe(gm, cands).run(*_inputs(example_inputs))
+        return _LayerProbe(gm, cands).run(*real_inputs(example_inputs))
 
 
 def measure_outputs(gm: fx.GraphModule, example_inputs: list[Any], dense_outputs: Any) -> float | None:
     """Relative error of the rewritten ``gm``'s outputs against ``dense_outputs``."""
     with _fenced(example_inputs):
-        return rel_err(gm(*_inputs(example_inputs)), dense_outputs)
+        return rel_err(gm(*real_inputs(example_inputs)), dense_outputs)
