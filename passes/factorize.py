@@ -18,11 +18,16 @@ report's predicted relative output error for inputs that are not aligned with W'
 from __future__ import annotations
 
 import math
+import weakref
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["singular_values", "tail_error", "rank_for_error", "lowrank_factors"]
+__all__ = ["singular_values", "tail_error", "rank_for_error", "lowrank_factors", "cached_factors"]
+
+# id(weight) -> {(weight._version, *key): factors}; an entry goes when its weight is freed.
+_CACHE: dict[int, dict[tuple, Any]] = {}
 
 # Full SVD up to this smaller dimension; above it, a randomized SVD of the needed rank.
 FULL_SVD_MAX_DIM = 1024
@@ -86,6 +91,24 @@ def lowrank_factors(
     norm = float(Wt.norm())
     err = float((Wt - A.to(Wt.dtype) @ B.to(Wt.dtype)).norm()) / norm if norm > 0 else 0.0
     return A.contiguous(), B.contiguous(), err
+
+
+def cached_factors(weight: Tensor, key: tuple, compute: Callable[[], Any]) -> Any:
+    """``compute()``, cached per weight tensor, its in-place version and ``key``.
+
+    Dynamo compiles a graph again for new sizes (the second compile is dynamic), and each compile
+    would factorize every weight anew; with the cache, a weight is factorized once per version.
+    """
+    if id(weight) not in _CACHE:
+        _CACHE[id(weight)] = {}
+        weakref.finalize(weight, _CACHE.pop, id(weight), None)
+    per_weight = _CACHE[id(weight)]
+    full = (weight._version, *key)
+    if full not in per_weight:
+        if any(k[0] != weight._version for k in per_weight):
+            per_weight.clear()  # factors of an older version are stale
+        per_weight[full] = compute()
+    return per_weight[full]
 
 
 def _work_dtype(W: Tensor) -> torch.dtype:

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from . import cost as C
 from .counters import counters
-from .factorize import lowrank_factors
+from .factorize import cached_factors, lowrank_factors
 from .graph import node_val
 from .report import Candidate, Dense
 
@@ -168,8 +168,12 @@ def params_after(cand: Candidate, rank: int) -> int:
 def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
     """Compute the factors of the chosen rank into ``cand.factors`` (and the predicted error)."""
     opts = ctx.options
-    A, B, err = lowrank_factors(
-        dense_weight(ctx, cand, weight), cand.rank, method=opts.method, num_terms=opts.num_terms, seed=ctx.seed_for(cand)
+    owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
+    seed = ctx.seed_for(cand)
+    key = (KIND, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.rank, opts.method, opts.num_terms, seed)
+    A, B, err = cached_factors(
+        owner, key,
+        lambda: lowrank_factors(dense_weight(ctx, cand, weight), cand.rank, method=opts.method, num_terms=opts.num_terms, seed=seed),
     )
     cand.factors = {"A": A, "B": B}
     cand.predicted_error = err

@@ -193,6 +193,8 @@ def test_dynamic_shapes():
     assert len(made) == 2  # the second compile is dynamic in the batch size, the third reuses it
     assert not made[0].report.rewritten[0].cost_before["flops"].free_symbols
     assert made[1].report.rewritten[0].cost_before["flops"].free_symbols
+    # The recompile reuses the factors: each weight is factorized once per version.
+    assert made[1].report.rewritten[0].factors["A"] is made[0].report.rewritten[0].factors["A"]
 
 
 def test_dynamic_true_compiles_once():
