@@ -51,7 +51,7 @@ def test_model(name):
     model = build().eval()
     compiled, made = compile_panther(model, **options)
     args, kwargs = inputs(0)
-    first = compiled(*args, **kwargs)
+    compiled(*args, **kwargs)
     assert len(made) == 1, "one graph per model"
     pc = made[0]
     assert {c.kind for c in pc.report.rewritten} == kinds
