@@ -110,17 +110,14 @@ def _scores(node: Any, absorbed: list) -> tuple[fx.Node, fx.Node, float] | None:
     while isinstance(node, fx.Node) and is_target(node, operator.mul, torch.mul, operator.truediv, torch.div, "mul", "div"):
         a, b = node.args[0], node.args[1]
         div = is_target(node, operator.truediv, torch.div, "div")
+        absorbed.append(node)
         if isinstance(b, (int, float)) and isinstance(a, fx.Node):
-            scale = scale / b if div else scale * b
-            absorbed.append(node)
-            node = a
+            scale, node = (scale / b if div else scale * b), a
         elif isinstance(a, (int, float)) and isinstance(b, fx.Node) and not div:
-            scale *= a
-            absorbed.append(node)
-            node = b
+            scale, node = scale * a, b
         else:
             return None
-        if not _single_user(absorbed[-1]) and len(absorbed) > 1:
+        if not _single_user(node):  # the unscaled scores are used elsewhere
             return None
     if not (isinstance(node, fx.Node) and is_target(node, *_MATMUL)):
         return None
@@ -193,8 +190,8 @@ def _const(x: Any) -> float | None:
 
 
 def _peel(node: Any) -> Any:
-    while isinstance(node, fx.Node) and (is_target(node, "expand", "to", "reshape", "view", "bool", "contiguous") or (
-        is_target(node, torch.Tensor.to))):
+    """Skip the ops that change a mask's shape, device or dtype but not which entries are set."""
+    while isinstance(node, fx.Node) and is_target(node, "expand", "to", "reshape", "view", "bool", "contiguous"):
         node = node.args[0]
     return node
 

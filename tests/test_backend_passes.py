@@ -263,3 +263,10 @@ def test_non_constant_scale_stays_dense():
         (ctx, _, _), = passes_in_backend(_SymbolicScale(), q, q, q, options={"require_savings": False}, dynamic=True)
     (c,) = ctx.candidates
     assert c.decision == "dense" and c.reason_code == "scale"
+
+
+def test_summary_table_goes_to_the_panther_logger(caplog):
+    with caplog.at_level("INFO", logger="panther"), torch.no_grad():
+        explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0)
+    (text,) = [r.getMessage() for r in caplog.records if r.name == "panther" and "rewritten" in r.getMessage()]
+    assert "fc1" in text and "linear" in text and "3/3 rewritten" in text
