@@ -8,7 +8,6 @@ constants).
 
 from __future__ import annotations
 
-import operator
 from typing import Any
 
 import torch
@@ -69,9 +68,6 @@ def set_val(node: fx.Node, fake_mode: Any) -> Any:
             val = node.target(*args, **kwargs)
         elif node.op == "call_method":
             val = getattr(args[0], node.target)(*args[1:], **kwargs)
-        elif node.op == "get_attr":
-            real = operator.attrgetter(node.target)(node.graph.owning_module)
-            val = fake_mode.from_tensor(real, static_shapes=True)
         else:
             raise ValueError(f"cannot compute a value for {node.op} node {node.name}")
     node.meta["val"] = val
