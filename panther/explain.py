@@ -45,11 +45,12 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
 
     Example::
 
+        >>> import panther
         >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
         >>> with torch.no_grad():
         ...     report = panther.explain(model, torch.randn(8, 256), min_params=0)
-        >>> [c.decision for c in report.candidates]
-        ['rewrite', 'rewrite']
+        >>> [(c.path, c.decision, c.rank) for c in report.candidates]
+        [('0', 'rewrite', 64), ('2', 'rewrite', 1)]
     """
     from panther.passes import Report, run_passes
     from panther.passes import dump

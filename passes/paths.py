@@ -22,7 +22,16 @@ _CONTAINERS = {"_modules", "_parameters", "_buffers"}
 
 
 def source_to_path(name: str) -> str:
-    """``L['self']._modules['enc']._parameters['weight']`` -> ``enc.weight``; ``G['m'].fc`` -> ``m.fc``."""
+    """``L['self']._modules['enc']._parameters['weight']`` -> ``enc.weight``; ``G['m'].fc`` -> ``m.fc``.
+
+    Example:
+        >>> source_to_path("L['self']._modules['encoder']._modules['layer']._modules['3']._parameters['weight']")
+        'encoder.layer.3.weight'
+        >>> source_to_path("L['self'].encoder.layer[3].attention.self.query")
+        'encoder.layer.3.attention.self.query'
+        >>> source_to_path("G['model'].fc")
+        'model.fc'
+    """
     root = _ROOT.match(name)
     parts: list[str] = []
     rest = name
