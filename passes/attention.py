@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from . import cost as C
 from .counters import counters
-from .graph import is_target, node_val
+from .graph import check_no_autocast, is_target, node_val
 from .paths import node_module_path
 from .report import Candidate, Dense
 
@@ -352,6 +352,7 @@ def _check(cand: Candidate, m: Match) -> None:
         raise Dense("shape", f"q/k/v are {qv.dim()}-D; expected (B, H, N, D)")
     if not qv.dtype.is_floating_point or not (qv.dtype == kv.dtype == vv.dtype):
         raise Dense("dtype", f"q/k/v dtypes {qv.dtype}/{kv.dtype}/{vv.dtype} must be one floating dtype")
+    check_no_autocast(qv, node_val(cand.node))
     if kv.shape[1] != qv.shape[1] or vv.shape[1] != qv.shape[1]:
         raise Dense("gqa", f"{kv.shape[1]} key heads for {qv.shape[1]} query heads")
     scale = m.scale if m.scale is None or isinstance(m.scale, (int, float)) else node_val(m.scale)

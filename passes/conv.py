@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from . import cost as C
 from .counters import counters
 from .factorize import cached_factors, lowrank_factors
-from .graph import node_val
+from .graph import check_no_autocast, node_val
 from .report import Candidate, Dense
 
 __all__ = ["find_conv"]
@@ -92,6 +92,7 @@ def _check(cand: Candidate) -> None:
         raise Dense("shape", f"input is {xv.dim()}-D, expected a 4-D batch")
     if not xv.dtype.is_floating_point or xv.dtype != wv.dtype:
         raise Dense("dtype", f"input dtype {xv.dtype} and weight dtype {wv.dtype} must be one floating dtype")
+    check_no_autocast(xv, node_val(cand.node))
 
 
 # -- the steps the policy and the rewriter call --------------------------------------------------

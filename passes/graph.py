@@ -23,6 +23,7 @@ __all__ = [
     "fake_mode_of",
     "GraphInputs",
     "is_target",
+    "check_no_autocast",
 ]
 
 
@@ -72,6 +73,15 @@ def set_val(node: fx.Node, fake_mode: Any) -> Any:
             raise ValueError(f"cannot compute a value for {node.op} node {node.name}")
     node.meta["val"] = val
     return val
+
+
+def check_no_autocast(x_val: Any, out_val: Any) -> None:
+    """Raise Dense when a layer computes in another dtype than its input's (autocast regions):
+    the panther replacement would compute in the input's dtype and change what follows."""
+    from .report import Dense
+
+    if isinstance(x_val, torch.Tensor) and isinstance(out_val, torch.Tensor) and out_val.dtype != x_val.dtype:
+        raise Dense("autocast", f"the layer computes in {out_val.dtype} on {x_val.dtype} inputs (autocast)")
 
 
 def is_target(node: Any, *targets: Any) -> bool:

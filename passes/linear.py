@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from . import cost as C
 from .counters import counters
 from .factorize import cached_factors, lowrank_factors
-from .graph import node_val
+from .graph import check_no_autocast, node_val
 from .report import Candidate, Dense
 
 __all__ = ["find_linear", "SPELLINGS"]
@@ -128,6 +128,7 @@ def _check(cand: Candidate) -> None:
         raise Dense("weight_rank", f"weight is {wv.dim()}-D, expected 2-D")
     if not xv.dtype.is_floating_point or xv.dtype != wv.dtype:
         raise Dense("dtype", f"input dtype {xv.dtype} and weight dtype {wv.dtype} must be one floating dtype")
+    check_no_autocast(xv, node_val(cand.node))
     n_out, n_in = wv.shape if cand.attrs["layout"] == "out_in" else wv.shape[::-1]
     if xv.dim() < 1 or (isinstance(xv.shape[-1], int) and xv.shape[-1] != n_in):
         raise Dense("shape", f"input features {xv.shape[-1]} != weight's {n_in}")

@@ -270,3 +270,32 @@ def test_summary_table_goes_to_the_panther_logger(caplog):
         explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0)
     (text,) = [r.getMessage() for r in caplog.records if r.name == "panther" and "rewritten" in r.getMessage()]
     assert "fc1" in text and "linear" in text and "3/3 rewritten" in text
+
+
+def test_autocast_regions_stay_dense():
+    model = give_spectrum(MLP()).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        report = explain(model, torch.randn(4, 64), min_params=0)
+    assert report.candidates[0].reason_code == "autocast"  # fp32 in, bf16 out: keep autocast's dtype
+    assert not report.rewritten
+
+
+class _Broken(nn.Module):
+    """A graph break between two linears: Dynamo hands the backend two graphs."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(64, 64), nn.Linear(64, 64)
+
+    def forward(self, x):
+        x = self.a(x)
+        torch._dynamo.graph_break()
+        return self.b(x)
+
+
+@torch.no_grad()
+def test_explain_collects_every_graph():
+    report = explain(give_spectrum(_Broken()).eval(), torch.randn(4, 64), min_params=0)
+    assert len(report.graphs) == 2
+    assert [c.path for c in report.candidates] == ["a", "b"]
+    assert len(report.rewritten) == 2
