@@ -16,9 +16,10 @@ pytestmark = [
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
 ]
 
-import panther  # noqa: E402,F401  (registers torch.ops.panther)
-from panther.kernels.lowrank_linear import reference as ref  # noqa: E402
-from panther_testing import RTOL_TF32, assert_close  # noqa: E402
+from panther.kernels.lowrank_linear import reference as ref
+from panther_testing import RTOL_TF32, assert_close
+
+import panther  # noqa: F401  (registers torch.ops.panther)
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (T, in, out, L, k): the headline layer, odd sizes, T = 1, rank 256 (L=2, k=64).

@@ -13,9 +13,9 @@ import torch
 
 pytest.importorskip("triton")
 
-from panther.kernels.lowrank_linear import reference as ref  # noqa: E402
-from panther.kernels.lowrank_linear import triton as tk  # noqa: E402
-from panther_testing import assert_close  # noqa: E402
+from panther.kernels.lowrank_linear import reference as ref
+from panther.kernels.lowrank_linear import triton as tk
+from panther_testing import assert_close
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -145,10 +145,10 @@ def test_fp32_follows_torch_tf32_setting():
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert not tk._tf32(torch.float32)
+        assert tk._precision(torch.float32) == tk._FP32_HIGHEST == 0  # "ieee"
         torch.set_float32_matmul_precision("high")
-        assert tk._tf32(torch.float32)
-        assert not tk._tf32(torch.bfloat16)
+        assert tk._precision(torch.float32) == 1  # "tf32"
+        assert tk._precision(torch.bfloat16) == 0
     finally:
         torch.set_float32_matmul_precision(old)
 

@@ -42,21 +42,30 @@ from torch.library import wrap_triton
 
 from . import reference
 
+try:  # torch's own switch: off while a triton_op runs eagerly on real tensors
+    from torch._library.triton import is_wrap_triton_enabled
+except ImportError:  # pragma: no cover - other torch versions
+    def is_wrap_triton_enabled() -> bool:
+        return True
+
+
 __all__ = [
-    "sklinear_forward",
-    "sklinear_backward",
-    "lowrank_forward",
-    "lowrank_backward",
-    "supported",
     "MAX_RANK",
+    "lowrank_backward",
+    "lowrank_forward",
+    "sklinear_backward",
+    "sklinear_forward",
+    "supported",
 ]
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 # Largest rank R of one factor the kernels take (h tile kept whole in registers).
 MAX_RANK = 256
-# The fused forward holds (BLOCK_M × R1P+R2P) fp32 of h in registers: beyond this it would spill.
-_FUSED_MAX_RANK = 128
+# The fused forward holds (BLOCK_M × R1P+R2P) of h in registers and multiplies it by whole
+# (R × BLOCK_N) tiles of B. Up to these padded ranks its configs compile without spills (ptxas,
+# sm_90, triton 3.6); fp32 ("ieee" FMA products) needs the most registers.
+_FUSED_MAX_RANK = {torch.float32: 32, torch.bfloat16: 128, torch.float16: 128}
 # Smallest slice of a split reduction (over the long dim in _xa, over T in _wgrad).
 _K_GRANULE = 256
 _T_GRANULE = 256
@@ -81,23 +90,24 @@ _AUTOTUNE_KW = {"do_bench": _quick_bench} if "do_bench" in inspect.signature(tri
 def _xa_configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
+    # (BLOCK_K 32 for fp32 at large rank, where the wider tiles run out of shared memory.)
     return [
         triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=4),
         triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=5),
-        triton.Config({"BLOCK_K": 128}, num_warps=8, num_stages=3),
         triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=4),
+        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
     ]
 
 
 def _hq_configs():
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
+        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}, num_warps=4, num_stages=1)]
     return [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128}, num_warps=4, num_stages=2),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128}, num_warps=8, num_stages=2),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256}, num_warps=8, num_stages=2),
+        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=3),
+        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=8, num_stages=3),
+        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_R": 16}, num_warps=8, num_stages=3),
     ]
 
 
@@ -123,8 +133,10 @@ def _wgrad_configs():
     ]
 
 
-# Shape arguments are not specialized (no recompile per divisibility of T or of a rank); strides
-# are, so a unit stride still gives vector loads.
+# Only T is not specialized (no recompile per divisibility of T). The long dims, ranks and strides
+# are: masks along a dim of known divisibility and unit strides are what make 16-byte loads. KT
+# (columns per term) is a constexpr, so the rank gather (j // KT, j % KT) stays contiguous in runs
+# of KT columns.
 
 # ---------------------------------------------------------------------------------------------
 # Device helpers
@@ -138,13 +150,15 @@ _WIDEN_DOT = tl.constexpr(_INTERPRET)
 
 
 @triton.jit
-def _dot(a, b, acc, TF32: tl.constexpr):
-    # input_precision only matters for fp32 operands; 16-bit operands ignore it.
+def _dot(a, b, acc, PREC: tl.constexpr):
+    # PREC: 0 ieee, 1 tf32, 2 tf32x3. Only fp32 operands look at it; 16-bit ones ignore it.
     if _WIDEN_DOT:
         a = a.to(tl.float32)
         b = b.to(tl.float32)
-    if TF32:
+    if PREC == 1:
         return tl.dot(a, b, acc, input_precision="tf32")
+    elif PREC == 2:
+        return tl.dot(a, b, acc, input_precision="tf32x3")
     else:
         return tl.dot(a, b, acc, input_precision="ieee")
 
@@ -171,10 +185,10 @@ def _load_q(q_ptr, j, cols, R, n_cols, KT, s_l, s_long, s_c):
 
 @triton.jit
 def _xa_rows(
-    x_ptr, s_xm, s_xk, offs_m, M, k_lo, k_hi, KT,
-    p1_ptr, R1, s_p1l, s_p1i, s_p1c,
-    p2_ptr, R2, s_p2l, s_p2i, s_p2c,
-    HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, TF32: tl.constexpr,
+    x_ptr, s_xm, s_xk, offs_m, M, k_lo, k_hi,
+    p1_ptr, R1, KT1, s_p1l, s_p1i, s_p1c,
+    p2_ptr, R2, KT2, s_p2l, s_p2i, s_p2c,
+    HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # (x[offs_m, k_lo:k_hi] · P1, · P2) accumulated in fp32: (BLOCK_M × R1P), (BLOCK_M × R2P).
@@ -187,28 +201,28 @@ def _xa_rows(
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_rows + offs_k[None, :] * s_xk, mask=m_mask & (offs_k[None, :] < k_hi), other=0.0)
-        p1 = _load_p(p1_ptr, offs_k, j1, k_hi, R1, KT, s_p1l, s_p1i, s_p1c)
-        acc1 = _dot(x, p1, acc1, TF32)
+        p1 = _load_p(p1_ptr, offs_k, j1, k_hi, R1, KT1, s_p1l, s_p1i, s_p1c)
+        acc1 = _dot(x, p1, acc1, PREC)
         if HAS_SECOND:
-            p2 = _load_p(p2_ptr, offs_k, j2, k_hi, R2, KT, s_p2l, s_p2i, s_p2c)
-            acc2 = _dot(x, p2, acc2, TF32)
+            p2 = _load_p(p2_ptr, offs_k, j2, k_hi, R2, KT2, s_p2l, s_p2i, s_p2c)
+            acc2 = _dot(x, p2, acc2, PREC)
     return acc1, acc2
 
 
 @triton.jit
 def _hq_tile(
-    h1, h2, offs_n, N, KT,
-    q1_ptr, R1, s_q1l, s_q1n, s_q1c,
-    q2_ptr, R2, s_q2l, s_q2n, s_q2c,
-    HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, TF32: tl.constexpr,
+    h1, h2, offs_n, N,
+    q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c,
+    q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+    HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # h1·Q1[:, offs_n] + h2·Q2[:, offs_n] in fp32 (h already in the operand dtype).
-    q1 = _load_q(q1_ptr, tl.arange(0, R1P), offs_n, R1, N, KT, s_q1l, s_q1n, s_q1c)
-    acc = _dot(h1, q1, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), TF32)
+    q1 = _load_q(q1_ptr, tl.arange(0, R1P), offs_n, R1, N, KT1, s_q1l, s_q1n, s_q1c)
+    acc = _dot(h1, q1, tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32), PREC)
     if HAS_SECOND:
-        q2 = _load_q(q2_ptr, tl.arange(0, R2P), offs_n, R2, N, KT, s_q2l, s_q2n, s_q2c)
-        acc = _dot(h2, q2, acc, TF32)
+        q2 = _load_q(q2_ptr, tl.arange(0, R2P), offs_n, R2, N, KT2, s_q2l, s_q2n, s_q2c)
+        acc = _dot(h2, q2, acc, PREC)
     return acc
 
 
@@ -229,17 +243,19 @@ def _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N,
 
 
 @triton.autotune(
-    configs=_xa_configs(), key=["M_BUCKET", "K", "R1", "R2", "K_PER_SPLIT", "TF32"], reset_to_zero=["h_ptr"], **_AUTOTUNE_KW
+    configs=_xa_configs(), key=["M_BUCKET", "K", "R1", "R2", "K_PER_SPLIT", "PREC"], reset_to_zero=["h_ptr"], **_AUTOTUNE_KW
 )
-@triton.jit(do_not_specialize=["M", "K", "R1", "R2", "KT", "M_BUCKET", "K_PER_SPLIT"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _xa_kernel(
     x_ptr, h_ptr, p1_ptr, p2_ptr,
-    M, K, R1, R2, KT, M_BUCKET, K_PER_SPLIT,
+    M, K, R1, R2, M_BUCKET, K_PER_SPLIT,
     s_xm, s_xk, s_hm,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
     scale,
+    KT1: tl.constexpr,
+    KT2: tl.constexpr,
     HAS_SECOND: tl.constexpr, ATOMIC: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
-    TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # h[:, 0:R1] (+)= scale·x·P1, h[:, R1:R1+R2] (+)= scale·x·P2, over this program's slice of K.
     pid_m = tl.program_id(0)
@@ -248,9 +264,9 @@ def _xa_kernel(
     k_lo = pid_k * K_PER_SPLIT
     k_hi = tl.minimum(k_lo + K_PER_SPLIT, K)
     acc1, acc2 = _xa_rows(
-        x_ptr, s_xm, s_xk, offs_m, M, k_lo, k_hi, KT,
-        p1_ptr, R1, s_p1l, s_p1i, s_p1c, p2_ptr, R2, s_p2l, s_p2i, s_p2c,
-        HAS_SECOND, R1P, R2P, TF32, BLOCK_M, BLOCK_K,
+        x_ptr, s_xm, s_xk, offs_m, M, k_lo, k_hi,
+        p1_ptr, R1, KT1, s_p1l, s_p1i, s_p1c, p2_ptr, R2, KT2, s_p2l, s_p2i, s_p2c,
+        HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_K,
     )
     h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
     m_mask = offs_m[:, None] < M
@@ -269,58 +285,71 @@ def _xa_kernel(
             tl.store(h_rows + R1 + j2[None, :], acc2 * scale, mask=mask2)
 
 
-@triton.autotune(configs=_hq_configs(), key=["M_BUCKET", "N", "R1", "R2", "TF32"], **_AUTOTUNE_KW)
-@triton.jit(do_not_specialize=["M", "N", "R1", "R2", "KT", "M_BUCKET"])
+@triton.jit
+def _hq_chunks(
+    acc, h_rows, m_mask, h_col0, q_ptr, R, KT, s_l, s_long, s_c, offs_n, N,
+    PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # acc += h[:, h_col0 : h_col0+R] · Q[:, offs_n], BLOCK_R rank columns at a time (h read as fp32,
+    # rounded to Q's dtype).
+    op_ty = q_ptr.dtype.element_ty
+    for r0 in range(0, R, BLOCK_R):
+        j = r0 + tl.arange(0, BLOCK_R)
+        h = tl.load(h_rows + h_col0 + j[None, :], mask=m_mask & (j[None, :] < R), other=0.0).to(op_ty)
+        q = _load_q(q_ptr, j, offs_n, R, N, KT, s_l, s_long, s_c)
+        acc = _dot(h, q, acc, PREC)
+    return acc
+
+
+@triton.autotune(configs=_hq_configs(), key=["M_BUCKET", "N", "R1", "R2", "PREC"], **_AUTOTUNE_KW)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _hq_kernel(
     h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr,
-    M, N, R1, R2, KT, M_BUCKET,
+    M, N, R1, R2, M_BUCKET,
     s_hm, s_ym, s_yn, s_b,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
     scale,
-    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
-    TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    KT1: tl.constexpr,
+    KT2: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
-    # y[offs_m, offs_n] = scale·(h1·Q1 + h2·Q2) + bias, h read as fp32 and rounded to Q's dtype.
+    # y[offs_m, offs_n] = scale·(h[:, :R1]·Q1 + h[:, R1:R1+R2]·Q2) + bias.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    op_ty = q1_ptr.dtype.element_ty
     h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
     m_mask = offs_m[:, None] < M
-    j1 = tl.arange(0, R1P)
-    h1 = tl.load(h_rows + j1[None, :], mask=m_mask & (j1[None, :] < R1), other=0.0).to(op_ty)
-    h2 = h1
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    acc = _hq_chunks(acc, h_rows, m_mask, 0, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, offs_n, N, PREC, BLOCK_R)
     if HAS_SECOND:
-        j2 = tl.arange(0, R2P)
-        h2 = tl.load(h_rows + R1 + j2[None, :], mask=m_mask & (j2[None, :] < R2), other=0.0).to(op_ty)
-    acc = _hq_tile(
-        h1, h2, offs_n, N, KT, q1_ptr, R1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, s_q2l, s_q2n, s_q2c,
-        HAS_SECOND, R1P, R2P, TF32, BLOCK_M, BLOCK_N,
-    )
+        acc = _hq_chunks(acc, h_rows, m_mask, R1, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c, offs_n, N, PREC, BLOCK_R)
     _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
 
 
-@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "K", "N", "R1", "R2", "TF32"], **_AUTOTUNE_KW)
-@triton.jit(do_not_specialize=["M", "K", "N", "R1", "R2", "KT", "M_BUCKET"])
+@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "K", "N", "R1", "R2", "PREC"], **_AUTOTUNE_KW)
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _fused_kernel(
     x_ptr, y_ptr, p1_ptr, p2_ptr, q1_ptr, q2_ptr, bias_ptr,
-    M, K, N, R1, R2, KT, M_BUCKET,
+    M, K, N, R1, R2, M_BUCKET,
     s_xm, s_xk, s_ym, s_yn, s_b,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
     scale,
+    KT1: tl.constexpr,
+    KT2: tl.constexpr,
     HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
-    TF32: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One row block: h = x·[P1 P2] over all of K (registers), then y = scale·h·[Q1; Q2] + bias
     # streamed out in column blocks. x is read once and y written once.
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc1, acc2 = _xa_rows(
-        x_ptr, s_xm, s_xk, offs_m, M, 0, K, KT,
-        p1_ptr, R1, s_p1l, s_p1i, s_p1c, p2_ptr, R2, s_p2l, s_p2i, s_p2c,
-        HAS_SECOND, R1P, R2P, TF32, BLOCK_M, BLOCK_K,
+        x_ptr, s_xm, s_xk, offs_m, M, 0, K,
+        p1_ptr, R1, KT1, s_p1l, s_p1i, s_p1c, p2_ptr, R2, KT2, s_p2l, s_p2i, s_p2c,
+        HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_K,
     )
     op_ty = q1_ptr.dtype.element_ty
     h1 = acc1.to(op_ty)
@@ -328,22 +357,23 @@ def _fused_kernel(
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc = _hq_tile(
-            h1, h2, offs_n, N, KT, q1_ptr, R1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, s_q2l, s_q2n, s_q2c,
-            HAS_SECOND, R1P, R2P, TF32, BLOCK_M, BLOCK_N,
+            h1, h2, offs_n, N, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+            HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
         )
         _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
 
 
 @triton.autotune(
-    configs=_wgrad_configs(), key=["M_BUCKET", "N", "R", "T_PER_SPLIT", "TF32"], reset_to_zero=["d_ptr", "db_ptr"], **_AUTOTUNE_KW
+    configs=_wgrad_configs(), key=["M_BUCKET", "N", "R", "T_PER_SPLIT", "PREC"], reset_to_zero=["d_ptr", "db_ptr"], **_AUTOTUNE_KW
 )
-@triton.jit(do_not_specialize=["M", "N", "R", "KT", "M_BUCKET", "T_PER_SPLIT"])
+@triton.jit(do_not_specialize=["M", "M_BUCKET"])
 def _wgrad_kernel(
     x_ptr, h_ptr, d_ptr, db_ptr,
-    M, N, R, KT, M_BUCKET, T_PER_SPLIT,
+    M, N, R, M_BUCKET, T_PER_SPLIT,
     s_xm, s_xn, s_hm, s_dl, s_dn, s_dc,
     scale,
-    HAS_DB: tl.constexpr, ATOMIC: tl.constexpr, RP: tl.constexpr, TF32: tl.constexpr,
+    KT: tl.constexpr,
+    HAS_DB: tl.constexpr, ATOMIC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # D[offs_n, j] (+)= scale·Σ_t x[t, offs_n]·h[t, j] over this program's slice of T, written
@@ -364,7 +394,7 @@ def _wgrad_kernel(
         rows = offs_t.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * s_xm + offs_n[None, :] * s_xn, mask=t_mask & n_mask[None, :], other=0.0)
         h = tl.load(h_ptr + rows * s_hm + j[None, :], mask=t_mask & (j[None, :] < R), other=0.0).to(op_ty)
-        acc = _dot(tl.trans(x), h, acc, TF32)
+        acc = _dot(tl.trans(x), h, acc, PREC)
         if HAS_DB:
             colsum += tl.sum(x.to(tl.float32), axis=0)
     acc = acc * scale
@@ -384,6 +414,12 @@ def _wgrad_kernel(
 # ---------------------------------------------------------------------------------------------
 # Host side: factor views, plans, launchers
 # ---------------------------------------------------------------------------------------------
+
+
+def _launcher(kernel):
+    """``wrap_triton(kernel)`` while tracing (Inductor sees the kernel), the kernel itself in eager
+    mode: what wrap_triton returns there too, without its ~10 µs of checks per launch."""
+    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 class Factor(NamedTuple):
@@ -409,6 +445,18 @@ class Factor(NamedTuple):
     def n_long(self) -> int:
         return self.t.shape[self.dim_long]
 
+    def kt(self, t: Tensor | None = None) -> int:
+        """The KT constexpr for reading ``t`` (default: the factor) through this view.
+
+        Where the terms lie back to back (one term, or s_l = KT·s_c as in a contiguous (L, k, out))
+        column j sits at j·s_c: one run of the padded rank, the longest contiguous loads.
+        """
+        t = self.t if t is None else t
+        s_l, _, s_c = self.strides(t)
+        if self.dim_l is None or t.shape[self.dim_l] == 1 or s_l == self.KT * s_c:
+            return _rank_pad(self.R)
+        return self.KT
+
 
 def _stacked_long_mid(t: Tensor) -> Factor:
     """(L, long, k): S1s, U2s."""
@@ -430,26 +478,42 @@ def _plain_b(B: Tensor) -> Factor:
     return Factor(B, B.shape[0], B.shape[0], None, 1, 0)
 
 
+def _pow2_at_least(n: int) -> int:
+    # (triton.next_power_of_2 costs microseconds a call through its constexpr wrapper.)
+    return 1 << max(0, n - 1).bit_length()
+
+
 def _rank_pad(R: int) -> int:
-    return max(16, triton.next_power_of_2(R))
+    return max(16, _pow2_at_least(R))
 
 
 def _m_bucket(M: int) -> int:
     # Autotune key for T: 16, 32, ..., 16384. Shapes in one bucket share one tuning.
-    return min(max(16, triton.next_power_of_2(M)), _M_BUCKET_MAX)
+    return min(max(16, _pow2_at_least(M)), _M_BUCKET_MAX)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 4  # interpreter: a small "GPU", so small test shapes take the split paths
 
 
-def _tf32(dtype: torch.dtype) -> bool:
-    """Whether an fp32 product may use TF32: torch's setting for CUDA matmuls."""
+# tl.dot input precision of an fp32 product when torch allows no TF32: 0 "ieee" (fp32 FMAs, what
+# torch's "highest" means). 2 ("tf32x3": three TF32 products, ~fp32 accuracy on tensor cores) is
+# the faster alternative, kept for measurements.
+_FP32_HIGHEST = 0
+
+
+def _precision(dtype: torch.dtype) -> int:
+    """The PREC constexpr for operands of ``dtype``: 1 (tf32) where torch allows TF32, else _FP32_HIGHEST."""
     if dtype != torch.float32:
-        return False
+        return 0
+    return 1 if _tf32() else _FP32_HIGHEST
+
+
+def _tf32() -> bool:
+    """Whether torch allows TF32 for CUDA fp32 matmuls."""
     matmul = torch.backends.cuda.matmul
     prec = getattr(matmul, "fp32_precision", None)
     if prec is None:  # torch without the fp32_precision API
@@ -472,15 +536,23 @@ def _pair(factors: list[Factor]) -> tuple[Factor, Factor, bool]:
 
 
 def _pair_args(factors: list[Factor]) -> tuple:
-    """Kernel arguments of a factor pair: pointers, ranks, strides and padded ranks."""
+    """Kernel arguments of a factor pair: pointers, ranks, strides, padded ranks and KTs."""
     f1, f2, has_second = _pair(factors)
-    return (f1.t, f2.t), (f1.R, f2.R), f1.strides() + f2.strides(), has_second, _rank_pad(f1.R), _rank_pad(f2.R)
+    return (
+        (f1.t, f2.t),
+        (f1.R, f2.R),
+        f1.strides() + f2.strides(),
+        has_second,
+        _rank_pad(f1.R),
+        _rank_pad(f2.R),
+        {"KT1": f1.kt(), "KT2": f2.kt()},
+    )
 
 
 def _xa(x: Tensor, factors: list[Factor], scale: float) -> Tensor:
     """h = scale·x·[P1 P2] as fp32 (M × R1+R2). x: (M, K) with any strides."""
     M, K = x.shape
-    (p1, p2), (R1, R2), strides, has_second, R1P, R2P = _pair_args(factors)
+    (p1, p2), (R1, R2), strides, has_second, R1P, R2P, kts = _pair_args(factors)
     n_sm = _num_sms(x.device)
     BLOCK_M = 16 if M <= 16 else (32 if M <= 32 else 64)
     row_blocks = _cdiv(M, BLOCK_M)
@@ -491,13 +563,13 @@ def _xa(x: Tensor, factors: list[Factor], scale: float) -> Tensor:
     split = _cdiv(K, k_per)
     atomic = split > 1
     h = (torch.zeros if atomic else torch.empty)((M, R1 + R2), device=x.device, dtype=torch.float32)
-    wrap_triton(_xa_kernel)[(row_blocks, split)](
+    _launcher(_xa_kernel)[(row_blocks, split)](
         x, h, p1, p2,
-        M, K, R1, R2, factors[0].KT, _m_bucket(M), k_per,
+        M, K, R1, R2, _m_bucket(M), k_per,
         x.stride(0), x.stride(1), h.stride(0),
         *strides,
         scale,
-        HAS_SECOND=has_second, ATOMIC=atomic, R1P=R1P, R2P=R2P, TF32=_tf32(x.dtype), BLOCK_M=BLOCK_M,
+        **kts, HAS_SECOND=has_second, ATOMIC=atomic, R1P=R1P, R2P=R2P, PREC=_precision(x.dtype), BLOCK_M=BLOCK_M,
     )  # fmt: skip
     return h
 
@@ -505,15 +577,15 @@ def _xa(x: Tensor, factors: list[Factor], scale: float) -> Tensor:
 def _hq(h: Tensor, factors: list[Factor], bias: Tensor | None, scale: float, out: Tensor) -> Tensor:
     """out = scale·h·[Q1; Q2] + bias. h: fp32 (M × R1+R2); out: (M, N) in the factors' dtype."""
     M, N = out.shape
-    (q1, q2), (R1, R2), strides, has_second, R1P, R2P = _pair_args(factors)
+    (q1, q2), (R1, R2), strides, has_second, _, _, kts = _pair_args(factors)
     b = bias if bias is not None else out
-    wrap_triton(_hq_kernel)[lambda META: (_cdiv(M, META["BLOCK_M"]), _cdiv(N, META["BLOCK_N"]))](
+    _launcher(_hq_kernel)[lambda META: (_cdiv(M, META["BLOCK_M"]), _cdiv(N, META["BLOCK_N"]))](
         h, out, q1, q2, b,
-        M, N, R1, R2, factors[0].KT, _m_bucket(M),
+        M, N, R1, R2, _m_bucket(M),
         h.stride(0), out.stride(0), out.stride(1), b.stride(0) if bias is not None else 0,
         *strides,
         scale,
-        HAS_SECOND=has_second, HAS_BIAS=bias is not None, R1P=R1P, R2P=R2P, TF32=_tf32(out.dtype),
+        **kts, HAS_SECOND=has_second, HAS_BIAS=bias is not None, PREC=_precision(out.dtype),
     )  # fmt: skip
     return out
 
@@ -522,17 +594,19 @@ def _fused(x: Tensor, a: list[Factor], b: list[Factor], bias: Tensor | None, sca
     """out = scale·(x·A)·B + bias in one kernel (a and b pair up: same ranks)."""
     M, K = x.shape
     N = out.shape[1]
-    (p1, p2), (R1, R2), p_strides, has_second, R1P, R2P = _pair_args(a)
-    (q1, q2), _, q_strides, _, _, _ = _pair_args(b)
+    (p1, p2), (R1, R2), p_strides, has_second, R1P, R2P, p_kts = _pair_args(a)
+    (q1, q2), _, q_strides, _, _, _, q_kts = _pair_args(b)
+    # One KT per pair serves its P and its Q: where they differ, the true columns per term.
+    kts = {name: p_kts[name] if p_kts[name] == q_kts[name] else a[0].KT for name in p_kts}
     bb = bias if bias is not None else out
-    wrap_triton(_fused_kernel)[lambda META: (_cdiv(M, META["BLOCK_M"]),)](
+    _launcher(_fused_kernel)[lambda META: (_cdiv(M, META["BLOCK_M"]),)](
         x, out, p1, p2, q1, q2, bb,
-        M, K, N, R1, R2, a[0].KT, _m_bucket(M),
+        M, K, N, R1, R2, _m_bucket(M),
         x.stride(0), x.stride(1), out.stride(0), out.stride(1), bb.stride(0) if bias is not None else 0,
         *p_strides,
         *q_strides,
         scale,
-        HAS_SECOND=has_second, HAS_BIAS=bias is not None, R1P=R1P, R2P=R2P, TF32=_tf32(x.dtype),
+        **kts, HAS_SECOND=has_second, HAS_BIAS=bias is not None, R1P=R1P, R2P=R2P, PREC=_precision(x.dtype),
     )  # fmt: skip
     return out
 
@@ -556,12 +630,12 @@ def _wgrad(x: Tensor, h: Tensor, f: Factor, scale: float, want_db: bool) -> tupl
     alloc = torch.zeros if atomic else torch.empty
     d = alloc(f.t.shape, device=x.device, dtype=acc_dtype)
     db = alloc((N,), device=x.device, dtype=acc_dtype) if want_db else d
-    wrap_triton(_wgrad_kernel)[(col_blocks, split)](
+    _launcher(_wgrad_kernel)[(col_blocks, split)](
         x, h, d, db,
-        M, N, f.R, f.KT, _m_bucket(M), t_per,
+        M, N, f.R, _m_bucket(M), t_per,
         x.stride(0), x.stride(1), h.stride(0), *f.strides(d),
         scale,
-        HAS_DB=want_db, ATOMIC=atomic, RP=_rank_pad(f.R), TF32=_tf32(x.dtype), BLOCK_N=BLOCK_N,
+        KT=f.kt(d), HAS_DB=want_db, ATOMIC=atomic, RP=_rank_pad(f.R), PREC=_precision(x.dtype), BLOCK_N=BLOCK_N,
     )  # fmt: skip
     if atomic:
         d = d.to(f.t.dtype)
@@ -597,7 +671,7 @@ def _forward(x: Tensor, a: list[Factor], b: list[Factor], bias: Tensor | None, s
         # One pass when each program can hold its rows of h in registers and the row blocks
         # alone fill the GPU; otherwise two kernels (the first splits its reduction over K).
         rank = sum(_rank_pad(f.R) for f in a)
-        path = "fused" if rank <= _FUSED_MAX_RANK and M >= 24 * _num_sms(x.device) else "split"
+        path = "fused" if rank <= _FUSED_MAX_RANK[x.dtype] and M >= 24 * _num_sms(x.device) else "split"
     if path == "fused":
         return _fused(x, a, b, bias, scale, y)
     if path != "split":

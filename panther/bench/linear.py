@@ -49,7 +49,7 @@ SHAPE_SETS: dict[str, list[tuple[int, int, int, int, int]]] = {
     "decode": [(i, o, L, k, T) for (i, o, L, k) in _ISSUE_LAYERS for T in (1, 16, 256)],
 }
 
-__all__ = ["main", "SHAPE_SETS"]
+__all__ = ["SHAPE_SETS", "main"]
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -65,6 +65,11 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", metavar="PATH", help="write every measurement here")
     p.add_argument("--no-backward", action="store_true", help="time the forward only")
     p.add_argument("--paths", action="store_true", help="also time each forward kernel path (fused, split)")
+    p.add_argument(
+        "--graph",
+        action="store_true",
+        help="also time the forwards as CUDA-graph replays (GPU time without Python launch overhead)",
+    )
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (torch's setting, for all)")
     p.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up, ms (default 10)")
     p.add_argument("--rep", type=float, default=50.0, help="do_bench repetition time, ms (default 50)")
@@ -98,7 +103,6 @@ def _ceilings(dtype: torch.dtype, args) -> tuple[float, float]:
     src = torch.randn(n, device="cuda", dtype=dtype)
     dst = torch.empty_like(src)
     bw = 2 * src.numel() * src.element_size() / (_bench(lambda: dst.copy_(src), args) * 1e-3)
-    del src, dst
     m = 8192
     a = torch.randn(m, m, device="cuda", dtype=dtype)
     b = torch.randn(m, m, device="cuda", dtype=dtype)
@@ -133,6 +137,38 @@ def _layer(n_in, n_out, L, k, dtype):
     return S1s, S2s, U1s, U2s, bias, W, A.contiguous(), B.contiguous()
 
 
+_PATH_OPS: dict = {}
+
+
+def _path_op(path: str):
+    """The sklinear forward forced onto one kernel path, as a triton_op like the real one (outside
+    a triton_op, wrap_triton takes the slow higher-order-op dispatch: ~0.35 ms a launch, measured
+    on the H200 machine)."""
+    if path not in _PATH_OPS:
+        from torch.library import triton_op
+
+        from panther.kernels.lowrank_linear import triton as tk
+
+        def body(x: torch.Tensor, S1s: torch.Tensor, S2s: torch.Tensor, U1s: torch.Tensor, U2s: torch.Tensor,
+                 bias: torch.Tensor) -> torch.Tensor:  # fmt: skip
+            return tk.sklinear_forward(x, S1s, S2s, U1s, U2s, bias, path=path)
+
+        _PATH_OPS[path] = triton_op(f"panther_bench::sklinear_{path}", body, mutates_args=())
+    return _PATH_OPS[path]
+
+
+def _host_us(fn, n: int = 20) -> float:
+    """Host (CPU) time of one call in µs: how long ``fn`` takes to return, the GPU left running."""
+    fn()
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    t = (time.perf_counter() - t0) / n
+    torch.cuda.synchronize()
+    return t * 1e6
+
+
 def _first_call(fn) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -162,11 +198,13 @@ def _measure(shape, dtype, bw, rate, args) -> dict:
     rec["first_call_fwd_s"] = _first_call(fwd["panther"])
     for name, fn in fwd.items():
         rec[f"{name}_fwd_us"] = _bench(fn, args) * 1e3
+    for name in ("eager", "panther"):
+        rec[f"{name}_fwd_host_us"] = _host_us(fwd[name])
     if args.paths:
         from panther.kernels.lowrank_linear import triton as tk
 
         for path in ("fused", "split"):
-            fn = lambda p=path: tk.sklinear_forward(x, S1s, S2s, U1s, U2s, bias, path=p)  # noqa: E731
+            fn = lambda p=path: tk.sklinear_forward(x, S1s, S2s, U1s, U2s, bias, path=p)
             fn()
             rec[f"panther_{path}_fwd_us"] = _bench(fn, args) * 1e3
 
@@ -186,6 +224,8 @@ def _measure(shape, dtype, bw, rate, args) -> dict:
         rec["first_call_fwdbwd_s"] = _first_call(both["panther"])
         for name, fn in both.items():
             rec[f"{name}_fwdbwd_us"] = _bench(fn, args, grad_to_none=[xg, *leaves[name]]) * 1e3
+        for name in ("eager", "panther"):
+            rec[f"{name}_fwdbwd_host_us"] = _host_us(both[name])
     return rec
 
 
@@ -224,13 +264,26 @@ def main(argv: list[str] | None = None) -> int:
         "fp32_tf32": bool(args.tf32),
     }
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
-    records, ceilings = [], {}
+    header = (
+        f"{'layer':<22}{'T':>6}  {'dtype':<9}{'mode':<8}{'dense':>10}{'eager':>9}{'panther':>9}{'floor':>9}"
+        f"{'×dense':>9}{'×eager':>8}{'/floor':>7}"
+    )
+    records: list[dict] = []
+    ceilings: dict = {}
+    failed = False
+
+    def save() -> None:
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"env": env, "ceilings": ceilings, "results": records}, f, indent=1)
+
     for dtype in dtypes:
         torch.manual_seed(0)
         bw, rate = _ceilings(dtype, args)
         name = str(dtype).replace("torch.", "")
         ceilings[name] = {"copy_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12}
         print(f"# {name}: copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s")
+        print(header + "\n" + "-" * len(header))
         for shape in shapes:
             try:
                 rec = _measure(shape, dtype, bw, rate, args)
@@ -238,32 +291,35 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"# skipped {shape} {name}: out of memory")
                 torch.cuda.empty_cache()
                 continue
+            except Exception as e:  # noqa: BLE001  (report and go on: one broken shape must not hide the rest)
+                print(f"# FAILED {shape} {name}: {type(e).__name__}: {str(e)[:500]}")
+                failed = True
+                continue
             records.append(rec)
             torch.cuda.empty_cache()
-    header = (
-        f"{'layer':<22}{'T':>6}  {'dtype':<9}{'mode':<8}{'dense':>10}{'eager':>9}{'panther':>9}{'floor':>9}"
-        f"{'×dense':>9}{'×eager':>8}{'/floor':>7}"
-    )
-    print("\n" + header + "\n" + "-" * len(header))
-    for rec in records:
-        print(_fmt_row(rec, "fwd"))
-        if "panther_fwdbwd_us" in rec:
-            print(_fmt_row(rec, "fwd+bwd"))
-    if args.paths:
-        print("\nforward paths (µs):")
-        for rec in records:
+            print(_fmt_row(rec, "fwd"))
+            if "panther_fwdbwd_us" in rec:
+                print(_fmt_row(rec, "fwd+bwd"))
             print(
-                f"  {rec['in']}x{rec['out']} L{rec['L']} k{rec['k']} T{rec['T']} {rec['dtype']}: "
-                f"fused {rec['panther_fused_fwd_us']:.1f}  split {rec['panther_split_fwd_us']:.1f}  "
-                f"chosen {rec['panther_fwd_us']:.1f}"
+                f"{'':<37}host µs/call: eager fwd {rec['eager_fwd_host_us']:.0f}  panther fwd {rec['panther_fwd_host_us']:.0f}"
+                + (
+                    f"  eager fwd+bwd {rec['eager_fwdbwd_host_us']:.0f}  panther fwd+bwd {rec['panther_fwdbwd_host_us']:.0f}"
+                    if "panther_fwdbwd_host_us" in rec
+                    else ""
+                )
             )
+            if args.graph:
+                print(
+                    f"{'':<37}graph fwd: dense {rec['dense_fwd_graph_us']:.1f}  eager {rec['eager_fwd_graph_us']:.1f}"
+                    f"  panther {rec['panther_fwd_graph_us']:.1f}"
+                )
+            if args.paths:
+                print(f"{'':<37}paths: fused {rec['panther_fused_fwd_us']:.1f}  split {rec['panther_split_fwd_us']:.1f}")
+            save()
     firsts = [r["first_call_fwd_s"] for r in records]
     if firsts:
         print(f"\nfirst call (compile + autotune) of a new shape: {min(firsts):.2f} .. {max(firsts):.2f} s forward")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"env": env, "ceilings": ceilings, "results": records}, f, indent=1)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
