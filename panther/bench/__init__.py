@@ -9,8 +9,12 @@ SUITES = ("linear", "attention")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m panther bench")
-    parser.add_argument("suite", choices=SUITES)
+    # No automatic --help here: `bench linear --help` must reach the suite's own parser.
+    parser = argparse.ArgumentParser(prog="python -m panther bench", add_help=False)
+    parser.add_argument("suite", choices=SUITES, help="which benchmark suite to run")
+    if not argv or argv[0] in ("-h", "--help"):
+        parser.print_help()
+        return 0
     args, rest = parser.parse_known_args(argv)
     module = importlib.import_module(f"panther.bench.{args.suite}")
     return module.main(rest)
