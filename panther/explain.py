@@ -72,7 +72,11 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
     global _calls
     _calls += 1
     caller = types.FunctionType(_call.__code__.replace(co_name=f"_panther_explain_{_calls}"), _call.__globals__)
-    torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
+    # Code after a graph break resumes in functions Dynamo shares across calls: lift the
+    # recompile limits for this call only, so that repeated explains still see every graph.
+    limits = {k: 1 << 20 for k in ("recompile_limit", "accumulated_recompile_limit") if hasattr(torch._dynamo.config, k)}
+    with torch._dynamo.config.patch(limits):
+        torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
     if len(reports) == 1:
         merged = reports[0]
     else:
