@@ -84,18 +84,6 @@ def gpt2(attn: str = "sdpa", hidden: int = 64, layers: int = 2):
     return GPT2Model(cfg).eval()
 
 
-def capture(model, *args, **kwargs):
-    """The Dynamo graphs and example inputs ``torch.compile(model)`` would hand a backend."""
-    graphs = []
-
-    def backend(gm, example_inputs):
-        graphs.append((gm, list(example_inputs)))
-        return gm.forward
-
-    torch.compile(model, backend=backend)(*args, **kwargs)
-    return graphs
-
-
 def passes_in_backend(model, *args, options=None, dynamic=None, **kwargs):
     """Run the panther passes inside a Dynamo backend (where Dynamo's graph metadata is live).
 
