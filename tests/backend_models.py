@@ -104,3 +104,23 @@ def passes_in_backend(model, *args, options=None, dynamic=None, **kwargs):
 
     torch.compile(model, backend=backend, dynamic=dynamic)(*args, **kwargs)
     return results
+
+
+# Compiled code and an eager run of the same rewritten graph: fp32 rounding, reordered by Inductor.
+COMPILED_VS_EAGER_RTOL = 1e-5
+# On fresh inputs the output error may exceed the error measured on the example inputs by this factor.
+PREDICTION_SLACK = 2.0
+
+
+def compile_panther(model, dynamic=None, **options):
+    """torch.compile with the panther backend, keeping each graph's PantherCompiled."""
+    from panther.backend import panther_backend
+
+    made = []
+
+    def backend(gm, example_inputs):
+        compiled = panther_backend(gm, example_inputs, options=options)
+        made.append(compiled)
+        return compiled
+
+    return torch.compile(model, backend=backend, dynamic=dynamic), made

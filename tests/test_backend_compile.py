@@ -16,29 +16,11 @@ import torch
 from torch._inductor.utils import run_and_get_code
 
 import panther as pr
-from backend_models import MLP, give_spectrum
-from panther.backend import StaleWeightError, panther_backend
+from backend_models import COMPILED_VS_EAGER_RTOL, MLP, PREDICTION_SLACK, compile_panther, give_spectrum
+from panther.backend import StaleWeightError
 from panther.explain import explain
 from panther.passes.measure import real_inputs
 from panther_testing import RTOL, rel_err
-
-# Compiled code and an eager run of the same rewritten graph: fp32 rounding, reordered by Inductor.
-COMPILED_VS_EAGER_RTOL = 1e-5
-# On fresh inputs the output error may exceed the error measured on the example inputs by this factor.
-PREDICTION_SLACK = 2.0
-
-
-def compile_panther(model, dynamic=None, **options):
-    """torch.compile with the panther backend, keeping each graph's PantherCompiled."""
-    made = []
-
-    def backend(gm, example_inputs):
-        compiled = panther_backend(gm, example_inputs, options=options)
-        made.append(compiled)
-        return compiled
-
-    return torch.compile(model, backend=backend, dynamic=dynamic), made
-
 
 def fresh_mlp() -> MLP:
     """An MLP whose forward is a new code object: Dynamo's per-code state (automatic dynamic

@@ -10,8 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from backend_models import CNN, MLP, bert, give_spectrum, gpt2, transformer_encoder
-from test_backend_compile import COMPILED_VS_EAGER_RTOL, PREDICTION_SLACK, compile_panther
+from backend_models import (
+    CNN, COMPILED_VS_EAGER_RTOL, MLP, PREDICTION_SLACK, bert, compile_panther, give_spectrum, gpt2, transformer_encoder,
+)
 from panther.passes.measure import real_inputs, rel_err as graph_rel_err
 from panther_testing import RTOL, rel_err
 
