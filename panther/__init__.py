@@ -6,6 +6,8 @@
   ``RandMultiHeadAttention``, ``pr.nn.pawXimpl.sinSRPE``);
 * ``pr.sketch`` -- seedable sketching operators (sign, Gaussian, SRHT, count sketch, SJLT);
 * ``pr.linalg`` -- low-rank factorizations (randomized SVD, data-aware);
+* ``pr.explain`` / ``pr.convert`` -- what the ``torch.compile`` backend would rewrite, and the
+  same rewrite as trainable modules swapped into the model;
 * ``pr.ops`` -- the ``torch.ops.panther`` custom operators the layers call into.
 """
 
@@ -21,5 +23,6 @@ from . import sketch  # noqa: E402
 from . import nn  # noqa: E402
 from . import linalg  # noqa: E402
 from .explain import explain  # noqa: E402
+from .convert import convert  # noqa: E402
 
-__all__ = ["explain", "linalg", "nn", "ops", "sketch", "__version__"]
+__all__ = ["convert", "explain", "linalg", "nn", "ops", "sketch", "__version__"]

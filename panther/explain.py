@@ -36,9 +36,15 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
 
     Returns:
         :class:`panther.passes.Report`: one row per candidate layer with its decision and reason,
-        parameters, FLOPs and bytes before and after, predicted and measured error;
-        ``print(report)`` shows the summary table. With several graphs (graph breaks) the
-        report holds them all; ``report.graphs`` lists the per-graph reports.
+        chosen rank (or random features) and method, parameters, FLOPs and bytes before and
+        after, predicted speedup, the output error measured on the example inputs and, for
+        comparison, that of the truncated SVD at the same rank; ``print(report)`` shows the
+        summary table. With several graphs (graph breaks) the report holds them all;
+        ``report.graphs`` lists the per-graph reports.
+
+    With the default ``tolerance="auto"`` (0.05), each layer gets the smallest rank whose output
+    error on the example inputs is at most 5%, within ``rank_fraction`` of its parameters; a
+    layer that cannot meet it stays dense with the reason.
 
     Raises:
         ValueError / TypeError: malformed options.
@@ -48,7 +54,14 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
         >>> import panther
         >>> model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 4))
         >>> with torch.no_grad():
-        ...     report = panther.explain(model, torch.randn(8, 256), min_params=0)
+        ...     _ = model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 64)  # rank 8
+        ...     report = panther.explain(model, torch.randn(64, 256), min_params=0)
+        >>> [(c.path, c.decision, c.rank) for c in report.candidates]
+        [('0', 'rewrite', 8), ('2', 'dense', None)]
+        >>> report.candidates[1].reason_code  # a random 256->4 layer has no good rank-1 approximation
+        'tolerance'
+        >>> with torch.no_grad():  # without a tolerance: the largest rank within rank_fraction
+        ...     report = panther.explain(model, torch.randn(64, 256), min_params=0, tolerance=None)
         >>> [(c.path, c.decision, c.rank) for c in report.candidates]
         [('0', 'rewrite', 64), ('2', 'rewrite', 1)]
     """

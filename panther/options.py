@@ -12,6 +12,14 @@ Example::
     >>> opts = PantherOptions.from_dict({"low_rank": 8, "exclude": ["pooler.*"]})
     >>> opts.rank_for(256, 256)
     16
+    >>> PantherOptions().effective_tolerance()  # "auto": calibrate to 5% output error per layer
+    0.05
+    >>> print(opts.effective_tolerance())  # low_rank fixes the rank: nothing to calibrate
+    None
+    >>> PantherOptions(tolerance=0.01, low_rank=8)
+    Traceback (most recent call last):
+    ...
+    ValueError: tolerance=0.01 chooses each layer's rank, low_rank=8 fixes it: pass one of them ...
     >>> PantherOptions.from_dict({"lowrank": 8})
     Traceback (most recent call last):
     ...
@@ -28,11 +36,13 @@ from typing import Any
 
 from panther._validation import check_choice, check_float, check_int
 
-__all__ = ["PantherOptions", "DUMP_DIR_ENV"]
+__all__ = ["PantherOptions", "DUMP_DIR_ENV", "DEFAULT_TOLERANCE", "METHODS"]
 
 DUMP_DIR_ENV = "PANTHER_DUMP_DIR"
 
-METHODS = ("svd", "sketch")
+METHODS = ("auto", "data-aware", "svd", "rsvd", "sketch")
+# The largest relative output error a rewritten node may add when ``tolerance="auto"``.
+DEFAULT_TOLERANCE = 0.05
 KERNEL_FNS = ("softmax", "relu")
 ON_STALE = ("refresh", "raise")
 MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
@@ -42,11 +52,12 @@ HELP: dict[str, str] = {
     "linear": "bool: rewrite linear layers (F.linear, nn.Linear, HF Conv1D addmm)",
     "conv": "bool: rewrite conv2d layers (groups=1, dilation=1)",
     "attention": "bool: rewrite softmax attention into Performer random-feature attention",
-    "method": f"one of {list(METHODS)}: how linear/conv factors are computed from the weight",
+    "method": f"one of {list(METHODS)}: how linear/conv factors are computed (auto: data-aware on recorded activations, else svd)",
+    "tolerance": f"float in (0, 1], None or 'auto': largest relative output error per rewritten node; the smallest rank meeting it is calibrated on the example inputs ('auto': {DEFAULT_TOLERANCE} unless low_rank/max_error set the rank)",
     "low_rank": "int >= 1 or None: rank per term; rank = 2*num_terms*low_rank (as pr.nn.SKLinear)",
     "num_terms": "int >= 1: number of sketch terms (see low_rank)",
     "rank_fraction": "float in (0, 1]: parameter budget (after/before) used when low_rank is None",
-    "max_error": "float in (0, 1] or None: smallest rank whose relative weight error is below this",
+    "max_error": "float in (0, 1] or None: smallest rank whose relative WEIGHT error is below this (excludes tolerance)",
     "num_random_features": "int >= 1: random features per head for Performer attention",
     "kernel_fn": f"one of {list(KERNEL_FNS)}: Performer feature map",
     "min_params": "int >= 0: layers with fewer weight parameters stay dense",
@@ -58,7 +69,7 @@ HELP: dict[str, str] = {
     "dump_dir": f"str or None: folder for debugging dumps (default: ${DUMP_DIR_ENV})",
     "on_stale": f"one of {list(ON_STALE)}: what to do when a weight changes after compilation",
     "rewrite_trainable": "bool: also rewrite weights that require grad when grad is enabled",
-    "measure_error": "bool: run the example inputs once to measure each rewrite's output error",
+    "measure_error": "bool: run the example inputs at compile time (calibration, data-aware factors, measured errors)",
     "mode": f"one of {list(MODES)} or None: Inductor mode (same as torch.compile's mode=)",
     "inductor": "dict: extra torch._inductor.config patches for this compile",
 }
@@ -84,15 +95,39 @@ class PantherOptions:
 
     Args:
         linear, conv, attention: switch each rewrite family on or off. Default: all on.
-        method: ``"svd"`` (truncated SVD, the best rank-r factors) or ``"sketch"`` (the unbiased
-            two-sided sign sketch of ``pr.nn.SKLinear``, drawn from ``seed``). Default ``"svd"``.
+        method: how the rank-r factors of a linear / conv weight are computed (all give the same
+            low-rank product, run by the same ops and kernels):
+
+            * ``"data-aware"``: minimize the output error ``‖X·Wᵀ − X·A·B‖`` over the activations
+              ``X`` recorded on the example inputs (whiten by their second moment, truncate);
+            * ``"svd"``: the exact truncated SVD, the best rank-r approximation of the weight;
+            * ``"rsvd"``: randomized SVD (Halko–Martinsson–Tropp), near-optimal, cheaper on
+              large weights;
+            * ``"sketch"``: the unbiased two-sided sign sketch of ``pr.nn.SKLinear``;
+            * ``"auto"`` (default): ``"data-aware"`` where activations were recorded (real example
+              inputs and ``measure_error=True``), else ``"svd"``; ``"svd"`` with ``max_error``.
+              At equal rank data-aware has the lowest error on the outputs, which is what a
+              tolerance bounds, so it needs the smallest rank.
+        tolerance: the largest relative output error ``‖y − ŷ‖ / ‖y‖`` a rewritten node may add,
+            measured on the example inputs. The backend runs them once through the graph,
+            records each candidate's input activations and picks, per layer, the smallest rank
+            (attention: the fewest random features, doubling from ``num_random_features``) that
+            meets it, within ``rank_fraction`` and where the cost model still predicts a win; a
+            layer that cannot meet it stays dense with the reason. ``"auto"`` (default) means
+            ``DEFAULT_TOLERANCE`` = 0.05 unless ``low_rank`` or ``max_error`` sets the rank or
+            ``measure_error=False`` (then nothing is calibrated); ``None`` switches it off.
+            Combining an explicit tolerance with ``low_rank``, ``max_error`` or
+            ``measure_error=False`` raises ValueError.
         low_rank, num_terms: fix the rank of every linear/conv rewrite to
             ``2 * num_terms * low_rank``, the rank of ``pr.nn.SKLinear(num_terms, low_rank)``.
-            Default: ``low_rank=None`` (use ``rank_fraction``), ``num_terms=1``.
-        rank_fraction: when ``low_rank`` is None, the rank is the largest whose factors hold at
-            most this fraction of the dense weight's parameters. Default 0.5.
+            Default: ``low_rank=None`` (use ``tolerance`` / ``rank_fraction``), ``num_terms=1``.
+        rank_fraction: the most parameters a rewrite may keep, as a fraction of the dense
+            weight's: the rank is at most the largest whose factors hold this fraction. Without
+            a tolerance (and ``low_rank``) that largest rank is used. Default 0.5.
         max_error: if set, use the smallest rank (within the budget) whose relative Frobenius
-            error of the weight is at most this; a layer that cannot reach it stays dense.
+            error of the *weight* is at most this; a layer that cannot reach it stays dense. A
+            weight criterion: it excludes ``tolerance`` (an output criterion) and
+            ``method="data-aware"`` (which does not minimize the weight error).
         num_random_features: Performer features per head. Default 256.
         kernel_fn: ``"softmax"`` (FAVOR+ positive features) or ``"relu"``. Default ``"softmax"``.
         min_params: layers whose weight has fewer parameters stay dense. Default 4096.
@@ -107,8 +142,10 @@ class PantherOptions:
             recomputes its factors, ``"raise"`` raises. Default ``"refresh"``.
         rewrite_trainable: with grad enabled, weights that require grad stay dense unless this
             is True (their factors are then fixed: those weights stop learning). Default False.
-        measure_error: run the example inputs once at compile time to measure each rewrite's
-            output error (reported and dumped). Default True.
+        measure_error: run the example inputs at compile time: record activations (tolerance
+            calibration, data-aware factors) and measure each rewrite's output error (reported
+            and dumped). Default True. With False, nothing runs: ``"auto"`` method means
+            ``"svd"`` and ``"auto"`` tolerance means none.
         mode: Inductor mode, as ``torch.compile(mode=...)`` (which cannot be combined with
             ``options=``). Default None.
         inductor: extra ``torch._inductor.config`` patches, applied to this compile only.
@@ -120,7 +157,8 @@ class PantherOptions:
     linear: bool = True
     conv: bool = True
     attention: bool = True
-    method: str = "svd"
+    method: str = "auto"
+    tolerance: float | str | None = "auto"
     low_rank: int | None = None
     num_terms: int = 1
     rank_fraction: float = 0.5
@@ -151,6 +189,27 @@ class PantherOptions:
         set_("rank_fraction", check_float("rank_fraction", self.rank_fraction, low=1e-9, high=1.0, high_inclusive=True))
         if self.max_error is not None:
             set_("max_error", check_float("max_error", self.max_error, low=1e-12, high=1.0, high_inclusive=True))
+        if self.tolerance is not None and self.tolerance != "auto":
+            if isinstance(self.tolerance, str):
+                raise ValueError(f"tolerance must be a float in (0, 1], None or 'auto', got {self.tolerance!r}")
+            set_("tolerance", check_float("tolerance", self.tolerance, low=1e-12, high=1.0, high_inclusive=True))
+            clash = [
+                (self.low_rank is not None, f"low_rank={self.low_rank} fixes it"),
+                (self.max_error is not None, f"max_error={self.max_error} chooses it by the weight error instead"),
+                (not self.measure_error, "measure_error=False runs no example inputs to calibrate on"),
+            ]
+            for bad, why in clash:
+                if bad:
+                    raise ValueError(
+                        f"tolerance={self.tolerance} chooses each layer's rank, {why}: pass one of them "
+                        "(tolerance=None keeps the other rule)"
+                    )
+        if self.max_error is not None and self.method == "data-aware":
+            raise ValueError(
+                f"max_error={self.max_error} bounds the weight error, which method='data-aware' does not "
+                "minimize (it minimizes the output error): use tolerance= with data-aware, or "
+                "method='svd' / 'rsvd' with max_error"
+            )
         check_int("num_random_features", self.num_random_features)
         check_choice("kernel_fn", self.kernel_fn, KERNEL_FNS)
         check_int("min_params", self.min_params, minimum=0)
@@ -212,6 +271,22 @@ class PantherOptions:
     def resolved_dump_dir(self) -> str | None:
         """``dump_dir``, else ``$PANTHER_DUMP_DIR``, else None."""
         return self.dump_dir or os.environ.get(DUMP_DIR_ENV) or None
+
+    def effective_tolerance(self) -> float | None:
+        """The tolerance in force: ``tolerance``, or for ``"auto"`` :data:`DEFAULT_TOLERANCE` unless
+        ``low_rank`` / ``max_error`` set the rank or ``measure_error`` is False (then None)."""
+        if self.tolerance != "auto":
+            return self.tolerance
+        if self.low_rank is not None or self.max_error is not None or not self.measure_error:
+            return None
+        return DEFAULT_TOLERANCE
+
+    def resolved_method(self, has_activations: bool) -> str:
+        """``method``, with ``"auto"`` resolved: ``"data-aware"`` given recorded activations (and no
+        ``max_error``), else ``"svd"``; ``"data-aware"`` without activations falls back to ``"svd"``."""
+        if self.method in ("auto", "data-aware"):
+            return "data-aware" if has_activations and self.max_error is None else "svd"
+        return self.method
 
     def budget_rank(self, n_in: int, n_out: int) -> int:
         """The largest rank r whose factors r·(in+out) hold at most ``rank_fraction`` of in·out."""

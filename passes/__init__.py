@@ -7,7 +7,11 @@ of a Dynamo graph:
              fast path) as the primitive ops the finders know;
 ``find``     match linear / conv2d / attention layers (``linear.py``, ``conv.py``,
              ``attention.py``) and name them by module path (``paths.py``);
-``decide``   policy and cost model (``decide.py``, ``cost.py``), factors (``factorize.py``);
+``screen``   the policy's switches, path patterns, training-graph and size rules (``decide.py``);
+``calibrate`` run the example inputs once, recording what each remaining candidate sees
+             (``calibrate.py``: input second moments, q/k/v);
+``decide``   ranks (calibrated to the tolerance), cost model (``decide.py``, ``cost.py``),
+             factors (``factorize.py``);
 ``measure``  each rewrite's output error on the example inputs (``measure.py``);
 ``rewrite``  insert the panther ops (``rewrite.py``), lint and recompile once;
 ``check``    the rewritten graph's end-to-end error on the example inputs.
@@ -26,7 +30,8 @@ from panther.options import PantherOptions
 
 from . import counters
 from .context import PassContext
-from .decide import decide
+from .calibrate import calibrate
+from .decide import decide, screen
 from .expand import expand_fused
 from .graph import copy_graph
 from .kinds import KINDS, kind_module
@@ -86,6 +91,8 @@ def _check(ctx: PassContext) -> None:
 PIPELINE: list[tuple[str, Callable[[PassContext], None]]] = [
     ("expand", expand_fused),
     ("find", find_candidates),
+    ("screen", screen),
+    ("calibrate", calibrate),
     ("decide", decide),
     ("measure", _measure),
     ("rewrite", rewrite),

@@ -377,8 +377,51 @@ def _check(cand: Candidate, m: Match) -> None:
 
 
 def plan(ctx, cand: Candidate) -> None:
-    cand.rank = ctx.options.num_random_features
-    cand.attrs["kernel_fn"] = ctx.options.kernel_fn
+    """Random features: ``num_random_features``; under a tolerance, doubled (up to
+    :data:`.calibrate.FEATURE_DOUBLINGS` times, while the cost model predicts a win) until the
+    Performer output measured on the recorded q, k, v is within it."""
+    from .calibrate import FEATURE_DOUBLINGS
+    from .cost import at_example
+    from .measure import rel_err
+
+    opts = ctx.options
+    m0 = opts.num_random_features
+    cand.rank = m0
+    cand.attrs["kernel_fn"] = opts.kernel_fn
+    cand.method = f"performer-{opts.kernel_fn}"
+    tol = opts.effective_tolerance()
+    if tol is None:
+        return
+    if "out" not in cand.stats:
+        if opts.tolerance != "auto":
+            raise Dense("uncalibrated", f"tolerance={tol} needs q, k, v recorded on real example inputs, and none were")
+        return
+    cap = m0 << FEATURE_DOUBLINGS
+    if opts.require_savings:
+        fb = at_example(cost(ctx, cand, None)["flops"], ctx.shape_env)
+        f1 = at_example(cost(ctx, cand, 1)["flops"], ctx.shape_env)
+        if fb is not None and f1:  # Performer FLOPs grow linearly in m
+            cap = min(cap, -(-fb // f1) - 1)
+    if cap < m0:
+        return  # not worthwhile at any size: the savings rule reports it
+    tried: dict[int, float] = {}
+    m = m0
+    while m <= cap:
+        cand.rank = m
+        factorize(ctx, cand)
+        err = rel_err(eager(cand, cand.stats["values"]), cand.stats["out"])
+        tried[m] = round(err, 6) if err is not None else None
+        if err is not None and err <= tol:
+            cand.calibration = {"tolerance": tol, "tried": tried}
+            cand.factors = {}
+            return
+        m *= 2
+    cand.calibration = {"tolerance": tol, "tried": tried}
+    best = min((e for e in tried.values() if e is not None), default=float("inf"))
+    raise Dense(
+        "tolerance",
+        f"Performer error {best:.3g} with up to {max(tried)} features (the most worthwhile) > tolerance {tol}",
+    )
 
 
 def cost(ctx, cand: Candidate, m: int | None) -> dict:

@@ -123,21 +123,50 @@ def params_after(cand: Candidate, rank: int) -> int:
     return rank * (n_in + n_out)
 
 
-def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
-    """Compute the two conv kernels K1 (r, in, kh, kw) and K2 (out, r, 1, 1) into ``cand.factors``."""
-    opts, a = ctx.options, cand.attrs
-    owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
-    seed = ctx.seed_for(cand)
-    key = (KIND, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.rank, opts.method, opts.num_terms, seed)
-    A, B, err = cached_factors(
-        owner, key,
-        lambda: lowrank_factors(dense_weight(ctx, cand, weight), cand.rank, method=opts.method, num_terms=opts.num_terms, seed=seed),
-    )
-    r = A.shape[1]
-    cand.factors = {
+def activation_rows(cand: Candidate, values: dict[str, Any]):
+    """The conv's input patches (rows of C·kh·kw, ordered as the flattened kernel), in blocks of
+    images, for :mod:`.calibrate`."""
+    from .calibrate import patch_block
+
+    x, a = values["x"], cand.attrs
+    kh, kw = a["kh"], a["kw"]
+    pad = a["padding"]
+    if isinstance(pad, str):
+        if pad == "same":  # stride 1; the odd pixel goes to the bottom / right, as torch pads
+            th, tw = kh - 1, kw - 1
+            x = F.pad(x, (tw // 2, tw - tw // 2, th // 2, th - th // 2))
+        pad = 0
+    stride, pad = _pair(a["stride"]), _pair(pad)
+    rows_per_image = ((x.shape[2] + 2 * pad[0] - kh) // stride[0] + 1) * ((x.shape[3] + 2 * pad[1] - kw) // stride[1] + 1)
+    step = patch_block(a["c_in"] * kh * kw, rows_per_image)
+    for i in range(0, x.shape[0], step):
+        p = F.unfold(x[i : i + step], (kh, kw), padding=pad, stride=stride)  # (b, C·kh·kw, L)
+        yield p.transpose(1, 2).reshape(-1, p.shape[1])
+
+
+def factors_from(cand: Candidate, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two conv kernels K1 (r, in, kh, kw) and K2 (out, r, 1, 1) for factors A, B."""
+    a, r = cand.attrs, A.shape[1]
+    return {
         "K1": A.t().reshape(r, a["c_in"], a["kh"], a["kw"]).contiguous(),
         "K2": B.t().reshape(a["c_out"], r, 1, 1).contiguous(),
     }
+
+
+def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
+    """Compute the two conv kernels of ``cand.rank`` by ``cand.method`` into ``cand.factors``."""
+    opts = ctx.options
+    owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
+    seed = ctx.seed_for(cand)
+    key = (KIND, None, None, cand.rank, cand.method, opts.num_terms, seed)
+    A, B, err = cached_factors(
+        owner, key,
+        lambda: lowrank_factors(
+            dense_weight(ctx, cand, weight), cand.rank, method=cand.method, num_terms=opts.num_terms, seed=seed,
+            activations=cand.stats.get("root"), damping=cand.stats.get("damping", 0.0),
+        ),
+    )
+    cand.factors = factors_from(cand, A, B)
     cand.predicted_error = err
 
 

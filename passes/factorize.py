@@ -3,13 +3,15 @@
 A dense weight W (out × in, as ``nn.Linear`` stores it; a conv kernel is flattened to
 out × in·kh·kw) is replaced by A (in × r) and B (r × out) with x·Wᵀ ≈ (x·A)·B:
 
-* ``"svd"``: the truncated SVD Wᵀ ≈ U_r·S_r·V_rᵀ split as A = U_r·√S_r, B = √S_r·V_rᵀ (the best
-  rank-r approximation in Frobenius and spectral norm); the randomized SVD stands in for it on
-  large matrices.
+* ``"svd"``: the exact truncated SVD Wᵀ ≈ U_r·S_r·V_rᵀ split as A = U_r·√S_r, B = √S_r·V_rᵀ (the
+  best rank-r approximation of the weight in Frobenius and spectral norm);
+* ``"rsvd"``: the randomized SVD (Halko–Martinsson–Tropp), near-optimal and cheaper on large weights;
+* ``"data-aware"``: the best rank-r approximation in the metric of the recorded activations
+  (whitened by their second moment, see :mod:`.calibrate`);
 * ``"sketch"``: the unbiased two-sided sign sketch of ``pr.nn.SKLinear``, drawn from a seed.
 
-Both come from :func:`panther.linalg.lowrank`; this module adds the rank rules (spectrum,
-error for a rank, rank for an error).
+All come from :func:`panther.linalg.lowrank`; this module adds the rank rules (spectrum,
+error for a rank, rank for an error) and the per-weight cache.
 
 The relative weight error ‖Wᵀ − A·B‖_F / ‖W‖_F is returned with the factors: it is the
 report's predicted relative output error for inputs that are not aligned with W's spectrum.
@@ -24,14 +26,10 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-__all__ = ["singular_values", "tail_error", "rank_for_error", "lowrank_factors", "cached_factors"]
+__all__ = ["singular_values", "tail_error", "rank_for_error", "lowrank_factors", "weight_error", "cached_factors"]
 
 # id(weight) -> {(weight._version, *key): factors}; an entry goes when its weight is freed.
 _CACHE: dict[int, dict[tuple, Any]] = {}
-
-# Full SVD up to this smaller dimension; above it, a randomized SVD of the needed rank.
-FULL_SVD_MAX_DIM = 1024
-
 
 def singular_values(W: Tensor) -> Tensor:
     """Singular values of the 2-D weight, descending, in float32 or wider."""
@@ -59,38 +57,53 @@ def rank_for_error(sv: Tensor, max_error: float) -> int:
 
 
 def lowrank_factors(
-    W: Tensor, rank: int, *, method: str = "svd", num_terms: int = 1, seed: int = 0
+    W: Tensor,
+    rank: int,
+    *,
+    method: str = "svd",
+    num_terms: int = 1,
+    seed: int = 0,
+    activations: Tensor | None = None,
+    damping: float = 1e-2,
 ) -> tuple[Tensor, Tensor, float]:
     """Factors (A: in×r, B: r×out) with x·Wᵀ ≈ (x·A)·B, and the relative weight error.
 
-    The factors come from :func:`panther.linalg.lowrank`: ``"svd"`` is the exact truncated SVD
-    up to :data:`FULL_SVD_MAX_DIM` and its randomized version above; ``"sketch"`` is the
-    two-sided sign sketch (rank rounded down to an even number; ``num_terms`` only set the rank).
+    The factors come from :func:`panther.linalg.lowrank`; the sketch's rank is rounded down to an
+    even number (``num_terms`` only set the rank: one term of ``k = r/2`` is drawn).
 
     Args:
         W: (out, in) weight; any float dtype; factors come back in W's dtype and device.
         rank: r.
-        method: ``"svd"`` or ``"sketch"``.
+        method: ``"svd"``, ``"rsvd"``, ``"data-aware"`` or ``"sketch"``.
         num_terms: L of the sketch (the rank is 2·L·k either way).
         seed: seed of the random draws (a private generator; the global RNG is untouched).
+        activations: rows whose second moment defines the data-aware metric (e.g.
+            :func:`.calibrate.gram_root`); required for ``"data-aware"``.
+        damping: the data-aware ridge (:func:`.calibrate.data_aware_damping`).
     """
     from panther.linalg import lowrank
 
     W = W.detach()
     n_out, n_in = W.shape
     gen = torch.Generator(device=W.device).manual_seed(seed)
-    if method == "svd":
+    if method in ("svd", "rsvd", "data-aware"):
         rank = min(rank, n_in, n_out)
-        exact = min(n_in, n_out) <= FULL_SVD_MAX_DIM or 4 * rank > min(n_in, n_out)
-        A, B = lowrank(W, rank, "svd" if exact else "rsvd", generator=gen)
+        if method == "data-aware":
+            A, B = lowrank(W, rank, method, activations=activations, damping=damping)
+        else:
+            A, B = lowrank(W, rank, method, generator=gen)
     elif method == "sketch":
         A, B = lowrank(W, max(2, rank - rank % 2), "sketch", generator=gen)
     else:
-        raise ValueError(f"method must be one of ['svd', 'sketch'], got {method!r}")
-    Wt = W.to(_work_dtype(W)).t()
+        raise ValueError(f"method must be one of ['svd', 'rsvd', 'data-aware', 'sketch'], got {method!r}")
+    return A.contiguous(), B.contiguous(), weight_error(W, A, B)
+
+
+def weight_error(W: Tensor, A: Tensor, B: Tensor) -> float:
+    """Relative Frobenius error ‖Wᵀ − A·B‖ / ‖W‖ of factors of the (out, in) weight W."""
+    Wt = W.detach().to(_work_dtype(W)).t()
     norm = float(Wt.norm())
-    err = float((Wt - A.to(Wt.dtype) @ B.to(Wt.dtype)).norm()) / norm if norm > 0 else 0.0
-    return A.contiguous(), B.contiguous(), err
+    return float((Wt - A.to(Wt.dtype) @ B.to(Wt.dtype)).norm()) / norm if norm > 0 else 0.0
 
 
 def cached_factors(weight: Tensor, key: tuple, compute: Callable[[], Any]) -> Any:

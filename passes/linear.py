@@ -166,17 +166,32 @@ def params_after(cand: Candidate, rank: int) -> int:
     return rank * (cand.attrs["n_in"] + cand.attrs["n_out"])
 
 
+def activation_rows(cand: Candidate, values: dict[str, Any]):
+    """The layer's input rows (T, in) on real values, for :mod:`.calibrate`."""
+    x = values["x"]
+    yield x.reshape(-1, x.shape[-1])
+
+
+def factors_from(cand: Candidate, A: torch.Tensor, B: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The replacement's tensors for factors A (in×r), B (r×out)."""
+    return {"A": A, "B": B}
+
+
 def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
-    """Compute the factors of the chosen rank into ``cand.factors`` (and the predicted error)."""
+    """Compute the factors of ``cand.rank`` by ``cand.method`` into ``cand.factors`` (and the
+    predicted error); data-aware uses the activations recorded by :mod:`.calibrate`."""
     opts = ctx.options
     owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
     seed = ctx.seed_for(cand)
-    key = (KIND, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.rank, opts.method, opts.num_terms, seed)
+    key = (KIND, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.rank, cand.method, opts.num_terms, seed)
     A, B, err = cached_factors(
         owner, key,
-        lambda: lowrank_factors(dense_weight(ctx, cand, weight), cand.rank, method=opts.method, num_terms=opts.num_terms, seed=seed),
+        lambda: lowrank_factors(
+            dense_weight(ctx, cand, weight), cand.rank, method=cand.method, num_terms=opts.num_terms, seed=seed,
+            activations=cand.stats.get("root"), damping=cand.stats.get("damping", 0.0),
+        ),
     )
-    cand.factors = {"A": A, "B": B}
+    cand.factors = factors_from(cand, A, B)
     cand.predicted_error = err
 
 

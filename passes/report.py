@@ -50,8 +50,12 @@ class Candidate:
     cost_after: dict[str, sympy.Expr] = field(default_factory=dict)
     cost_before_at_example: dict[str, int] = field(default_factory=dict)
     cost_after_at_example: dict[str, int] = field(default_factory=dict)
+    method: str | None = None
     predicted_error: float | None = None
     measured_error: float | None = None
+    svd_error: float | None = None
+    calibration: dict[str, Any] = field(default_factory=dict)
+    stats: dict[str, Any] = field(default_factory=dict, repr=False)
     weight_index: int | None = None
     weight_version: int | None = None
     factors: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
@@ -64,6 +68,14 @@ class Candidate:
     @property
     def label(self) -> str:
         return self.path or self.name
+
+    @property
+    def predicted_speedup(self) -> float | None:
+        """Estimated FLOPs before / after at the example sizes (rewritten candidates), else None."""
+        fb, fa = self.cost_before_at_example.get("flops"), self.cost_after_at_example.get("flops")
+        if self.decision != "rewrite" or not fb or not fa:
+            return None
+        return fb / fa
 
     def dense(self, code: str, reason: str) -> None:
         self.decision, self.reason_code, self.reason = "dense", code, reason
@@ -100,8 +112,12 @@ class Candidate:
             "flops_after_at_example": self.cost_after_at_example.get("flops"),
             "bytes_before_at_example": self.cost_before_at_example.get("bytes"),
             "bytes_after_at_example": self.cost_after_at_example.get("bytes"),
+            "method": self.method,
             "predicted_error": self.predicted_error,
             "measured_error": self.measured_error,
+            "svd_error": self.svd_error,
+            "predicted_speedup": self.predicted_speedup,
+            "calibration": {k: _plain(v) for k, v in self.calibration.items()},
             "replaced_by": list(self.replaced_by),
         }
 
@@ -111,6 +127,8 @@ def _plain(v: Any) -> Any:
         return v
     if isinstance(v, (list, tuple)):
         return [_plain(x) for x in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(x) for k, x in v.items()}
     return str(v)
 
 
@@ -166,13 +184,16 @@ class Report:
 
     def table(self) -> str:
         """A one-screen summary: one row per candidate, then totals."""
-        rows = [("layer", "kind", "decision", "rank/m", "params", "flops@ex", "err(pred/meas)", "reason")]
+        rows = [("layer", "kind", "decision", "rank/m", "method", "params", "flops@ex", "speedup", "err meas/svd", "reason")]
         for c in self.candidates:
+            rw = c.decision == "rewrite"
             fb, fa = c.cost_before_at_example.get("flops"), c.cost_after_at_example.get("flops")
-            flops = f"{_si(fb)}->{_si(fa)}" if c.decision == "rewrite" and fb is not None else _si(fb)
-            params = f"{_si(c.params_before)}->{_si(c.params_after)}" if c.decision == "rewrite" else _si(c.params_before)
-            err = f"{_f(c.predicted_error)}/{_f(c.measured_error)}" if c.decision == "rewrite" else ""
-            rows.append((_cut(c.label, 40), c.kind, c.decision, "" if c.rank is None else str(c.rank), params, flops, err, _cut(c.reason, 60)))
+            flops = f"{_si(fb)}->{_si(fa)}" if rw and fb is not None else _si(fb)
+            params = f"{_si(c.params_before)}->{_si(c.params_after)}" if rw else _si(c.params_before)
+            err = f"{_f(c.measured_error)}/{_f(c.svd_error)}" if rw else ""
+            speedup = f"x{c.predicted_speedup:.2f}" if c.predicted_speedup else ""
+            rows.append((_cut(c.label, 40), c.kind, c.decision, "" if c.rank is None or not rw else str(c.rank),
+                         (c.method or "") if rw else "", params, flops, speedup, err, _cut(c.reason, 70)))
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
         lines.insert(1, "  ".join("-" * w for w in widths))

@@ -38,7 +38,7 @@ def mlp(tmp_path_factory):
     torch.manual_seed(0)
     model = give_spectrum(MLP()).eval()
     dump = tmp_path_factory.mktemp("dump")
-    compiled, made = compile_panther(model, min_params=0, dump_dir=str(dump))
+    compiled, made = compile_panther(model, min_params=0, dump_dir=str(dump), tolerance=None)  # every layer rewritten
     x = torch.randn(8, 64)
     with torch.no_grad():
         y, code = run_and_get_code(compiled, x)

@@ -33,7 +33,13 @@ def test_unknown_key_lists_allowed():
     [
         ({"kernel_fn": "gauss"}, r"kernel_fn must be one of \['softmax', 'relu'\]"),
         ({"on_stale": "ignore"}, r"on_stale must be one of \['refresh', 'raise'\]"),
-        ({"method": "qr"}, r"method must be one of \['svd', 'sketch'\]"),
+        ({"method": "qr"}, r"method must be one of \['auto', 'data-aware', 'svd', 'rsvd', 'sketch'\]"),
+        ({"tolerance": "loose"}, r"tolerance must be a float in \(0, 1\], None or 'auto'"),
+        ({"tolerance": 0.0}, r"tolerance must be in"),
+        ({"tolerance": 0.1, "low_rank": 8}, r"tolerance=0.1 chooses each layer's rank, low_rank=8 fixes it"),
+        ({"tolerance": 0.1, "max_error": 0.2}, r"max_error=0.2 chooses it by the weight error instead"),
+        ({"tolerance": 0.1, "measure_error": False}, r"measure_error=False runs no example inputs"),
+        ({"max_error": 0.1, "method": "data-aware"}, r"max_error=0.1 bounds the weight error, which method='data-aware'"),
         ({"low_rank": 0}, "low_rank must be a positive integer"),
         ({"rank_fraction": 1.5}, r"rank_fraction must be in"),
         ({"num_random_features": -3}, "num_random_features must be a positive integer"),
@@ -51,6 +57,28 @@ def test_bad_values_raise_value_error(bad, match):
 def test_bad_types_raise_type_error(bad):
     with pytest.raises(TypeError):
         PantherOptions.from_dict(bad)
+
+
+def test_tolerance_resolution():
+    """'auto' is the documented default unless something else sets the rank or nothing is run."""
+    from panther.options import DEFAULT_TOLERANCE
+
+    assert DEFAULT_TOLERANCE == 0.05
+    assert PantherOptions().effective_tolerance() == DEFAULT_TOLERANCE
+    assert PantherOptions(tolerance=0.2).effective_tolerance() == 0.2
+    assert PantherOptions(tolerance=None).effective_tolerance() is None
+    for other in ({"low_rank": 8}, {"max_error": 0.1}, {"measure_error": False}):
+        assert PantherOptions(**other).effective_tolerance() is None
+    assert PantherOptions(tolerance=0.1, rank_fraction=0.25).effective_tolerance() == 0.1  # the budget caps it
+
+
+def test_method_resolution():
+    assert PantherOptions().resolved_method(has_activations=True) == "data-aware"
+    assert PantherOptions().resolved_method(has_activations=False) == "svd"
+    assert PantherOptions(method="data-aware").resolved_method(has_activations=False) == "svd"
+    assert PantherOptions(max_error=0.1).resolved_method(has_activations=True) == "svd"
+    for m in ("svd", "rsvd", "sketch"):
+        assert PantherOptions(method=m).resolved_method(has_activations=True) == m
 
 
 def test_rank_rules():

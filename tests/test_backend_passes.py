@@ -53,7 +53,7 @@ def test_counts_and_reasons_mlp():
 @torch.no_grad()
 def test_unsupported_conv_stays_dense():
     model = give_spectrum(CNN(), 0.7).eval()
-    report = explain(model, torch.randn(2, 3, 16, 16), min_params=0)
+    report = explain(model, torch.randn(2, 3, 16, 16), min_params=0, tolerance=None)
     by_path = {c.path: c for c in report.candidates}
     assert by_path["conv3"].decision == "dense"
     assert by_path["conv3"].reason == "groups=2 is not supported (only groups=1)"
@@ -88,6 +88,7 @@ def test_module_paths_bert():
 )
 @torch.no_grad()
 def test_policy_options(options, expect):
+    options = {"tolerance": None, **options}  # the budget rules (the tolerance has its own tests)
     report = explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0, **options)
     assert {c.path: c.reason_code for c in report.candidates} == expect
 
@@ -107,7 +108,7 @@ def test_rank_options():
 def test_seed_fixes_the_draws():
     model = transformer_encoder()
     x = torch.randn(2, 12, 64)
-    opts = {"linear": False, "require_savings": False, "num_random_features": 32}
+    opts = {"linear": False, "require_savings": False, "num_random_features": 32, "tolerance": None}
     a = explain(model, x, seed=1, **opts).rewritten
     b = explain(model, x, seed=1, **opts).rewritten
     c = explain(model, x, seed=2, **opts).rewritten
@@ -123,7 +124,7 @@ def test_training_graph_left_dense_with_one_warning():
         report = explain(model, torch.randn(4, 64), min_params=0)
     assert len([w for w in record if issubclass(w.category, TrainingGraphWarning)]) == 1
     assert {c.reason_code for c in report.candidates} == {"trainable"}
-    report = explain(model, torch.randn(4, 64), min_params=0, rewrite_trainable=True)
+    report = explain(model, torch.randn(4, 64), min_params=0, rewrite_trainable=True, tolerance=None)
     assert len(report.rewritten) == 3
 
 
@@ -155,7 +156,8 @@ class _MHA(nn.Module):
 def test_attention_spellings(case):
     build, args, kwargs, rule, causal = _attention_cases()[case]
     model = build().eval()
-    report = explain(model, *args, example_kwargs=kwargs, linear=False, require_savings=False, num_random_features=256)
+    report = explain(model, *args, example_kwargs=kwargs, linear=False, require_savings=False, num_random_features=256,
+                     tolerance=None)
     attn = [c for c in report.candidates if c.kind == "attention"]
     assert attn and all(c.decision == "rewrite" for c in attn), [c.reason for c in attn]
     assert {c.rule for c in attn} == {rule}
@@ -223,11 +225,11 @@ def test_a_failing_layer_stays_dense_unless_strict(monkeypatch):
     monkeypatch.setattr(linear, "factorize", flaky)
     model = give_spectrum(MLP()).eval()
     with torch.no_grad():
-        report = explain(model, torch.randn(4, 64), min_params=0)
+        report = explain(model, torch.randn(4, 64), min_params=0, tolerance=None)
         assert {c.path: c.reason_code for c in report.candidates} == {"fc1": "ok", "fc2": "error", "head": "ok"}
         assert "boom" in report.candidates[1].reason
         with pytest.raises(Exception, match="boom"):
-            explain(model, torch.randn(4, 64), min_params=0, strict=True)
+            explain(model, torch.randn(4, 64), min_params=0, strict=True, tolerance=None)
 
 
 def test_costs_are_symbolic_in_dynamic_sizes():
@@ -247,7 +249,7 @@ def test_measuring_failure_keeps_the_rewrites(monkeypatch):
 
     monkeypatch.setattr(passes, "measure_layers", broken)
     with torch.no_grad():
-        report = explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0)
+        report = explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0, tolerance=None)
     assert len(report.rewritten) == 3 and report.output_error is None
     assert any("cannot run" in n for n in report.notes)
 
@@ -267,7 +269,7 @@ def test_non_constant_scale_stays_dense():
 
 def test_summary_table_goes_to_the_panther_logger(caplog):
     with caplog.at_level("INFO", logger="panther"), torch.no_grad():
-        explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0)
+        explain(give_spectrum(MLP()).eval(), torch.randn(4, 64), min_params=0, tolerance=None)
     (text,) = [r.getMessage() for r in caplog.records if r.name == "panther" and "rewritten" in r.getMessage()]
     assert "fc1" in text and "linear" in text and "3/3 rewritten" in text
 

@@ -4,5 +4,6 @@ from . import pawXimpl
 from .attention import RandMultiHeadAttention
 from .conv import SKConv2d
 from .linear import SKLinear, SKLinear_triton
+from .lowrank import LowRankConv2d, LowRankLinear
 
-__all__ = ["RandMultiHeadAttention", "SKConv2d", "SKLinear", "SKLinear_triton", "pawXimpl"]
+__all__ = ["LowRankConv2d", "LowRankLinear", "RandMultiHeadAttention", "SKConv2d", "SKLinear", "SKLinear_triton", "pawXimpl"]

@@ -249,7 +249,7 @@ class RandMultiHeadAttention(nn.Module):
         Returns:
             ``(output, None)`` with output (..., Nq, embed_dim).
         """
-        like = self.q_proj.weight
+        like = self.omega  # dtype and device of the layer (its projections may be low-rank modules)
         check_input("query", query, last_dim=self.embed_dim, min_ndim=2, like=like)
         check_input("key", key, last_dim=self.kdim, min_ndim=2, like=like)
         check_input("value", value, last_dim=self.vdim, min_ndim=2, like=like)
