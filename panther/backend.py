@@ -6,8 +6,11 @@ captures it
 
 1. validates the options (:class:`panther.options.PantherOptions`);
 2. runs the passes of :mod:`panther.passes` on a fresh copy of the graph (the Dynamo
-   GraphModule itself is never edited): find linear / conv2d / attention layers, decide per
-   layer, compute factors from the real weights, rewrite into ``torch.ops.panther`` ops;
+   GraphModule itself is never edited): find linear / conv2d / attention layers, run the
+   example inputs once to record what each sees, decide per layer (by default the smallest
+   rank whose output error on those inputs is within ``tolerance`` = 5%, factorized in the
+   metric of the recorded activations), compute factors from the real weights, rewrite into
+   ``torch.ops.panther`` ops;
 3. writes the debugging dumps (``dump_dir`` / ``$PANTHER_DUMP_DIR``, and ``TORCH_TRACE``
    artifacts) and logs a summary table to the ``panther`` logger;
 4. lowers the rewritten graph with Inductor's ``compile_fx`` (``mode=`` passed on; the
@@ -20,7 +23,7 @@ captures it
 Example::
 
     >>> model = torch.nn.Sequential(torch.nn.Linear(512, 512), torch.nn.GELU(), torch.nn.Linear(512, 10))
-    >>> fast = torch.compile(model, backend="panther", options={"rank_fraction": 0.25})
+    >>> fast = torch.compile(model, backend="panther", options={"tolerance": 0.1, "rank_fraction": 0.25})
     >>> with torch.no_grad():
     ...     y = fast(torch.randn(8, 512))
 """

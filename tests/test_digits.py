@@ -84,3 +84,13 @@ def test_fine_tuning_recovers_what_a_loose_conversion_lost(trained):
     assert lost < trained["dense_acc"] - ACCURACY_POINTS, lost
     fit(model, xtr, ytr, **FINETUNE)
     assert accuracy(model, xte, yte) >= trained["dense_acc"] - ACCURACY_POINTS
+
+
+def test_demo_reports_accuracy_next_to_size_and_time():
+    from panther.demo_digits import run_digits_demo
+
+    text = run_digits_demo("cpu", reps=2)
+    for model in ("MLP", "CNN"):
+        for variant in ("dense (torch.compile, Inductor)", "backend='panther'", "panther.convert + 1 epoch fine-tune"):
+            assert f"{model:<5} {variant}" in text
+    assert "ms/batch" in text and "test acc" in text and "rewritten net.3 rank" in text
