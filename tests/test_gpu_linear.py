@@ -2,8 +2,10 @@
 
 Through the ops (``torch.ops.panther.sklinear`` / ``lowrank_linear``, which dispatch to the Triton
 kernels on CUDA), against the reference in float64: forward and backward in every dtype, odd
-shapes, non-contiguous input, T = 1; an SKLinear training step; ``torch.compile`` of a model that
-holds SKLinear. Run through the device tool: ``scripts/gpu_linear.sh``.
+shapes, non-contiguous input, T = 1; plans that time their candidate configs (T ≥ 1024); repeated
+calls that launch the compiled kernels directly; forward and backward captured in a CUDA graph; an
+SKLinear training step; ``torch.compile`` of a model that holds SKLinear. Run through the device
+tool: ``scripts/gpu_linear.sh tests``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ pytestmark = [
 ]
 
 from panther.kernels.lowrank_linear import reference as ref
+from panther.kernels.lowrank_linear import triton as tk
 from panther_testing import RTOL_TF32, assert_close
 
 import panther  # noqa: F401  (registers torch.ops.panther)
@@ -24,6 +27,19 @@ import panther  # noqa: F401  (registers torch.ops.panther)
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 # (T, in, out, L, k): the headline layer, odd sizes, T = 1, rank 256 (L=2, k=64).
 SHAPES = [(4096, 8192, 8192, 1, 16), (333, 771, 3001, 1, 64), (1, 4096, 4096, 2, 64), (2500, 1000, 1500, 3, 5)]
+
+
+@pytest.fixture(autouse=True)
+def _untuned(request, monkeypatch):
+    """No timing of candidate configs (each would compile): the first candidate, which is what a
+    plan uses under torch.compile or CUDA-graph capture. ``test_tuned_plans`` times them."""
+    if "tuned" not in request.node.name:
+        monkeypatch.setattr(tk, "_TUNE", False)
+    tk._PLANS.clear()
+    tk._TUNED.clear()
+    yield
+    tk._PLANS.clear()
+    tk._TUNED.clear()
 
 
 def _id(s):
@@ -154,3 +170,81 @@ def test_torch_compile_of_a_model_with_sklinear():
 
     _, codes = run_and_get_code(torch.compile(model[0], fullgraph=True), x)
     assert any("_fused_kernel" in c or "_xa_kernel" in c for c in codes)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tuned_plans(dtype, poison):
+    """T ≥ _TUNE_MIN_M: the first call times the candidates (configs, fused against split); the
+    chosen plan is right, and a T of the same bucket reuses the choice without timing again."""
+    n_in, n_out, L, k = 1024, 1536, 1, 16
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    for T in (2048, 1500):
+        x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+        xg, S1g, S2g, bg = (t.detach().requires_grad_() for t in (x, S1s, S2s, b))
+        y = torch.ops.panther.sklinear(xg, S1g, S2g, U1s, U2s, bg)
+        assert_close(y, ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b])), name=f"y T={T}")
+        g = torch.randn_like(y)
+        y.backward(g)
+        want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+        for name, got, w in zip(("dx", "dS1s", "dS2s", "db"), (xg.grad, S1g.grad, S2g.grad, bg.grad), want):
+            assert_close(got, w, name=f"{name} T={T}")
+        if T == 2048:
+            timed = len(tk.TUNE_LOG)
+            assert timed > 0 and any(key[0] == "path" for key in tk._TUNED)
+    assert len(tk.TUNE_LOG) == timed  # T = 1500 is in the bucket of 2048
+
+
+@pytest.mark.parametrize("T", [1, 300], ids=lambda t: f"T{t}")
+def test_repeated_calls_launch_directly(T, poison):
+    """From the second call of a shape on, the plan launches the compiled kernels directly; the
+    results follow the new operands."""
+    n_in, n_out, L, k = 2048, 1024, 2, 16
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, torch.bfloat16)
+    for i in range(3):
+        x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16)
+        S1s = S1s + 0.01 * torch.randn_like(S1s)  # new weights, new addresses
+        xg, S1g, S2g, bg = (t.detach().requires_grad_() for t in (x, S1s, S2s, b))
+        y = torch.ops.panther.sklinear(xg, S1g, S2g, U1s, U2s, bg)
+        assert_close(y, ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b])), name=f"y, call {i}")
+        g = torch.randn_like(y)
+        y.backward(g)
+        want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+        for name, got, w in zip(("dx", "dS1s", "dS2s", "db"), (xg.grad, S1g.grad, S2g.grad, bg.grad), want):
+            assert_close(got, w, name=f"{name}, call {i}")
+    fwd = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert fwd.xa.launch.compiled is not None and fwd.hq.compiled is not None
+
+
+def test_cuda_graph_capture(poison):
+    """The op's forward and backward captured in a CUDA graph (plans made before the capture) and
+    replayed on new data."""
+    T, n_in, n_out, L, k = 64, 1024, 768, 1, 32
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, torch.bfloat16)
+    S1g, S2g, bg = (t.detach().requires_grad_() for t in (S1s, S2s, b))
+    x = torch.randn(T, n_in, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    g = torch.randn(T, n_out, device="cuda", dtype=torch.bfloat16)
+
+    def step():
+        for t in (x, S1g, S2g, bg):
+            t.grad = None
+        y = torch.ops.panther.sklinear(x, S1g, S2g, U1s, U2s, bg)
+        y.backward(g)
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        step()  # plans and compiles outside the capture
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = step()
+    with torch.no_grad():
+        x.copy_(torch.randn_like(x))
+        g.copy_(torch.randn_like(g))
+    graph.replay()
+    torch.cuda.synchronize()
+    assert_close(y, ref.sklinear_forward(*_f64([x.detach(), S1s, S2s, U1s, U2s, b])), name="y")
+    want = ref.sklinear_backward(*_f64([g, x.detach(), S1s, S2s, U1s, U2s]), True, True, True)
+    for name, got, w in zip(("dx", "dS1s", "dS2s", "db"), (x.grad, S1g.grad, S2g.grad, bg.grad), want):
+        assert_close(got, w, name=name)

@@ -29,11 +29,14 @@ def _id(c):
 
 
 @pytest.fixture(autouse=True)
-def _one_config(monkeypatch):
-    """Pin each autotuner to its first config: these tests check results, not tuning (and on a
-    GPU, tuning every small shape would compile every config)."""
-    for kern in (tk._xa_kernel, tk._hq_kernel, tk._fused_kernel, tk._wgrad_kernel):
-        monkeypatch.setattr(kern, "configs", kern.configs[:1])
+def _fresh_plans():
+    """Launch plans and tuned configs are cached per shape; the ``splits`` fixture changes how a
+    shape is planned, so every test starts from empty caches."""
+    tk._PLANS.clear()
+    tk._TUNED.clear()
+    yield
+    tk._PLANS.clear()
+    tk._TUNED.clear()
 
 
 @pytest.fixture(params=["split", "whole"])
@@ -145,7 +148,7 @@ def test_fp32_follows_torch_tf32_setting():
     old = torch.get_float32_matmul_precision()
     try:
         torch.set_float32_matmul_precision("highest")
-        assert tk._precision(torch.float32) == tk._FP32_HIGHEST == 0  # "ieee"
+        assert tk._precision(torch.float32) == tk._FP32_HIGHEST == 2  # "tf32x3"
         torch.set_float32_matmul_precision("high")
         assert tk._precision(torch.float32) == 1  # "tf32"
         assert tk._precision(torch.bfloat16) == 0
@@ -153,7 +156,69 @@ def test_fp32_follows_torch_tf32_setting():
         torch.set_float32_matmul_precision(old)
 
 
-def test_t_bucket_is_the_autotune_key():
+def test_tuning_is_keyed_on_the_t_bucket():
     assert [tk._m_bucket(t) for t in (1, 16, 17, 4096, 5000, 10**6)] == [16, 16, 32, 4096, 8192, 16384]
-    for kern in (tk._xa_kernel, tk._hq_kernel, tk._fused_kernel, tk._wgrad_kernel):
-        assert "M_BUCKET" in kern.keys and "M" not in kern.keys
+    # A config timed at one T serves every T of its bucket without timing again.
+    key = ("xa_f", 8192, 8192, (), torch.bfloat16, 0)
+    tk._TUNED[key + (tk._m_bucket(5000),)] = "timed"
+    never = lambda c: pytest.fail("timed again")
+    assert tk._pick(key + (tk._m_bucket(8000),), ["a", "b"], never, True) == "timed"
+    # Untimed (small T, tracing, capturing): the first candidate; one candidate: no timing at all.
+    assert tk._pick(key + (tk._m_bucket(100),), ["a", "b"], never, False) == "a"
+    assert tk._pick(key + (None,), ["a", "b"], never, True) == "a"
+    assert tk._pick(key + (16,), ["only"], never, True) == "only"
+    assert not tk._can_time(False, 64) and not tk._can_time(True, 10**5)
+
+
+def test_plans_are_reused_and_recompute(poison):
+    """A second call of the same shapes reuses the cached plan (on a GPU: the compiled kernels,
+    launched directly) and computes with the new operands; a shape change makes a new plan."""
+    case = (37, 40, 17, 2, 3)
+    for i in range(2):
+        args = _layer(case, torch.float32)
+        g = torch.randn(case[0], case[2], device=DEV)
+        assert_close(tk.sklinear_forward(*args), ref.sklinear_forward(*_f64(args)), name=f"y, call {i}")
+        got = tk.sklinear_backward(g, *args[:5], True, True, True)
+        want = ref.sklinear_backward(*_f64([g, *args[:5]]), True, True, True)
+        for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+            assert_close(a, w, name=f"{name}, call {i}")
+        assert len(tk._PLANS) == 2  # one forward, one backward plan
+    x = torch.randn(5, case[1], device=DEV)
+    tk.sklinear_forward(x, *args[1:])
+    assert len(tk._PLANS) == 3
+
+
+def test_misaligned_input(poison):
+    """x at an address that is not 16-byte aligned (its own plan, no direct launches)."""
+    case = (9, 33, 40, 1, 8)
+    args = list(_layer(case, torch.float32))
+    x = torch.randn(case[0] * case[1] + 1, device=DEV)[1:].view(case[0], case[1])
+    assert x.data_ptr() % 16 != 0
+    args[0] = x
+    assert_close(tk.sklinear_forward(*args), ref.sklinear_forward(*_f64(args)))
+    assert not next(iter(tk._PLANS))[-1]  # planned as misaligned
+
+
+def test_launch_checks_its_arguments():
+    with pytest.raises(AssertionError, match="launch of"):
+        tk._Launch(tk._xa_kernel, (1,), 4, (1, 2), {}, {}, False, False)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_many_partials(dtype, monkeypatch, poison):
+    """A GPU with many SMs at small T: the reductions split into more than four partials, which the
+    consumers sum in a loop rather than unrolled."""
+    monkeypatch.setitem(tk._SMS, torch.device(DEV), 64)
+    monkeypatch.setattr(tk, "_K_GRANULE", 16)
+    monkeypatch.setattr(tk, "_T_GRANULE", 16)
+    case = (5, 96, 112, 1, 8)
+    x, S1s, S2s, U1s, U2s, b = _layer(case, dtype)
+    y = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b)
+    plan = next(iter(tk._PLANS.values()))
+    assert plan.xa.split > 4
+    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b])), name="y")
+    g = torch.randn(case[0], case[2], device=DEV).to(dtype)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)

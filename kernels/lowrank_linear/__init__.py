@@ -12,4 +12,4 @@ from .reference import (
     sklinear_forward,
 )
 
-__all__ = ["sklinear_forward", "sklinear_backward", "lowrank_forward", "lowrank_backward"]
+__all__ = ["lowrank_backward", "lowrank_forward", "sklinear_backward", "sklinear_forward"]

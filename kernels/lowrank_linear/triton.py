@@ -1,8 +1,9 @@
 """Triton kernels for the low-rank linear y = scale·((x·A)·B) + b (the math is in README.md).
 
-Layers, top to bottom: ``@triton.jit`` kernels → host launchers (``_xa``, ``_hq``, ``_wgrad``,
-``_fused``: plan, allocate, launch) → the four functions the panther ops register, with the
-signatures of ``reference.py`` (``sklinear_forward`` …, ``lowrank_backward``).
+Layers, top to bottom: ``@triton.jit`` kernels → configs (fixed heuristics for small T, a few
+candidates timed once per layer shape and T bucket for large T) → launch plans (every argument but
+the tensors fixed, cached per shape; repeated calls launch the compiled kernel directly) → the four
+functions the panther ops register, with the signatures of ``reference.py``.
 
 **Factors.** A is one or two factors P (long dim × R), B one or two factors Q (R × long dim):
 SKLinear's (S1s, U2s) / (U1s, S2s) or the plain (A, B). Each is read in place through a
@@ -13,23 +14,23 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
 
 **Kernels.**
 
-* ``_xa_kernel``     h = scale·X·[P1 P2] (T × R, fp32); the reduction over the long dim is split
-  across programs (fp32 atomics) when there are too few row blocks to fill the GPU.
-* ``_hq_kernel``     Y = scale·h·[Q1; Q2] + bias, h rounded to the operand dtype first (as the
-  reference does: it computes h = x·A in x's dtype).
+* ``_xa_kernel``     h = scale·X·[P1 P2] (T × R). When there are too few row blocks to fill the
+  GPU the reduction over the long dim is split across programs, each writing an fp32 partial
+  (no atomics, no zero fill); the consumers sum the partials. Unsplit, h is written in the
+  operand dtype (the reference's h = x·A is rounded to it too).
+* ``_hq_kernel``     Y = scale·h·[Q1; Q2] + bias, h summed over its partials and rounded to the
+  operand dtype first.
 * ``_fused_kernel``  both in one pass: each program keeps its rows of h in registers, so x is read
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
-* ``_wgrad_kernel``  D = scale·Xᵀ·h (N × R) for dS1/dS2 (dA/dB), split over T with fp32 atomics
-  when there are too few column blocks; optionally the column sums of X (db) in the same pass.
+* ``_wgrad_kernel``  D = scale·Xᵀ·h (N × R) for dS1/dS2 (dA/dB), optionally the column sums of X
+  (db) in the same pass. Split over T into fp32 partials when there are too few column blocks;
+  ``_reduce_kernel`` then sums the partials of every such output in one launch.
 
 fp32 accumulation everywhere; an fp32 product follows torch's TF32 setting for CUDA matmuls.
-Autotuning is keyed on a bucket of T (next power of two, 16 … 16384), never on T itself.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
 import os
 from typing import NamedTuple
 
@@ -39,6 +40,7 @@ import triton.language as tl
 import triton.testing
 from torch import Tensor
 from torch.library import wrap_triton
+from triton.runtime.errors import OutOfResources
 
 from . import reference
 
@@ -47,6 +49,11 @@ try:  # torch's own switch: off while a triton_op runs eagerly on real tensors
 except ImportError:  # pragma: no cover - other torch versions
     def is_wrap_triton_enabled() -> bool:
         return True
+
+try:  # launch hooks, as JITFunction.run passes them (triton >= 3.4)
+    from triton import knobs as _knobs
+except ImportError:  # pragma: no cover - older triton: no direct launches
+    _knobs = None
 
 
 __all__ = [
@@ -63,90 +70,32 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 # Largest rank R of one factor the kernels take (h tile kept whole in registers).
 MAX_RANK = 256
 # The fused forward holds (BLOCK_M × R1P+R2P) of h in registers and multiplies it by whole
-# (R × BLOCK_N) tiles of B. Up to these padded ranks its configs compile without spills (ptxas,
-# sm_90, triton 3.6); fp32 ("ieee" FMA products) needs the most registers.
+# (R × BLOCK_N) tiles of B; fp32 ("ieee" FMA products) needs the most registers.
 _FUSED_MAX_RANK = {torch.float32: 32, torch.bfloat16: 128, torch.float16: 128}
 # Smallest slice of a split reduction (over the long dim in _xa, over T in _wgrad).
 _K_GRANULE = 256
 _T_GRANULE = 256
 _M_BUCKET_MAX = 16384
+# From this many rows on, the first call at a (layer, T bucket) times a few candidate configs
+# (and the fused against the two-kernel forward) and keeps the fastest; below it, one fixed
+# config: the GPU work is a few µs there and the host time is what counts.
+_TUNE_MIN_M = 1024
+_TUNE = not _INTERPRET
+# Launch the compiled kernel directly once a plan has compiled it (no argument binding and
+# specialization per call). Off under the interpreter, which compiles nothing.
+_FAST_LAUNCH = not _INTERPRET and _knobs is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-# ---------------------------------------------------------------------------------------------
-# Autotune configs: a handful each, so a new shape costs seconds. Under the interpreter, one.
-# ---------------------------------------------------------------------------------------------
-
-
-def _quick_bench(fn, quantiles):
-    # Each config is timed for ~25 ms instead of triton's default ~125 ms: the configs differ by
-    # far more than that resolves.
-    return triton.testing.do_bench(fn, warmup=5, rep=20, quantiles=quantiles)
-
-
-# triton.autotune takes a do_bench since triton 3.0; older versions keep their default.
-_AUTOTUNE_KW = {"do_bench": _quick_bench} if "do_bench" in inspect.signature(triton.autotune).parameters else {}
-
-
-def _xa_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_K": 32}, num_warps=4, num_stages=1)]
-    # (BLOCK_K 32 for fp32 at large rank, where the wider tiles run out of shared memory.)
-    return [
-        triton.Config({"BLOCK_K": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_K": 64}, num_warps=4, num_stages=5),
-        triton.Config({"BLOCK_K": 64}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_K": 32}, num_warps=8, num_stages=3),
-    ]
-
-
-def _hq_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_R": 16}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 16, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_R": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_R": 32}, num_warps=8, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_N": 256, "BLOCK_R": 16}, num_warps=8, num_stages=3),
-    ]
-
-
-def _fused_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_M": 16, "BLOCK_K": 32, "BLOCK_N": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 128, "BLOCK_N": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 32, "BLOCK_K": 256, "BLOCK_N": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 128}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_M": 64, "BLOCK_K": 128, "BLOCK_N": 128}, num_warps=8, num_stages=3),
-    ]
-
-
-def _wgrad_configs():
-    if _INTERPRET:
-        return [triton.Config({"BLOCK_T": 32}, num_warps=4, num_stages=1)]
-    return [
-        triton.Config({"BLOCK_T": 64}, num_warps=4, num_stages=4),
-        triton.Config({"BLOCK_T": 128}, num_warps=4, num_stages=3),
-        triton.Config({"BLOCK_T": 128}, num_warps=8, num_stages=4),
-        triton.Config({"BLOCK_T": 64}, num_warps=8, num_stages=3),
-    ]
-
-
-# Only T is not specialized (no recompile per divisibility of T). The long dims, ranks and strides
-# are: masks along a dim of known divisibility and unit strides are what make 16-byte loads. KT
-# (columns per term) is a constexpr, so the rank gather (j // KT, j % KT) stays contiguous in runs
-# of KT columns.
-
-# ---------------------------------------------------------------------------------------------
-# Device helpers
-# ---------------------------------------------------------------------------------------------
-
+# Plans kept per process (layer shape × T); cleared when full.
+_MAX_PLANS = 4096
 
 # Triton's interpreter multiplies bf16 operands as their raw 16-bit patterns (its dot hands numpy
 # the storage integers; seen with triton 3.9), so under the interpreter 16-bit operands are widened
 # to fp32 first: the same products (exact in fp32) and the same fp32 accumulation.
 _WIDEN_DOT = tl.constexpr(_INTERPRET)
+
+# ---------------------------------------------------------------------------------------------
+# Device helpers
+# ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
@@ -170,9 +119,11 @@ def _rank_off(j, KT, s_l, s_c):
 
 
 @triton.jit
-def _load_p(p_ptr, rows, j, n_rows, R, KT, s_l, s_long, s_c):
+def _load_p(p_ptr, rows, j, n_rows, R, KT, s_l, s_long, s_c, EVEN: tl.constexpr):
     # P[rows, j] as a (len(rows) × len(j)) tile; zero outside [0, n_rows) × [0, R).
     ptrs = p_ptr + rows[:, None] * s_long + _rank_off(j, KT, s_l, s_c)[None, :]
+    if EVEN:
+        return tl.load(ptrs, mask=j[None, :] < R, other=0.0)
     return tl.load(ptrs, mask=(rows[:, None] < n_rows) & (j[None, :] < R), other=0.0)
 
 
@@ -184,14 +135,34 @@ def _load_q(q_ptr, j, cols, R, n_cols, KT, s_l, s_long, s_c):
 
 
 @triton.jit
+def _load_h(h_rows, m_mask, col0, j, R, s_hs, SPLIT_H: tl.constexpr):
+    # h[rows, col0 + j] summed over its SPLIT_H partials (fp32 when split), zero outside [0, R).
+    # (A constexpr count: unsplit, as at large T, there is no inner loop to keep the caller's loop
+    # from pipelining; many partials, as at small T, take a loop rather than an unrolled chain.)
+    mask = m_mask & (j[None, :] < R)
+    ptrs = h_rows + col0 + j[None, :]
+    h = tl.load(ptrs, mask=mask, other=0.0)
+    if SPLIT_H > 1:
+        h = h.to(tl.float32)
+        if SPLIT_H <= 4:
+            for s in tl.static_range(1, SPLIT_H):
+                h += tl.load(ptrs + s * s_hs, mask=mask, other=0.0)
+        else:
+            for s in range(1, SPLIT_H):
+                h += tl.load(ptrs + s * s_hs, mask=mask, other=0.0)
+    return h
+
+
+@triton.jit
 def _xa_rows(
     x_ptr, s_xm, s_xk, offs_m, M, k_lo, k_hi,
     p1_ptr, R1, KT1, s_p1l, s_p1i, s_p1c,
     p2_ptr, R2, KT2, s_p2l, s_p2i, s_p2c,
     HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # (x[offs_m, k_lo:k_hi] · P1, · P2) accumulated in fp32: (BLOCK_M × R1P), (BLOCK_M × R2P).
+    # EVEN_K: the slice is whole BLOCK_Ks (no mask along the long dim: 16-byte loads).
     j1 = tl.arange(0, R1P)
     j2 = tl.arange(0, R2P)
     acc1 = tl.zeros((BLOCK_M, R1P), dtype=tl.float32)
@@ -200,11 +171,14 @@ def _xa_rows(
     m_mask = offs_m[:, None] < M
     for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(x_rows + offs_k[None, :] * s_xk, mask=m_mask & (offs_k[None, :] < k_hi), other=0.0)
-        p1 = _load_p(p1_ptr, offs_k, j1, k_hi, R1, KT1, s_p1l, s_p1i, s_p1c)
+        if EVEN_K:
+            x = tl.load(x_rows + offs_k[None, :] * s_xk, mask=m_mask, other=0.0)
+        else:
+            x = tl.load(x_rows + offs_k[None, :] * s_xk, mask=m_mask & (offs_k[None, :] < k_hi), other=0.0)
+        p1 = _load_p(p1_ptr, offs_k, j1, k_hi, R1, KT1, s_p1l, s_p1i, s_p1c, EVEN_K)
         acc1 = _dot(x, p1, acc1, PREC)
         if HAS_SECOND:
-            p2 = _load_p(p2_ptr, offs_k, j2, k_hi, R2, KT2, s_p2l, s_p2i, s_p2c)
+            p2 = _load_p(p2_ptr, offs_k, j2, k_hi, R2, KT2, s_p2l, s_p2i, s_p2c, EVEN_K)
             acc2 = _dot(x, p2, acc2, PREC)
     return acc1, acc2
 
@@ -238,26 +212,25 @@ def _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N,
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels
+# Kernels. Tensors come first in every signature (the launch plans rely on it). Only T (M) is
+# not specialized: the long dims, ranks and strides are, since masks along a dim of known
+# divisibility and unit strides are what make 16-byte, cp.async-pipelined loads. KT (columns per
+# term) is a constexpr, so the rank gather (j // KT, j % KT) stays contiguous in runs of KT.
 # ---------------------------------------------------------------------------------------------
 
 
-@triton.autotune(
-    configs=_xa_configs(), key=["M_BUCKET", "K", "R1", "R2", "K_PER_SPLIT", "PREC"], reset_to_zero=["h_ptr"], **_AUTOTUNE_KW
-)
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M"])
 def _xa_kernel(
     x_ptr, h_ptr, p1_ptr, p2_ptr,
-    M, K, R1, R2, M_BUCKET, K_PER_SPLIT,
-    s_xm, s_xk, s_hm,
+    M, K, R1, R2, K_PER_SPLIT,
+    s_xm, s_xk, s_hs, s_hm,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
     scale,
-    KT1: tl.constexpr,
-    KT2: tl.constexpr,
-    HAS_SECOND: tl.constexpr, ATOMIC: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+    KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
+    PREC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    # h[:, 0:R1] (+)= scale·x·P1, h[:, R1:R1+R2] (+)= scale·x·P2, over this program's slice of K.
+    # Partial pid_k of h: h[pid_k, :, 0:R1] = scale·x·P1, h[pid_k, :, R1:R1+R2] = scale·x·P2 over
+    # this program's slice of K.
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -266,81 +239,64 @@ def _xa_kernel(
     acc1, acc2 = _xa_rows(
         x_ptr, s_xm, s_xk, offs_m, M, k_lo, k_hi,
         p1_ptr, R1, KT1, s_p1l, s_p1i, s_p1c, p2_ptr, R2, KT2, s_p2l, s_p2i, s_p2c,
-        HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_K,
+        HAS_SECOND, R1P, R2P, PREC, EVEN_K, BLOCK_M, BLOCK_K,
     )
-    h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
+    h_ty = h_ptr.dtype.element_ty
+    h_rows = h_ptr + pid_k.to(tl.int64) * s_hs + offs_m.to(tl.int64)[:, None] * s_hm
     m_mask = offs_m[:, None] < M
     j1 = tl.arange(0, R1P)
-    mask1 = m_mask & (j1[None, :] < R1)
-    if ATOMIC:
-        tl.atomic_add(h_rows + j1[None, :], acc1 * scale, mask=mask1)
-    else:
-        tl.store(h_rows + j1[None, :], acc1 * scale, mask=mask1)
+    tl.store(h_rows + j1[None, :], (acc1 * scale).to(h_ty), mask=m_mask & (j1[None, :] < R1))
     if HAS_SECOND:
         j2 = tl.arange(0, R2P)
-        mask2 = m_mask & (j2[None, :] < R2)
-        if ATOMIC:
-            tl.atomic_add(h_rows + R1 + j2[None, :], acc2 * scale, mask=mask2)
-        else:
-            tl.store(h_rows + R1 + j2[None, :], acc2 * scale, mask=mask2)
+        tl.store(h_rows + R1 + j2[None, :], (acc2 * scale).to(h_ty), mask=m_mask & (j2[None, :] < R2))
 
 
-@triton.jit
-def _hq_chunks(
-    acc, h_rows, m_mask, h_col0, q_ptr, R, KT, s_l, s_long, s_c, offs_n, N,
-    PREC: tl.constexpr, BLOCK_R: tl.constexpr,
-):
-    # acc += h[:, h_col0 : h_col0+R] · Q[:, offs_n], BLOCK_R rank columns at a time (h read as fp32,
-    # rounded to Q's dtype).
-    op_ty = q_ptr.dtype.element_ty
-    for r0 in range(0, R, BLOCK_R):
-        j = r0 + tl.arange(0, BLOCK_R)
-        h = tl.load(h_rows + h_col0 + j[None, :], mask=m_mask & (j[None, :] < R), other=0.0).to(op_ty)
-        q = _load_q(q_ptr, j, offs_n, R, N, KT, s_l, s_long, s_c)
-        acc = _dot(h, q, acc, PREC)
-    return acc
-
-
-@triton.autotune(configs=_hq_configs(), key=["M_BUCKET", "N", "R1", "R2", "PREC"], **_AUTOTUNE_KW)
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M"])
 def _hq_kernel(
     h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr,
-    M, N, R1, R2, M_BUCKET,
-    s_hm, s_ym, s_yn, s_b,
+    M, N, R1, R2, N_PER_PROG,
+    s_hs, s_hm, s_ym, s_yn, s_b,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
     scale,
-    KT1: tl.constexpr,
-    KT2: tl.constexpr,
-    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, SPLIT_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
-    # y[offs_m, offs_n] = scale·(h[:, :R1]·Q1 + h[:, R1:R1+R2]·Q2) + bias.
+    # y[offs_m, n-range of this program] = scale·(h[:, :R1]·Q1 + h[:, R1:R1+R2]·Q2) + bias. The
+    # rows of h are loaded (summed over their partials, rounded to the operand dtype) once, then
+    # kept in registers for every column block of the range.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
     m_mask = offs_m[:, None] < M
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    acc = _hq_chunks(acc, h_rows, m_mask, 0, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, offs_n, N, PREC, BLOCK_R)
+    op_ty = q1_ptr.dtype.element_ty
+    h1 = _load_h(h_rows, m_mask, 0, tl.arange(0, R1P), R1, s_hs, SPLIT_H).to(op_ty)
+    h2 = tl.zeros((BLOCK_M, R2P), dtype=op_ty)
     if HAS_SECOND:
-        acc = _hq_chunks(acc, h_rows, m_mask, R1, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c, offs_n, N, PREC, BLOCK_R)
-    _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
+        h2 = _load_h(h_rows, m_mask, R1, tl.arange(0, R2P), R2, s_hs, SPLIT_H).to(op_ty)
+    n_lo = pid_n * N_PER_PROG
+    n_hi = tl.minimum(n_lo + N_PER_PROG, N)
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = _hq_tile(
+            h1, h2, offs_n, N, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+            HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
+        )
+        _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
 
 
-@triton.autotune(configs=_fused_configs(), key=["M_BUCKET", "K", "N", "R1", "R2", "PREC"], **_AUTOTUNE_KW)
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M"])
 def _fused_kernel(
     x_ptr, y_ptr, p1_ptr, p2_ptr, q1_ptr, q2_ptr, bias_ptr,
-    M, K, N, R1, R2, M_BUCKET,
+    M, K, N, R1, R2,
     s_xm, s_xk, s_ym, s_yn, s_b,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
     scale,
-    KT1: tl.constexpr,
-    KT2: tl.constexpr,
-    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
-    PREC: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
+    KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One row block: h = x·[P1 P2] over all of K (registers), then y = scale·h·[Q1; Q2] + bias
     # streamed out in column blocks. x is read once and y written once.
@@ -349,7 +305,7 @@ def _fused_kernel(
     acc1, acc2 = _xa_rows(
         x_ptr, s_xm, s_xk, offs_m, M, 0, K,
         p1_ptr, R1, KT1, s_p1l, s_p1i, s_p1c, p2_ptr, R2, KT2, s_p2l, s_p2i, s_p2c,
-        HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_K,
+        HAS_SECOND, R1P, R2P, PREC, EVEN_K, BLOCK_M, BLOCK_K,
     )
     op_ty = q1_ptr.dtype.element_ty
     h1 = acc1.to(op_ty)
@@ -363,21 +319,18 @@ def _fused_kernel(
         _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
 
 
-@triton.autotune(
-    configs=_wgrad_configs(), key=["M_BUCKET", "N", "R", "T_PER_SPLIT", "PREC"], reset_to_zero=["d_ptr", "db_ptr"], **_AUTOTUNE_KW
-)
-@triton.jit(do_not_specialize=["M", "M_BUCKET"])
+@triton.jit(do_not_specialize=["M"])
 def _wgrad_kernel(
     x_ptr, h_ptr, d_ptr, db_ptr,
-    M, N, R, M_BUCKET, T_PER_SPLIT,
-    s_xm, s_xn, s_hm, s_dl, s_dn, s_dc,
+    M, N, R, T_PER_SPLIT, h_col0,
+    s_xm, s_xn, s_hs, s_hm, s_dsplit, s_dl, s_dn, s_dc, s_dbsplit,
     scale,
-    KT: tl.constexpr,
-    HAS_DB: tl.constexpr, ATOMIC: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr,
+    KT: tl.constexpr, HAS_DB: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, SPLIT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
-    # D[offs_n, j] (+)= scale·Σ_t x[t, offs_n]·h[t, j] over this program's slice of T, written
-    # through the factor view (l, n, c); db[offs_n] (+)= Σ_t x[t, offs_n] when HAS_DB.
+    # D[offs_n, j] = scale·Σ_t x[t, offs_n]·h[t, h_col0 + j] over this program's slice of T, written
+    # through the factor view (l, n, c) at partial pid_t (pid_t·s_dsplit); db[offs_n] =
+    # Σ_t x[t, offs_n] likewise when HAS_DB.
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -393,33 +346,54 @@ def _wgrad_kernel(
         t_mask = offs_t[:, None] < t_hi
         rows = offs_t.to(tl.int64)[:, None]
         x = tl.load(x_ptr + rows * s_xm + offs_n[None, :] * s_xn, mask=t_mask & n_mask[None, :], other=0.0)
-        h = tl.load(h_ptr + rows * s_hm + j[None, :], mask=t_mask & (j[None, :] < R), other=0.0).to(op_ty)
+        h = _load_h(h_ptr + rows * s_hm, t_mask, h_col0, j, R, s_hs, SPLIT_H).to(op_ty)
         acc = _dot(tl.trans(x), h, acc, PREC)
         if HAS_DB:
             colsum += tl.sum(x.to(tl.float32), axis=0)
     acc = acc * scale
-    ptrs = d_ptr + offs_n[:, None] * s_dn + _rank_off(j, KT, s_dl, s_dc)[None, :]
-    mask = n_mask[:, None] & (j[None, :] < R)
-    if ATOMIC:
-        tl.atomic_add(ptrs, acc, mask=mask)
-    else:
-        tl.store(ptrs, acc.to(d_ptr.dtype.element_ty), mask=mask)
+    d_base = d_ptr + pid_t.to(tl.int64) * s_dsplit
+    ptrs = d_base + offs_n[:, None] * s_dn + _rank_off(j, KT, s_dl, s_dc)[None, :]
+    tl.store(ptrs, acc.to(d_ptr.dtype.element_ty), mask=n_mask[:, None] & (j[None, :] < R))
     if HAS_DB:
-        if ATOMIC:
-            tl.atomic_add(db_ptr + offs_n, colsum, mask=n_mask)
-        else:
-            tl.store(db_ptr + offs_n, colsum.to(db_ptr.dtype.element_ty), mask=n_mask)
+        db_base = db_ptr + pid_t.to(tl.int64) * s_dbsplit
+        tl.store(db_base + offs_n, colsum.to(db_ptr.dtype.element_ty), mask=n_mask)
+
+
+@triton.jit
+def _reduce_seg(w_ptr, o_ptr, n, splits, s_split, blk, BLOCK: tl.constexpr):
+    # o[i] = Σ_{s < splits} w[s·s_split + i] for this block of i, rounded to o's dtype.
+    idx = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = idx < n
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        acc += tl.load(w_ptr + s * s_split + idx, mask=mask, other=0.0)
+    tl.store(o_ptr + idx, acc.to(o_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _reduce_kernel(
+    w1_ptr, w2_ptr, w3_ptr, o1_ptr, o2_ptr, o3_ptr,
+    n1, n2, n3, sp1, sp2, sp3, st1, st2, st3, NB1, NB2,
+    NSEG: tl.constexpr, BLOCK: tl.constexpr,
+):
+    # Up to three outputs, each the sum of the fp32 partials in its own workspace: blocks [0, NB1)
+    # of the grid serve o1, the next NB2 o2, the rest o3. (Separate workspaces, and no code for
+    # unused slots: under torch.compile every tensor a kernel writes must be a distinct argument.)
+    pid = tl.program_id(0)
+    if pid < NB1:
+        _reduce_seg(w1_ptr, o1_ptr, n1, sp1, st1, pid, BLOCK)
+    else:
+        if NSEG >= 2:
+            if pid < NB1 + NB2:
+                _reduce_seg(w2_ptr, o2_ptr, n2, sp2, st2, pid - NB1, BLOCK)
+            else:
+                if NSEG >= 3:
+                    _reduce_seg(w3_ptr, o3_ptr, n3, sp3, st3, pid - NB1 - NB2, BLOCK)
 
 
 # ---------------------------------------------------------------------------------------------
-# Host side: factor views, plans, launchers
+# Factor views
 # ---------------------------------------------------------------------------------------------
-
-
-def _launcher(kernel):
-    """``wrap_triton(kernel)`` while tracing (Inductor sees the kernel), the kernel itself in eager
-    mode: what wrap_triton returns there too, without its ~10 µs of checks per launch."""
-    return wrap_triton(kernel) if is_wrap_triton_enabled() else kernel
 
 
 class Factor(NamedTuple):
@@ -487,22 +461,30 @@ def _rank_pad(R: int) -> int:
     return max(16, _pow2_at_least(R))
 
 
-def _m_bucket(M: int) -> int:
-    # Autotune key for T: 16, 32, ..., 16384. Shapes in one bucket share one tuning.
+def _m_bucket(M) -> int | None:
+    """T bucket of the tuning cache: 16, 32, ..., 16384 (None for a symbolic T)."""
+    if not isinstance(M, int):
+        return None
     return min(max(16, _pow2_at_least(M)), _M_BUCKET_MAX)
 
 
-@functools.cache
+_SMS: dict = {}
+
+
 def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 4  # interpreter: a small "GPU", so small test shapes take the split paths
+    n = _SMS.get(device)
+    if n is None:
+        n = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
+        _SMS[device] = n  # interpreter: a small "GPU", so small test shapes take the split paths
+    return n
 
 
-# tl.dot input precision of an fp32 product when torch allows no TF32: 0 "ieee" (fp32 FMAs, what
-# torch's "highest" means). 2 ("tf32x3": three TF32 products, ~fp32 accuracy on tensor cores) is
-# the faster alternative, kept for measurements.
-_FP32_HIGHEST = 0
+# tl.dot input precision of an fp32 product when torch allows no TF32: 2, "tf32x3" (each operand
+# split into a TF32 high part and a TF32 remainder, three tensor-core products, fp32 accumulation),
+# whose error measured at or below that of fp32 FMAs ("ieee", 0) and of cuBLAS's fp32 GEMM on the
+# H200 (headline layer, T = 4096: 2.9e-7 against 1.6e-6 and 5.9e-7), at up to twice the speed
+# (docs/benchmarks.md). "ieee" stays selectable here.
+_FP32_HIGHEST = 2
 
 
 def _precision(dtype: torch.dtype) -> int:
@@ -535,117 +517,676 @@ def _pair(factors: list[Factor]) -> tuple[Factor, Factor, bool]:
     return f1, f1._replace(R=0), False
 
 
-def _pair_args(factors: list[Factor]) -> tuple:
-    """Kernel arguments of a factor pair: pointers, ranks, strides, padded ranks and KTs."""
-    f1, f2, has_second = _pair(factors)
+# ---------------------------------------------------------------------------------------------
+# Configs
+# ---------------------------------------------------------------------------------------------
+
+
+class _XaCfg(NamedTuple):
+    BLOCK_M: int
+    BLOCK_K: int
+    warps: int
+    stages: int
+    # Programs along the long dim (fp32 partials that the consumers sum); 0: the default, which
+    # splits only at small T.
+    split: int = 0
+
+
+class _HqCfg(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    warps: int
+    stages: int
+    # Column blocks a program walks: 0, as many as spread the grid over ~4 programs an SM; 1, one
+    # (a plain 2-D grid, the most programs).
+    per_prog: int = 0
+
+
+class _FusedCfg(NamedTuple):
+    BLOCK_M: int
+    BLOCK_K: int
+    BLOCK_N: int
+    warps: int
+    stages: int
+
+
+class _WgCfg(NamedTuple):
+    BLOCK_N: int
+    BLOCK_T: int
+    warps: int
+    stages: int
+
+
+_SMEM = 200 * 1024  # shared memory a config may plan for (the H100/H200 give a block 227 KB)
+
+
+def _fit(stage_bytes: int, stages: int) -> int:
+    """Pipeline depth that fits in _SMEM (at least 1)."""
+    return max(1, min(stages, _SMEM // max(1, stage_bytes)))
+
+
+def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
+    """Configs of _xa for M rows, padded rank rp (both factors), element size es; with ``splits``
+    (the forward, whose one consumer sums partials once per row block) also split-K variants for
+    large T, where the row blocks alone leave SMs idle or too few bytes in flight."""
+    if _INTERPRET:
+        return [_XaCfg(16, 32, 4, 1)]
+    fp32 = es == 4
+    # Accumulator (BLOCK_M × rp fp32) at most 64 registers a thread (128 for 16-bit on 8 warps).
+    if isinstance(M, int) and M < _TUNE_MIN_M:
+        cands = [_XaCfg(16, 64 if fp32 else 128, 4, 3)]
+    elif fp32:
+        cands = [_XaCfg(32, 64, 4, 3), _XaCfg(64, 32, 4, 3), _XaCfg(16, 64, 4, 3)]
+    elif rp >= 256:
+        cands = [_XaCfg(64, 64, 8, 4), _XaCfg(32, 128, 4, 3), _XaCfg(64, 128, 8, 3)]
+    else:
+        cands = [_XaCfg(32, 128, 4, 4), _XaCfg(64, 128, 4, 4), _XaCfg(128, 64, 8, 4)]
+    out = []
+    for c in cands:
+        bm = c.BLOCK_M
+        while bm > 16 and bm * rp > (2048 if fp32 else 4096) * c.warps:
+            bm //= 2
+        bk = c.BLOCK_K
+        out.append(_XaCfg(bm, bk, c.warps, _fit(es * (bm * bk + bk * rp), c.stages)))
+    if splits and isinstance(M, int) and M >= _TUNE_MIN_M:
+        base = next((c for c in out if c.BLOCK_M == 64), out[0])
+        out += [base._replace(split=2), base._replace(split=4)]
+    return list(dict.fromkeys(out))
+
+
+def _hq_candidates(M, rp: int, es: int) -> list[_HqCfg]:
+    """Configs of _hq for M rows and padded rank rp (both factors)."""
+    if _INTERPRET:
+        return [_HqCfg(16, 32, 4, 1)]
+    fp32 = es == 4
+    if isinstance(M, int) and M < _TUNE_MIN_M:
+        return [_HqCfg(16, 64 if fp32 else 128, 4, 2)]
+    if fp32:
+        cands = [_HqCfg(32, 128, 4, 2), _HqCfg(64, 64, 4, 2), _HqCfg(32, 64, 4, 3)]
+    else:
+        cands = [_HqCfg(64, 128, 4, 3), _HqCfg(128, 128, 8, 3), _HqCfg(64, 256, 8, 3)]
+    # h (BLOCK_M × rp) stays in registers, and the accumulator (BLOCK_M × BLOCK_N fp32); shared
+    # memory holds a (rp × BLOCK_N) tile of B per stage and the epilogue's (BLOCK_M × BLOCK_N).
+    out = []
+    for c in cands:
+        bm, bn = c.BLOCK_M, c.BLOCK_N
+        while bm > 16 and bm * (rp + bn) > (2048 if fp32 else 4096) * c.warps:
+            bm //= 2
+        while bn > 64 and es * rp * bn + 4 * bm * bn > _SMEM // 2:
+            bn //= 2
+        stages = _fit(es * rp * bn, c.stages) if 4 * bm * bn < _SMEM else 1
+        stages = max(1, min(stages, (_SMEM - 4 * bm * bn) // (es * rp * bn)))
+        out.append(_HqCfg(bm, bn, c.warps, stages))
+    # The same first config on a plain 2-D grid, and for large ranks a smaller tile (more programs
+    # resident per SM): the output writes need many in flight.
+    out.append(out[0]._replace(per_prog=1))
+    if rp >= 128:
+        small = _HqCfg(64 if not fp32 else 32, 64, 4, 2)
+        out += [small, small._replace(per_prog=1)]
+    return list(dict.fromkeys(out))
+
+
+def _fused_candidates(rp: int, es: int) -> list[_FusedCfg]:
+    if _INTERPRET:
+        return [_FusedCfg(16, 32, 32, 4, 1)]
+    if es == 4:
+        return [_FusedCfg(32, 64, 64, 4, 3), _FusedCfg(16, 64, 128, 4, 3)]
+    cands = [_FusedCfg(32, 128, 128, 4, 4), _FusedCfg(64, 128, 128, 4, 3), _FusedCfg(16, 128, 256, 4, 4)]
+    return [c._replace(stages=_fit(es * (c.BLOCK_M * c.BLOCK_K + c.BLOCK_K * rp), c.stages)) for c in cands]
+
+
+def _wg_candidates(M, rp: int, es: int) -> list[_WgCfg]:
+    if _INTERPRET:
+        return [_WgCfg(32, 32, 4, 1)]
+    fp32 = es == 4
+    if isinstance(M, int) and M < _TUNE_MIN_M:
+        cands = [_WgCfg(64, 32, 4, 2)]
+    elif fp32:
+        cands = [_WgCfg(64, 32, 4, 3), _WgCfg(128, 32, 8, 3), _WgCfg(32, 64, 4, 3)]
+    else:
+        cands = [_WgCfg(128, 64, 4, 3), _WgCfg(256, 64, 8, 3), _WgCfg(64, 128, 4, 3)]
+    out = []
+    for c in cands:
+        bn = c.BLOCK_N
+        while bn > 32 and bn * rp > (2048 if fp32 else 4096) * c.warps:
+            bn //= 2
+        out.append(_WgCfg(bn, c.BLOCK_T, c.warps, _fit(c.BLOCK_T * (es * bn + 4 * rp), c.stages)))
+    return list(dict.fromkeys(out))
+
+
+# Config picked per (kernel, layer dims, dtype, precision, T bucket) by timing the candidates once.
+_TUNED: dict = {}
+# What the timing saw: {key: {config: ms}} (read by the benchmark and the notes).
+TUNE_LOG: dict = {}
+
+
+def _can_time(trace: bool, M) -> bool:
+    """Whether a plan for M rows may time candidates now: eager, not capturing a CUDA graph, and
+    M large enough for the GPU time to matter."""
     return (
-        (f1.t, f2.t),
-        (f1.R, f2.R),
-        f1.strides() + f2.strides(),
-        has_second,
-        _rank_pad(f1.R),
-        _rank_pad(f2.R),
-        {"KT1": f1.kt(), "KT2": f2.kt()},
+        _TUNE
+        and not trace
+        and isinstance(M, int)
+        and M >= _TUNE_MIN_M
+        and not torch.cuda.is_current_stream_capturing()
     )
 
 
-def _xa(x: Tensor, factors: list[Factor], scale: float) -> Tensor:
-    """h = scale·x·[P1 P2] as fp32 (M × R1+R2). x: (M, K) with any strides."""
-    M, K = x.shape
-    (p1, p2), (R1, R2), strides, has_second, R1P, R2P, kts = _pair_args(factors)
-    n_sm = _num_sms(x.device)
-    BLOCK_M = 16 if M <= 16 else (32 if M <= 32 else 64)
-    row_blocks = _cdiv(M, BLOCK_M)
-    split = 1
-    if row_blocks < n_sm:  # too few row blocks to fill the GPU: split the reduction over K
-        split = max(1, min(_cdiv(2 * n_sm, row_blocks), _cdiv(K, _K_GRANULE)))
-    k_per = _cdiv(_cdiv(K, split), _K_GRANULE) * _K_GRANULE
-    split = _cdiv(K, k_per)
-    atomic = split > 1
-    h = (torch.zeros if atomic else torch.empty)((M, R1 + R2), device=x.device, dtype=torch.float32)
-    _launcher(_xa_kernel)[(row_blocks, split)](
-        x, h, p1, p2,
-        M, K, R1, R2, _m_bucket(M), k_per,
-        x.stride(0), x.stride(1), h.stride(0),
-        *strides,
-        scale,
-        **kts, HAS_SECOND=has_second, ATOMIC=atomic, R1P=R1P, R2P=R2P, PREC=_precision(x.dtype), BLOCK_M=BLOCK_M,
-    )  # fmt: skip
-    return h
+def _pick(key, cands: list, make_run, allowed: bool):
+    """The candidate to use for ``key``: the only one, the one timed before, or (first use, when
+    ``allowed``) the fastest of ``make_run(c)()`` timed with do_bench; else the first."""
+    if len(cands) == 1:
+        return cands[0]
+    if key[-1] is None or not allowed:  # (the last entry is the T bucket: None for a symbolic T)
+        return _TUNED.get(key, cands[0])
+    if key in _TUNED:
+        return _TUNED[key]
+    times = {}
+    for c in cands:
+        try:
+            run = make_run(c)
+            run()  # compile outside the timing
+        except OutOfResources:  # (shared memory or registers): not a candidate
+            continue
+        times[c] = float(triton.testing.do_bench(run, warmup=5, rep=20, return_mode="median"))
+    if not times:
+        return cands[0]
+    best = min(times, key=times.get)
+    _TUNED[key] = best
+    TUNE_LOG[key] = times
+    return best
 
 
-def _hq(h: Tensor, factors: list[Factor], bias: Tensor | None, scale: float, out: Tensor) -> Tensor:
-    """out = scale·h·[Q1; Q2] + bias. h: fp32 (M × R1+R2); out: (M, N) in the factors' dtype."""
-    M, N = out.shape
-    (q1, q2), (R1, R2), strides, has_second, _, _, kts = _pair_args(factors)
-    b = bias if bias is not None else out
-    _launcher(_hq_kernel)[lambda META: (_cdiv(M, META["BLOCK_M"]), _cdiv(N, META["BLOCK_N"]))](
-        h, out, q1, q2, b,
-        M, N, R1, R2, _m_bucket(M),
-        h.stride(0), out.stride(0), out.stride(1), b.stride(0) if bias is not None else 0,
-        *strides,
-        scale,
-        **kts, HAS_SECOND=has_second, HAS_BIAS=bias is not None, PREC=_precision(out.dtype),
-    )  # fmt: skip
-    return out
+# ---------------------------------------------------------------------------------------------
+# Launches
+# ---------------------------------------------------------------------------------------------
 
 
-def _fused(x: Tensor, a: list[Factor], b: list[Factor], bias: Tensor | None, scale: float, out: Tensor) -> Tensor:
-    """out = scale·(x·A)·B + bias in one kernel (a and b pair up: same ranks)."""
-    M, K = x.shape
-    N = out.shape[1]
-    (p1, p2), (R1, R2), p_strides, has_second, R1P, R2P, p_kts = _pair_args(a)
-    (q1, q2), _, q_strides, _, _, _, q_kts = _pair_args(b)
-    # One KT per pair serves its P and its Q: where they differ, the true columns per term.
-    kts = {name: p_kts[name] if p_kts[name] == q_kts[name] else a[0].KT for name in p_kts}
-    bb = bias if bias is not None else out
-    _launcher(_fused_kernel)[lambda META: (_cdiv(M, META["BLOCK_M"]),)](
-        x, out, p1, p2, q1, q2, bb,
-        M, K, N, R1, R2, _m_bucket(M),
-        x.stride(0), x.stride(1), out.stride(0), out.stride(1), bb.stride(0) if bias is not None else 0,
-        *p_strides,
-        *q_strides,
-        scale,
-        **kts, HAS_SECOND=has_second, HAS_BIAS=bias is not None, R1P=R1P, R2P=R2P, PREC=_precision(x.dtype),
-    )  # fmt: skip
-    return out
+class _Launch:
+    """One kernel launch whose grid and arguments, all but the leading tensors, are fixed.
 
-
-def _wgrad(x: Tensor, h: Tensor, f: Factor, scale: float, want_db: bool) -> tuple[Tensor, Tensor | None]:
-    """(D, db): D = scale·xᵀ·h laid out like factor ``f`` (a fresh tensor of f.t's shape), db = Σ_t x.
-
-    x: (M, N) any strides; h: fp32 (M, ≥ f.R) with unit column stride.
+    The first call launches through ``kernel[grid](...)`` (``wrap_triton`` while tracing, so
+    Inductor sees the kernel); with ``fast`` it keeps the compiled kernel that call returns and
+    later calls hand it the arguments directly, as JITFunction.run does after its binding and
+    cache lookup (both of which a plan's fixed shapes make redundant).
     """
-    M, N = x.shape
-    n_sm = _num_sms(x.device)
-    BLOCK_N = 64
-    col_blocks = _cdiv(N, BLOCK_N)
-    split = 1
-    if col_blocks < 2 * n_sm:  # too few column blocks to fill the GPU: split the reduction over T
-        split = max(1, min(_cdiv(2 * n_sm, col_blocks), _cdiv(M, _T_GRANULE)))
-    t_per = _cdiv(_cdiv(M, split), _T_GRANULE) * _T_GRANULE
-    split = _cdiv(M, t_per)
-    atomic = split > 1
-    acc_dtype = torch.float32 if atomic else f.t.dtype
-    alloc = torch.zeros if atomic else torch.empty
-    d = alloc(f.t.shape, device=x.device, dtype=acc_dtype)
-    db = alloc((N,), device=x.device, dtype=acc_dtype) if want_db else d
-    _launcher(_wgrad_kernel)[(col_blocks, split)](
-        x, h, d, db,
-        M, N, f.R, _m_bucket(M), t_per,
-        x.stride(0), x.stride(1), h.stride(0), *f.strides(d),
-        scale,
-        KT=f.kt(d), HAS_DB=want_db, ATOMIC=atomic, RP=_rank_pad(f.R), PREC=_precision(x.dtype), BLOCK_N=BLOCK_N,
+
+    __slots__ = ("compiled", "fast", "fn", "grid", "meta", "opts", "scalars", "tail", "trace")
+
+    def __init__(self, fn, grid, n_ptr: int, scalars: tuple, meta: dict, opts: dict, fast: bool, trace: bool):
+        names = fn.arg_names
+        rest = names[n_ptr + len(scalars) :]
+        if len(names) != n_ptr + len(scalars) + len(meta) or set(rest) != set(meta):
+            raise AssertionError(f"launch of {names} with {n_ptr} tensors, {len(scalars)} scalars, {sorted(meta)}")
+        self.fn = fn
+        self.grid = tuple(grid) + (1,) * (3 - len(grid))
+        self.scalars = scalars
+        self.meta = meta
+        self.opts = opts
+        self.tail = (*scalars, *(meta[n] for n in rest))
+        self.fast = fast and _FAST_LAUNCH
+        self.compiled = None
+        self.trace = trace
+
+    def __call__(self, *tensors) -> None:
+        k = self.compiled
+        if k is not None:
+            args = (*tensors, *self.tail)
+            stream = _raw_stream(torch.cuda.current_device())
+            g = self.grid
+            enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
+            meta = k.launch_metadata(g, stream, *args) if getattr(enter, "calls", True) else None
+            k.run(g[0], g[1], g[2], stream, k.function, k.packed_metadata, meta, enter, leave, *args)
+            return
+        fn = wrap_triton(self.fn) if self.trace else self.fn
+        ret = fn[self.grid](*tensors, *self.scalars, **self.meta, **self.opts)
+        if self.fast and hasattr(ret, "packed_metadata") and hasattr(ret, "function"):
+            self.compiled = ret
+
+
+try:  # the current CUDA stream, as triton's CUDA driver reads it
+    from torch._C import _cuda_getCurrentRawStream as _raw_stream
+except ImportError:  # pragma: no cover - CPU-only torch: no direct launches happen
+
+    def _raw_stream(idx):
+        return torch.cuda.current_stream(idx).cuda_stream
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans: the launches of one call, fixed for its shapes and strides
+# ---------------------------------------------------------------------------------------------
+
+
+def _contig_strides(shape) -> tuple[int, ...]:
+    out, s = [], 1
+    for d in reversed(shape):
+        out.append(s)
+        s *= d
+    return tuple(reversed(out))
+
+
+def _view_of(f: Factor, shape) -> tuple[tuple[int, int, int], int]:
+    """((s_l, s_long, s_c), KT) of a contiguous tensor of ``shape`` read through f's view."""
+    st = _contig_strides(shape)
+    s_l = st[f.dim_l] if f.dim_l is not None else 0
+    s_c = st[f.dim_c]
+    whole = f.dim_l is None or shape[f.dim_l] == 1 or s_l == f.KT * s_c
+    return (s_l, st[f.dim_long], s_c), (_rank_pad(f.R) if whole else f.KT)
+
+
+def _ptrs(factors: list[Factor]) -> tuple[Tensor, Tensor]:
+    """The two factor tensors a kernel takes (the first twice when there is one)."""
+    return (factors[0].t, factors[1].t if len(factors) == 2 else factors[0].t)
+
+
+def _sig(factors: list[Factor]) -> tuple:
+    return tuple((f.R, f.KT, f.dim_long) for f in factors)
+
+
+class _Xa:
+    """h = scale·src·[P1 P2] for src (M × K): one _xa launch and the layout of the h it writes."""
+
+    def __init__(self, M, K, s_src, a: list[Factor], scale, dtype, prec, n_sm, cfg: _XaCfg, fast, trace):
+        f1, f2, has2 = _pair(a)
+        R1, R2 = f1.R, f2.R
+        BM, BK = cfg.BLOCK_M, cfg.BLOCK_K
+        row_blocks = _cdiv(M, BM)
+        split = 1
+        if cfg.split:
+            split = max(1, min(cfg.split, K // _K_GRANULE))
+        elif isinstance(M, int) and M < _TUNE_MIN_M and row_blocks < n_sm:
+            # Too few row blocks to fill the GPU: split the reduction over K. (Not for large T,
+            # where the row blocks nearly fill it: every consumer of h would read the partials.)
+            split = max(1, min(_cdiv(2 * n_sm, row_blocks), _cdiv(K, _K_GRANULE)))
+        k_per = _cdiv(_cdiv(K, split), _K_GRANULE) * _K_GRANULE
+        split = _cdiv(K, k_per)
+        R = R1 + R2
+        self.cfg = cfg
+        self.split = split
+        # Unsplit, h is written in the operand dtype (as the reference rounds x·A); split, as fp32
+        # partials (split, M, R) that the consumers sum.
+        self.h_dtype = dtype if split == 1 else torch.float32
+        self.h_shape = (M, R) if split == 1 else (split, M, R)
+        self.s_hs, self.s_hm = M * R, R
+        even_k = K % BK == 0 and k_per % BK == 0
+        self.launch = _Launch(
+            _xa_kernel, (row_blocks, split), 4,
+            (M, K, R1, R2, k_per, *s_src, self.s_hs, self.s_hm, *f1.strides(), *f2.strides(), float(scale)),
+            {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "R1P": _rank_pad(R1), "R2P": _rank_pad(R2), "PREC": prec,
+                 "EVEN_K": even_k, "BLOCK_M": BM, "BLOCK_K": BK},
+            {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
+        )  # fmt: skip
+
+    def new_h(self, device) -> Tensor:
+        return torch.empty(self.h_shape, device=device, dtype=self.h_dtype)
+
+
+def _hq_launch(
+    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg: _HqCfg, fast, trace
+) -> _Launch:
+    """out (M × N, strides s_y) = scale·h·[Q1; Q2] + bias for the h ``xa`` writes."""
+    f1, f2, has2 = _pair(b)
+    row_blocks = _cdiv(M, cfg.BLOCK_M)
+    col_blocks = _cdiv(N, cfg.BLOCK_N)
+    # Each program keeps its rows of h and walks a range of column blocks: about 4 programs an SM
+    # (or, per_prog = 1, one column block each).
+    groups = col_blocks if cfg.per_prog == 1 else max(1, min(col_blocks, _cdiv(4 * n_sm, row_blocks)))
+    n_per = _cdiv(col_blocks, groups) * cfg.BLOCK_N
+    return _Launch(
+        _hq_kernel, (row_blocks, _cdiv(N, n_per)), 5,
+        (M, N, f1.R, f2.R, n_per, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), float(scale)),
+        {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "HAS_BIAS": has_bias, "R1P": _rank_pad(f1.R), "R2P": _rank_pad(f2.R),
+             "PREC": prec, "SPLIT_H": xa.split, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N},
+        {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
     )  # fmt: skip
-    if atomic:
-        d = d.to(f.t.dtype)
-        db = db.to(f.t.dtype)
-    return d, (db if want_db else None)
+
+
+def _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg: _FusedCfg, fast, trace) -> _Launch:
+    p1, p2, has2 = _pair(a)
+    q1, q2, _ = _pair(b)
+    # One KT per pair serves its P and its Q: where they differ, the true columns per term.
+    kt1 = p1.kt() if p1.kt() == q1.kt() else p1.KT
+    kt2 = p2.kt() if p2.kt() == q2.kt() else p2.KT
+    return _Launch(
+        _fused_kernel, (_cdiv(M, cfg.BLOCK_M),), 7,
+        (M, K, N, p1.R, p2.R, *s_x, *s_y, s_b, *p1.strides(), *p2.strides(), *q1.strides(), *q2.strides(),
+         float(scale)),
+        {"KT1": kt1, "KT2": kt2, "HAS_SECOND": has2, "HAS_BIAS": has_bias, "R1P": _rank_pad(p1.R), "R2P": _rank_pad(p2.R),
+             "PREC": prec, "EVEN_K": K % cfg.BLOCK_K == 0, "BLOCK_M": cfg.BLOCK_M, "BLOCK_K": cfg.BLOCK_K, "BLOCK_N": cfg.BLOCK_N},
+        {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
+    )  # fmt: skip
+
+
+class _ForwardPlan:
+    """y = scale·(x·A)·B + bias: the fused kernel, or _xa then _hq."""
+
+    def __init__(self, x: Tensor, a: list[Factor], b: list[Factor], bias, scale, path, trace: bool, fast: bool):
+        if path not in (None, "fused", "split"):
+            raise ValueError(f"path must be None, 'fused' or 'split', got {path!r}")
+        M, K = x.shape
+        N = b[0].n_long
+        dtype = x.dtype
+        prec = _precision(dtype)
+        es = dtype.itemsize
+        s_x = (x.stride(0), x.stride(1))
+        s_y = (N, 1)
+        has_bias = bias is not None
+        s_b = bias.stride(0) if has_bias else 0
+        n_sm = _num_sms(x.device)
+        self.M, self.N, self.dtype = M, N, dtype
+        dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
+        rp = sum(_rank_pad(f.R) for f in a)
+        pa, pb = _ptrs(a), _ptrs(b)
+        tune = _can_time(trace, M)
+        if tune:  # buffers for the timing runs
+            y_t = torch.empty((M, N), device=x.device, dtype=dtype)
+            b_t = bias if has_bias else y_t
+
+        def xa_for(cfg):
+            return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace)
+
+        def hq_for(xa, cfg):
+            return _hq_launch(M, N, xa, b, s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace)
+
+        def fused_for(cfg):
+            return _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg, fast, trace)
+
+        def run_xa(cfg):
+            xa = xa_for(cfg)
+            h = xa.new_h(x.device)
+            return lambda: xa.launch(x, h, *pa)
+
+        def run_hq(cfg):
+            h = self.xa.new_h(x.device)
+            self.xa.launch(x, h, *pa)
+            hq = hq_for(self.xa, cfg)
+            return lambda: hq(h, y_t, *pb, b_t)
+
+        def run_fused(cfg):
+            fl = fused_for(cfg)
+            return lambda: fl(x, y_t, *pa, *pb, b_t)
+
+        if path is None and rp > _FUSED_MAX_RANK[dtype]:
+            path = "split"
+        self.fused = self.xa = self.hq = None
+        if path != "split":
+            self.fused_cfg = _pick(("fused",) + dims, _fused_candidates(rp, es), run_fused, tune)
+            self.fused = fused_for(self.fused_cfg)
+        if path != "fused":
+            self.xa = xa_for(_pick(("xa_f",) + dims, _xa_candidates(M, rp, es, splits=True), run_xa, tune))
+            hq_c = _hq_candidates(M, rp, es)
+            self.hq = hq_for(self.xa, _pick(("hq_f", self.xa.split) + dims, hq_c, run_hq, tune))
+        if path is None:
+            # Below _TUNE_MIN_M rows the split path, whose split reduction fills the GPU at small
+            # T; from there on the faster of the two, timed once per T bucket.
+            def run_path(p):
+                if p == "fused":
+                    return run_fused(self.fused_cfg)
+                h = self.xa.new_h(x.device)
+                return lambda: (self.xa.launch(x, h, *pa), self.hq(h, y_t, *pb, b_t))
+
+            big = isinstance(M, int) and M >= _TUNE_MIN_M
+            path = _pick(("path",) + dims, ["split", "fused"], run_path, tune) if big else "split"
+        self.path = path
+
+    def __call__(self, x: Tensor, pa, pb, bias: Tensor | None) -> Tensor:
+        y = torch.empty((self.M, self.N), device=x.device, dtype=self.dtype)
+        b = bias if bias is not None else y
+        if self.path == "fused":
+            self.fused(x, y, *pa, *pb, b)
+        else:
+            h = self.xa.new_h(x.device)
+            self.xa.launch(x, h, *pa)
+            self.hq(h, y, *pb, b)
+        return y
+
+
+class _Wgrad:
+    """D = scale·srcᵀ·h[:, col0 : col0+R] laid out like factor ``f`` (a contiguous tensor of its
+    shape), and db = Σ_t src when ``want_db``: one launch, into the final tensors or, split over
+    T, into fp32 partials in workspaces of their own (summed by the backward's reduce launch)."""
+
+    def __init__(self, M, N, s_src, xa: _Xa, col0, f: Factor, scale, want_db, prec, n_sm, cfg: _WgCfg):
+        self.shape = tuple(f.t.shape)
+        numel = 1
+        for d in self.shape:
+            numel *= d
+        self.numel, self.N, self.want_db, self.cfg = numel, N, want_db, cfg
+        col_blocks = _cdiv(N, cfg.BLOCK_N)
+        split = 1
+        if col_blocks < 2 * n_sm:  # too few column blocks to fill the GPU: split the reduction over T
+            split = max(1, min(_cdiv(2 * n_sm, col_blocks), _cdiv(M, _T_GRANULE)))
+        t_per = _cdiv(_cdiv(M, split), _T_GRANULE) * _T_GRANULE
+        split = _cdiv(M, t_per)
+        self.split = split
+        # Partial strides in fp32 elements, multiples of 16 so every partial stays 64-byte aligned.
+        self.d_pad = _cdiv(numel, 16) * 16
+        self.db_pad = _cdiv(N, 16) * 16
+        (s_l, s_long, s_c), kt = _view_of(f, self.shape)
+        s_dsplit = self.d_pad if split > 1 else 0
+        s_dbsplit = self.db_pad if split > 1 else 0
+        self._scalars = (M, N, f.R, t_per, col0, *s_src, xa.s_hs, xa.s_hm, s_dsplit, s_l, s_long, s_c, s_dbsplit,
+                         float(scale))  # fmt: skip
+        self._meta = {"KT": kt, "HAS_DB": want_db, "RP": _rank_pad(f.R), "PREC": prec, "SPLIT_H": xa.split, "BLOCK_N": cfg.BLOCK_N,
+                          "BLOCK_T": cfg.BLOCK_T}  # fmt: skip
+        self.launch = None
+
+    def build(self, fast: bool, trace: bool) -> None:
+        self.launch = _Launch(
+            _wgrad_kernel, (_cdiv(self.N, self.cfg.BLOCK_N), self.split), 4, self._scalars, self._meta,
+            {"num_warps": self.cfg.warps, "num_stages": self.cfg.stages}, fast, trace,
+        )  # fmt: skip
+
+    def workspaces(self, device) -> tuple[Tensor | None, Tensor | None]:
+        """fp32 partials of D and of db when split (None otherwise)."""
+        if self.split == 1:
+            return None, None
+        wd = torch.empty(self.split * self.d_pad, device=device, dtype=torch.float32)
+        wdb = torch.empty(self.split * self.db_pad, device=device, dtype=torch.float32) if self.want_db else None
+        return wd, wdb
+
+    def run(self, src: Tensor, h: Tensor, wd: Tensor | None, wdb: Tensor | None, d: Tensor, db: Tensor | None):
+        if self.split > 1:
+            self.launch(src, h, wd, wdb if wdb is not None else wd)
+        else:
+            self.launch(src, h, d, db if db is not None else d)
+
+
+class _BackwardPlan:
+    """dx, [dA_p], [dB_p], db of y = scale·(x·A)·B + b, for the factors flagged trainable.
+
+    gh = scale·g·Bᵀ (one pass over g, _xa) feeds dx = gh·Aᵀ (_hq) and dA_p = xᵀ·gh_p (_wgrad).
+    h_p = x·A_p (one pass over x, only for the pairs whose B factor trains) feeds dB_p =
+    scale·h_pᵀ·g (_wgrad), whose pass over g also sums db. Weight gradients split over T write fp32
+    partials that one _reduce launch sums into the final tensors.
+    """
+
+    def __init__(self, grad, x, a, b, train_a, train_b, scale, need_dx, need_db, trace: bool, fast: bool):
+        M, K = x.shape
+        N = grad.shape[1]
+        dtype = x.dtype
+        prec = _precision(dtype)
+        es = dtype.itemsize
+        n_sm = _num_sms(x.device)
+        dev = x.device
+        s_x = (x.stride(0), x.stride(1))
+        s_g = (grad.stride(0), grad.stride(1))
+        bucket = _m_bucket(M)
+        self.M, self.K, self.N, self.dtype = M, K, N, dtype
+        self.n_a, self.n_b = len(a), len(b)
+        self.need_db = need_db
+        tune = _can_time(trace, M)
+        pa, pb = _ptrs(a), _ptrs(b)
+
+        def wgrad_for(Nw, s_src, xa, col0, f, sc, want_db, src, h, tag):
+            cands = _wg_candidates(M, _rank_pad(f.R), es)
+
+            def run(cfg):
+                wg = _Wgrad(M, Nw, s_src, xa, col0, f, sc, want_db, prec, n_sm, cfg)
+                wg.build(fast, trace)
+                wd, wdb = wg.workspaces(dev)
+                d = torch.empty(wg.shape, device=dev, dtype=dtype)
+                db = torch.empty(Nw, device=dev, dtype=dtype) if want_db else None
+                return lambda: wg.run(src, h, wd, wdb, d, db)
+
+            key = ("wg", tag, Nw, _sig([f]), xa.split, want_db, dtype, prec, bucket)
+            cfg = _pick(key, cands, run, tune and h is not None)
+            return _Wgrad(M, Nw, s_src, xa, col0, f, sc, want_db, prec, n_sm, cfg)
+
+        # gh = scale·g·Bᵀ, dx = gh·Aᵀ, dA_p = xᵀ·gh_p.
+        self.gh = self.dx = None
+        self.wg_a: list[tuple[int, _Wgrad]] = []
+        if need_dx or any(train_a):
+            rp_b = sum(_rank_pad(f.R) for f in b)
+
+            def run_gh(cfg):
+                xa = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
+                h = xa.new_h(dev)
+                return lambda: xa.launch(grad, h, *pb)
+
+            key = ("xa_g", N, K, _sig(b), dtype, prec, bucket)
+            cfg = _pick(key, _xa_candidates(M, rp_b, es), run_gh, tune)
+            self.gh = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
+            gh_t = None
+            if tune:  # a real gh for the timing runs below
+                gh_t = self.gh.new_h(dev)
+                self.gh.launch(grad, gh_t, *pb)
+            if need_dx:
+                def run_dx(cfg):
+                    out = torch.empty((M, K), device=dev, dtype=dtype)
+                    hq = _hq_launch(M, K, self.gh, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
+                    return lambda: hq(gh_t, out, *pa, out)
+
+                key = ("hq_dx", self.gh.split, N, K, _sig(a), dtype, prec, bucket)
+                cfg = _pick(key, _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es), run_dx, tune)
+                self.dx = _hq_launch(M, K, self.gh, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
+            col = 0
+            for p, f in enumerate(a):
+                if train_a[p]:
+                    self.wg_a.append((p, wgrad_for(K, s_x, self.gh, col, f, 1.0, False, x, gh_t, "a")))
+                col += f.R
+
+        # h_p = x·A_p, dB_p = scale·h_pᵀ·g (+ db).
+        self.sel = [p for p in range(len(b)) if train_b[p]]
+        self.h = None
+        self.wg_b: list[tuple[int, _Wgrad]] = []
+        if self.sel:
+            fa = [a[p] for p in self.sel]
+            pa_sel = _ptrs(fa)
+
+            def run_h(cfg):
+                xa = _Xa(M, K, s_x, fa, 1.0, dtype, prec, n_sm, cfg, fast, trace)
+                h = xa.new_h(dev)
+                return lambda: xa.launch(x, h, *pa_sel)
+
+            key = ("xa_h", K, N, _sig(fa), dtype, prec, bucket)
+            cfg = _pick(key, _xa_candidates(M, sum(_rank_pad(f.R) for f in fa), es), run_h, tune)
+            self.h = _Xa(M, K, s_x, fa, 1.0, dtype, prec, n_sm, cfg, fast, trace)
+            h_t = None
+            if tune:
+                h_t = self.h.new_h(dev)
+                self.h.launch(x, h_t, *pa_sel)
+            col = 0
+            for i, p in enumerate(self.sel):
+                want_db = need_db and i == 0
+                self.wg_b.append((p, wgrad_for(N, s_g, self.h, col, b[p], scale, want_db, grad, h_t, "b")))
+                col += b[p].R
+        self.db_here = need_db and bool(self.sel)
+
+        # One reduce launch sums the partials of every split weight gradient.
+        self.segs: list[tuple[str, int, _Wgrad]] = []  # ("a"|"b"|"db", factor index, wgrad)
+        for side, lst in (("a", self.wg_a), ("b", self.wg_b)):
+            for p, wg in lst:
+                wg.build(fast, trace)
+                if wg.split > 1:
+                    self.segs.append((side, p, wg))
+                    if wg.want_db:
+                        self.segs.append(("db", p, wg))
+        self.reduce = None
+        if self.segs:
+            if len(self.segs) > 3:
+                raise AssertionError(f"{len(self.segs)} split weight gradients, the reduce takes 3")
+            BLOCK = 16 if _INTERPRET else 1024
+            cols = [
+                (wg.N, wg.split, wg.db_pad) if side == "db" else (wg.numel, wg.split, wg.d_pad) for side, _, wg in self.segs
+            ]
+            cols += [(0, 0, 0)] * (3 - len(cols))
+            ns, sps, sts = zip(*cols)
+            nbs = [_cdiv(n, BLOCK) for n in ns]
+            self.reduce = _Launch(
+                _reduce_kernel, (sum(nbs),), 6, (*ns, *sps, *sts, nbs[0], nbs[1]), {"NSEG": len(self.segs), "BLOCK": BLOCK},
+                {"num_warps": 4, "num_stages": 1}, fast, trace,
+            )
+
+    def __call__(self, grad, x, pa, pb, fa_t):
+        dev = x.device
+        dtype = self.dtype
+        dx = db = None
+        da: list[Tensor | None] = [None] * self.n_a
+        dbs: list[Tensor | None] = [None] * self.n_b
+        work: dict = {}  # wgrad -> its workspaces
+        if self.gh is not None:
+            gh = self.gh.new_h(dev)
+            self.gh.launch(grad, gh, *pb)
+            if self.dx is not None:
+                dx = torch.empty((self.M, self.K), device=dev, dtype=dtype)
+                self.dx(gh, dx, *pa, dx)
+            for p, wg in self.wg_a:
+                da[p] = torch.empty(wg.shape, device=dev, dtype=dtype)
+                wd, wdb = work[wg] = wg.workspaces(dev)
+                wg.run(x, gh, wd, wdb, da[p], None)
+        if self.h is not None:
+            sel = self.sel
+            h = self.h.new_h(dev)
+            self.h.launch(x, h, fa_t[sel[0]], fa_t[sel[-1]])
+            for p, wg in self.wg_b:
+                dbs[p] = torch.empty(wg.shape, device=dev, dtype=dtype)
+                if wg.want_db:
+                    db = torch.empty(self.N, device=dev, dtype=dtype)
+                wd, wdb = work[wg] = wg.workspaces(dev)
+                wg.run(grad, h, wd, wdb, dbs[p], db if wg.want_db else None)
+        if self.reduce is not None:
+            ws, outs = [], []
+            for side, p, wg in self.segs:
+                wd, wdb = work[wg]
+                ws.append(wdb if side == "db" else wd)
+                outs.append(db if side == "db" else da[p] if side == "a" else dbs[p])
+            ws += [ws[0]] * (3 - len(ws))  # unused slots (no code reads or writes them)
+            outs += [ws[0]] * (3 - len(outs))
+            self.reduce(*ws, *outs)
+        if self.need_db and not self.db_here:
+            db = grad.sum(0)
+        return dx, da, dbs, db
 
 
 # ---------------------------------------------------------------------------------------------
 # Entry points (signatures of reference.py)
 # ---------------------------------------------------------------------------------------------
+
+_PLANS: dict = {}
+
+
+def _plan(key, make):
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = make()
+    return plan
+
+
+def _aligned(*ts: Tensor | None) -> bool:
+    bits = 0
+    for t in ts:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits & 15 == 0
+
+
+def _traced(x: Tensor) -> bool:
+    """Whether x is a tracing stand-in (FakeTensor, FunctionalTensor, ...): launches then go
+    through wrap_triton and nothing is cached or timed."""
+    return type(x) is not torch.Tensor
 
 
 def supported(x: Tensor, *weights: Tensor | None) -> bool:
@@ -655,28 +1196,18 @@ def supported(x: Tensor, *weights: Tensor | None) -> bool:
     return all(w is None or (w.dtype == x.dtype and w.device == x.device) for w in weights)
 
 
-def _fits(a: list[Factor]) -> bool:
-    return all(f.R <= MAX_RANK for f in a)
-
-
-def _forward(x: Tensor, a: list[Factor], b: list[Factor], bias: Tensor | None, scale: float, path: str | None):
+def _forward_empty(x: Tensor, N: int, R: int, bias: Tensor | None) -> Tensor | None:
     M, K = x.shape
-    N = b[0].n_long
-    y = torch.empty((M, N), device=x.device, dtype=x.dtype)
     if M == 0 or N == 0:
-        return y
-    if K == 0 or a[0].R == 0:
+        return torch.empty((M, N), device=x.device, dtype=x.dtype)
+    if K == 0 or R == 0:
+        y = torch.empty((M, N), device=x.device, dtype=x.dtype)
         return y.zero_() if bias is None else y.copy_(bias.expand(M, N))
-    if path is None:
-        # One pass when each program can hold its rows of h in registers and the row blocks
-        # alone fill the GPU; otherwise two kernels (the first splits its reduction over K).
-        rank = sum(_rank_pad(f.R) for f in a)
-        path = "fused" if rank <= _FUSED_MAX_RANK[x.dtype] and M >= 24 * _num_sms(x.device) else "split"
-    if path == "fused":
-        return _fused(x, a, b, bias, scale, y)
-    if path != "split":
-        raise ValueError(f"path must be None, 'fused' or 'split', got {path!r}")
-    return _hq(_xa(x, a, 1.0), b, bias, scale, y)
+    return None
+
+
+def _key(*ts: Tensor | None) -> tuple:
+    return tuple((t.shape, t.stride()) if t is not None else None for t in ts)
 
 
 def sklinear_forward(
@@ -686,70 +1217,81 @@ def sklinear_forward(
 
     ``path``: None (choose), ``"fused"`` (one kernel) or ``"split"`` (two kernels).
     """
-    a = [_stacked_long_mid(S1s), _stacked_long_mid(U2s)]
-    if not _fits(a):
+    L, _, k = S1s.shape
+    if L * k > MAX_RANK:
         return reference.sklinear_forward(x, S1s, S2s, U1s, U2s, bias)
-    b = [_stacked_long_last(U1s), _stacked_long_last(S2s)]
-    return _forward(x, a, b, bias, 1.0 / (2 * S1s.shape[0]), path)
+    empty = _forward_empty(x, U1s.shape[2], L * k, bias)
+    if empty is not None:
+        return empty
+    scale = 1.0 / (2 * L)
+
+    def make(trace: bool, fast: bool) -> _ForwardPlan:
+        a = [_stacked_long_mid(S1s), _stacked_long_mid(U2s)]
+        b = [_stacked_long_last(U1s), _stacked_long_last(S2s)]
+        return _ForwardPlan(x, a, b, bias, scale, path, trace, fast)
+
+    if _traced(x):
+        return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
+    aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
+    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, aligned)
+    return _plan(key, lambda: make(False, aligned))(x, (S1s, U2s), (U1s, S2s), bias)
 
 
 def lowrank_forward(
     x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float, *, path: str | None = None
 ) -> Tensor:
     """y = scale·(x·A)·B + bias; see reference.lowrank_forward. ``path`` as in sklinear_forward."""
-    a = [_plain_a(A)]
-    if not _fits(a):
+    if A.shape[1] > MAX_RANK:
         return reference.lowrank_forward(x, A, B, bias, scale)
-    return _forward(x, a, [_plain_b(B)], bias, scale, path)
+    empty = _forward_empty(x, B.shape[1], A.shape[1], bias)
+    if empty is not None:
+        return empty
+    scale = float(scale)
+
+    def make(trace: bool, fast: bool) -> _ForwardPlan:
+        return _ForwardPlan(x, [_plain_a(A)], [_plain_b(B)], bias, scale, path, trace, fast)
+
+    if _traced(x):
+        return make(True, False)(x, (A, A), (B, B), bias)
+    aligned = _aligned(x, A, B, bias)
+    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, aligned)
+    return _plan(key, lambda: make(False, aligned))(x, (A, A), (B, B), bias)
 
 
 def _backward(
     grad: Tensor,
     x: Tensor,
-    a: list[Factor],
-    b: list[Factor],
+    fa_t: tuple[Tensor, ...],
+    fb_t: tuple[Tensor, ...],
+    make_factors,
     train_a: list[bool],
     train_b: list[bool],
     scale: float,
     need_dx: bool,
     need_db: bool,
+    tag: str,
 ) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None], Tensor | None]:
-    """dx, [dA_p], [dB_p], db of y = scale·(x·A)·B + b, for the factors flagged trainable.
-
-    gh = scale·g·Bᵀ (one pass over g) feeds dx = gh·Aᵀ and dA_p = xᵀ·gh_p. h_p = x·A_p (one pass
-    over x, only for the pairs whose B factor trains) feeds dB_p = scale·h_pᵀ·g, whose pass over g
-    also sums db.
-    """
-    dx = None
-    da: list[Tensor | None] = [None] * len(a)
-    dbs: list[Tensor | None] = [None] * len(b)
-    db = None
+    """dx, [dA_p], [dB_p], db of y = scale·(x·A)·B + b for the factor tensors fa_t (A side) and
+    fb_t (B side), the gradients only of those flagged trainable."""
     if x.shape[0] == 0 or x.shape[1] == 0 or grad.shape[1] == 0:  # empty: nothing to launch
         dx = torch.zeros_like(x) if need_dx else None
-        da = [torch.zeros_like(f.t) if t else None for f, t in zip(a, train_a)]
-        dbs = [torch.zeros_like(f.t) if t else None for f, t in zip(b, train_b)]
+        da = [torch.zeros_like(t) if tr else None for t, tr in zip(fa_t, train_a)]
+        dbs = [torch.zeros_like(t) if tr else None for t, tr in zip(fb_t, train_b)]
         db = grad.sum(0) if need_db else None
         return dx, da, dbs, db
-    if need_dx or any(train_a):
-        gh = _xa(grad, b, scale)
-        if need_dx:
-            dx = _hq(gh, a, None, 1.0, torch.empty(x.shape, device=x.device, dtype=x.dtype))
-        col = 0
-        for p, f in enumerate(a):
-            if train_a[p]:
-                da[p] = _wgrad(x, gh[:, col : col + f.R], f, 1.0, False)[0]
-            col += f.R
-    sel = [p for p in range(len(b)) if train_b[p]]
-    if sel:
-        h = _xa(x, [a[p] for p in sel], 1.0)
-        col = 0
-        for p in sel:
-            dbs[p], d_bias = _wgrad(grad, h[:, col : col + b[p].R], b[p], scale, need_db and db is None)
-            db = d_bias if db is None else db
-            col += b[p].R
-    if need_db and db is None:
-        db = grad.sum(0, dtype=torch.float32).to(grad.dtype)
-    return dx, da, dbs, db
+    pa = (fa_t[0], fa_t[-1])
+    pb = (fb_t[0], fb_t[-1])
+
+    def make(trace: bool, fast: bool) -> _BackwardPlan:
+        a, b = make_factors()
+        return _BackwardPlan(grad, x, a, b, train_a, train_b, scale, need_dx, need_db, trace, fast)
+
+    if _traced(x):
+        return make(True, False)(grad, x, pa, pb, fa_t)
+    aligned = _aligned(grad, x, *fa_t, *fb_t)
+    flags = (tuple(train_a), tuple(train_b), need_dx, need_db)
+    key = (tag, _key(grad, x, *fa_t, *fb_t), x.dtype, x.device, _precision(x.dtype), flags, scale, aligned)
+    return _plan(key, lambda: make(False, aligned))(grad, x, pa, pb, fa_t)
 
 
 def sklinear_backward(
@@ -764,12 +1306,20 @@ def sklinear_backward(
     need_db: bool,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dS1s, dS2s, db); see reference.sklinear_backward. No gradient for U1s, U2s."""
-    a = [_stacked_long_mid(S1s), _stacked_long_mid(U2s)]
-    if not _fits(a):
+    L, _, k = S1s.shape
+    if L * k > MAX_RANK:
         return reference.sklinear_backward(grad, x, S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
-    b = [_stacked_long_last(U1s), _stacked_long_last(S2s)]
-    scale = 1.0 / (2 * S1s.shape[0])
-    dx, da, dbs, db = _backward(grad, x, a, b, [need_dS, False], [False, need_dS], scale, need_dx, need_db)
+
+    def make_factors():
+        return (
+            [_stacked_long_mid(S1s), _stacked_long_mid(U2s)],
+            [_stacked_long_last(U1s), _stacked_long_last(S2s)],
+        )
+
+    dx, da, dbs, db = _backward(
+        grad, x, (S1s, U2s), (U1s, S2s), make_factors, [need_dS, False], [False, need_dS], 1.0 / (2 * L), need_dx,
+        need_db, "skb",
+    )  # fmt: skip
     return dx, da[0], dbs[1], db
 
 
@@ -777,8 +1327,10 @@ def lowrank_backward(
     grad: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB, db); see reference.lowrank_backward."""
-    a = [_plain_a(A)]
-    if not _fits(a):
+    if A.shape[1] > MAX_RANK:
         return reference.lowrank_backward(grad, x, A, B, scale, need_dx, need_dA, need_dB, need_db)
-    dx, da, dbs, db = _backward(grad, x, a, [_plain_b(B)], [need_dA], [need_dB], scale, need_dx, need_db)
+    dx, da, dbs, db = _backward(
+        grad, x, (A,), (B,), lambda: ([_plain_a(A)], [_plain_b(B)]), [need_dA], [need_dB], float(scale), need_dx,
+        need_db, "lrb",
+    )  # fmt: skip
     return dx, da[0], dbs[0], db

@@ -15,7 +15,10 @@ adds g and x read once and dx written once. FLOPs: 2·T·r·(in+out) forward wit
 2·T·r·(in+out) + 2·T·Lk·(in+out) more for the backward (gh, dx, dS1, dS2).
 
 It prints a table (times in µs; ``×dense`` and ``×eager`` are speedups of panther, ``/floor`` is
-panther's time over the floor) and writes every number to ``--json``.
+panther's time over the floor), the host time of one call, panther's forward error against float64
+(and the eager low-rank's), and writes every number to ``--json``, with every candidate config the
+kernels' first calls timed. ``do_bench`` counts host time beyond its L2 flush (~60 µs): ``--graph``
+adds CUDA-graph replay times, the GPU time alone.
 
 Example::
 
@@ -68,7 +71,7 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--graph",
         action="store_true",
-        help="also time the forwards as CUDA-graph replays (GPU time without Python launch overhead)",
+        help="also time forward and forward+backward as CUDA-graph replays (GPU time without host overhead)",
     )
     p.add_argument("--tf32", action="store_true", help="allow TF32 for fp32 matmuls (torch's setting, for all)")
     p.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up, ms (default 10)")
@@ -157,6 +160,18 @@ def _path_op(path: str):
     return _PATH_OPS[path]
 
 
+def _graph_us(fn, grad_to_none=None) -> float:
+    """GPU time of one call in µs, from CUDA-graph replays of many calls (no host time, no L2
+    flush between calls: inputs smaller than the L2 stay in it)."""
+    from triton.testing import do_bench_cudagraph
+
+    return float(do_bench_cudagraph(fn, rep=20, grad_to_none=grad_to_none, return_mode="median")) * 1e3
+
+
+def _rel_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((a.double() - ref).norm() / ref.norm())
+
+
 def _host_us(fn, n: int = 20) -> float:
     """Host (CPU) time of one call in µs: how long ``fn`` takes to return, the GPU left running."""
     fn()
@@ -196,10 +211,28 @@ def _measure(shape, dtype, bw, rate, args) -> dict:
         "panther": lambda: op(x, S1s, S2s, U1s, U2s, bias),
     }
     rec["first_call_fwd_s"] = _first_call(fwd["panther"])
+    # Accuracy against float64 (the eager low-rank for comparison): the timed code is checked.
+    from panther.kernels.lowrank_linear import reference as ref
+
+    y64 = ref.sklinear_forward(*(t.double() for t in (x, S1s, S2s, U1s, U2s, bias)))
+    rec["err_fwd_panther"] = _rel_err(fwd["panther"](), y64)
+    rec["err_fwd_eager"] = _rel_err(fwd["eager"](), y64)
+    del y64
     for name, fn in fwd.items():
         rec[f"{name}_fwd_us"] = _bench(fn, args) * 1e3
     for name in ("eager", "panther"):
         rec[f"{name}_fwd_host_us"] = _host_us(fwd[name])
+    if args.graph:
+        for name, fn in fwd.items():
+            rec[f"{name}_fwd_graph_us"] = _graph_us(fn)
+    try:  # which forward the plan chose (fused or split) and what the first call timed
+        from panther.kernels.lowrank_linear import triton as tk
+
+        plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p.M == T and p.N == n_out]
+        if plans:
+            rec["panther_fwd_path"] = plans[-1].path
+    except ImportError:  # pragma: no cover
+        pass
     if args.paths:
         from panther.kernels.lowrank_linear import triton as tk
 
@@ -226,7 +259,22 @@ def _measure(shape, dtype, bw, rate, args) -> dict:
             rec[f"{name}_fwdbwd_us"] = _bench(fn, args, grad_to_none=[xg, *leaves[name]]) * 1e3
         for name in ("eager", "panther"):
             rec[f"{name}_fwdbwd_host_us"] = _host_us(both[name])
+        if args.graph:
+            for name, fn in both.items():
+                try:
+                    rec[f"{name}_fwdbwd_graph_us"] = _graph_us(fn, grad_to_none=[xg, *leaves[name]])
+                except Exception as e:  # noqa: BLE001  (record why, keep the rest)
+                    rec[f"{name}_fwdbwd_graph_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     return rec
+
+
+def _tuning() -> dict:
+    """Every candidate the plans' first calls timed: {key: {config: ms}}."""
+    try:
+        from panther.kernels.lowrank_linear import triton as tk
+    except ImportError:  # pragma: no cover - no triton
+        return {}
+    return {str(k): {str(c): ms for c, ms in v.items()} for k, v in tk.TUNE_LOG.items()}
 
 
 def _fmt_row(rec: dict, mode: str) -> str:
@@ -275,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     def save() -> None:
         if args.json:
             with open(args.json, "w") as f:
-                json.dump({"env": env, "ceilings": ceilings, "results": records}, f, indent=1)
+                json.dump({"env": env, "ceilings": ceilings, "results": records, "tuning": _tuning()}, f, indent=1)
 
     for dtype in dtypes:
         torch.manual_seed(0)
@@ -284,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
         ceilings[name] = {"copy_GBps": bw / 1e9, "matmul_TFLOPs": rate / 1e12}
         print(f"# {name}: copy {bw / 1e12:.2f} TB/s, matmul {rate / 1e12:.0f} TFLOP/s")
         print(header + "\n" + "-" * len(header))
+        try:  # warm the host side (first calls in a process run slower) on the first shape, untimed
+            _measure(shapes[0], dtype, bw, rate, args)
+        except Exception as e:  # noqa: BLE001  (the timed pass below reports it in full)
+            print(f"# warm-up on {shapes[0]} failed: {type(e).__name__}")
         for shape in shapes:
             try:
                 rec = _measure(shape, dtype, bw, rate, args)
@@ -308,11 +360,22 @@ def main(argv: list[str] | None = None) -> int:
                     else ""
                 )
             )
+            print(
+                f"{'':<37}rel err fwd: panther {rec['err_fwd_panther']:.1e}  eager {rec['err_fwd_eager']:.1e}"
+                f"  path {rec.get('panther_fwd_path', '?')}  first call {rec['first_call_fwd_s']:.2f} s"
+            )
             if args.graph:
-                print(
+                line = (
                     f"{'':<37}graph fwd: dense {rec['dense_fwd_graph_us']:.1f}  eager {rec['eager_fwd_graph_us']:.1f}"
                     f"  panther {rec['panther_fwd_graph_us']:.1f}"
                 )
+                if "panther_fwdbwd_graph_us" in rec:
+                    line += (
+                        f"   fwd+bwd: dense {rec.get('dense_fwdbwd_graph_us', float('nan')):.1f}"
+                        f"  eager {rec.get('eager_fwdbwd_graph_us', float('nan')):.1f}"
+                        f"  panther {rec['panther_fwdbwd_graph_us']:.1f}"
+                    )
+                print(line)
             if args.paths:
                 print(f"{'':<37}paths: fused {rec['panther_fused_fwd_us']:.1f}  split {rec['panther_split_fwd_us']:.1f}")
             save()

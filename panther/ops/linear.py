@@ -24,7 +24,8 @@ except ImportError:  # pragma: no cover - depends on the install
 
 
 def _flat(x: Tensor) -> Tensor:
-    return x.reshape(-1, x.shape[-1])
+    # (2-D input as is: a reshape is a dispatch of its own, which counts at small T.)
+    return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
 def _impl(x: Tensor, *weights: Tensor | None):
@@ -50,7 +51,7 @@ def sklinear(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias
     Returns (..., out). U1s and U2s are fixed: no gradient flows to them.
     """
     y = _impl(x, S1s, S2s, U1s, U2s, bias).sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
-    return y.reshape(*x.shape[:-1], U1s.shape[2])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], U1s.shape[2])
 
 
 @triton_op("panther::sklinear_backward", mutates_args=())
@@ -69,7 +70,7 @@ def sklinear_backward(
     impl = _impl(x, grad, S1s, S2s, U1s, U2s)
     dx, dS1s, dS2s, db = impl.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
     return (
-        dx.reshape(x.shape) if dx is not None else _empty(x),
+        (dx if x.dim() == 2 else dx.reshape(x.shape)) if dx is not None else _empty(x),
         dS1s if dS1s is not None else _empty(S1s),
         dS2s if dS2s is not None else _empty(S2s),
         db if db is not None else _empty(grad),
@@ -113,7 +114,7 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: 
     Shapes: x (..., in), A (in, r), B (r, out), bias (out,) or None. Returns (..., out).
     """
     y = _impl(x, A, B, bias).lowrank_forward(_flat(x), A, B, bias, scale)
-    return y.reshape(*x.shape[:-1], B.shape[1])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], B.shape[1])
 
 
 @triton_op("panther::lowrank_linear_backward", mutates_args=())
@@ -132,7 +133,7 @@ def lowrank_linear_backward(
     impl = _impl(x, grad, A, B)
     dx, dA, dB, db = impl.lowrank_backward(_flat(grad), _flat(x), A, B, scale, need_dx, need_dA, need_dB, need_db)
     return (
-        dx.reshape(x.shape) if dx is not None else _empty(x),
+        (dx if x.dim() == 2 else dx.reshape(x.shape)) if dx is not None else _empty(x),
         dA if dA is not None else _empty(A),
         dB if dB is not None else _empty(B),
         db if db is not None else _empty(grad),
