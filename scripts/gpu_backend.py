@@ -13,13 +13,14 @@ Steps run in the order given; each prints as it finishes, so a time limit keeps 
 from __future__ import annotations
 
 import argparse
+import pathlib
 import sys
 import time
 import traceback
 
 import torch
 
-sys.path.insert(0, "tests")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))  # backend_models
 
 from panther.backend import panther_backend  # noqa: E402
 from panther.demo_compile import _time, run_compile_demo, trained_like  # noqa: E402
