@@ -27,7 +27,8 @@ def test_ci_runs_the_readme_test_command():
     assert quick_start_commands()[1] in ci_lines
 
 
-def test_readme_python_examples_run():
+def test_readme_python_examples_run(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the backend example writes a dump folder
     text = (ROOT / "README.md").read_text()
     blocks = re.findall(r"```python\n(.*?)\n```", text, re.S)
     assert blocks
