@@ -21,6 +21,8 @@ import time
 import torch
 from torch import nn
 
+from panther.demo_compile import _time
+
 __all__ = ["digits", "accuracy", "fit", "MLP", "CNN", "train_mlp", "train_cnn", "run_digits_demo"]
 
 
@@ -106,18 +108,9 @@ def _params(model: nn.Module) -> int:
 
 
 def _median_ms(fn, x, device: torch.device, reps: int) -> float:
-    times = []
     with torch.no_grad():
-        fn(x)
-        for _ in range(reps):
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            t = time.perf_counter()
-            fn(x)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            times.append(time.perf_counter() - t)
-    return 1e3 * sorted(times)[len(times) // 2]
+        fn(x)  # warm-up (and the compile, for compiled models)
+        return 1e3 * _time([fn], x, device, reps)[0]
 
 
 def run_digits_demo(device: torch.device | str = "cpu", reps: int = 20) -> str:

@@ -33,11 +33,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.fx as fx
 from torch import Tensor
 
 from .kinds import kind_module
-from .measure import _fenced, real_inputs
+from .measure import CandidateProbe, _fenced, real_inputs
 
 __all__ = [
     "calibrate",
@@ -83,7 +82,7 @@ def calibrate(ctx) -> None:
         return
     try:
         with _fenced(ctx.example_inputs):
-            _Recorder(ctx.gm, cands).run(*real_inputs(ctx.example_inputs))
+            CandidateProbe(ctx.gm, cands, _record).run(*real_inputs(ctx.example_inputs))
     except Exception as e:  # calibrating is never a reason to fail the compile
         if ctx.options.strict:
             raise
@@ -93,32 +92,12 @@ def calibrate(ctx) -> None:
         log.warning("panther: calibration failed: %s: %s", type(e).__name__, e)
 
 
-class _Recorder(fx.Interpreter):
-    """Runs the dense graph; at each candidate, records its statistics from the real values."""
-
-    def __init__(self, gm: fx.GraphModule, cands: list) -> None:
-        super().__init__(gm)
-        self.anchor = {c.node: c for c in cands}
-        self.watch: dict[fx.Node, list] = {}
-        self.stash: dict[int, dict[str, Any]] = {id(c): {} for c in cands}
-        for c in cands:
-            for key, value in c.inputs.items():
-                if isinstance(value, fx.Node):
-                    self.watch.setdefault(value, []).append((c, key))
-
-    def run_node(self, n: fx.Node) -> Any:
-        val = super().run_node(n)
-        for c, key in self.watch.get(n, ()):
-            self.stash[id(c)][key] = val
-        cand = self.anchor.get(n)
-        if cand is not None:
-            got = self.stash.pop(id(cand))
-            values = {k: got[k] if isinstance(v, fx.Node) else v for k, v in cand.inputs.items()}
-            if cand.kind == "attention":
-                cand.stats = {"values": {k: _clone(v) for k, v in values.items()}, "out": _clone(val)}
-            else:
-                cand.stats = _layer_stats(kind_module(cand.kind).activation_rows(cand, values), val)
-        return val
+def _record(cand: Any, values: dict[str, Any], out: Any) -> None:
+    """Keep what calibration needs of one candidate's real inputs and dense output."""
+    if cand.kind == "attention":
+        cand.stats = {"values": {k: _clone(v) for k, v in values.items()}, "out": _clone(out)}
+    else:
+        cand.stats = _layer_stats(kind_module(cand.kind).activation_rows(cand, values), out)
 
 
 def _clone(v: Any) -> Any:

@@ -12,6 +12,7 @@ buffer in place), the global RNG state is restored afterwards, and nothing recor
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .kinds import kind_module
 
-__all__ = ["measure_layers", "measure_outputs", "rel_err", "real_inputs"]
+__all__ = ["CandidateProbe", "measure_layers", "measure_outputs", "rel_err", "real_inputs"]
 
 
 def rel_err(approx: Any, exact: Any) -> float | None:
@@ -60,14 +61,20 @@ def _fenced(example_inputs: list[Any]):
         yield
 
 
-class _LayerProbe(fx.Interpreter):
-    def __init__(self, gm: fx.GraphModule, cands: list) -> None:
+class CandidateProbe(fx.Interpreter):
+    """Runs a graph on real values and calls ``on_candidate`` at each candidate's node.
+
+    ``on_candidate(cand, values, out)`` gets the candidate's inputs (``cand.inputs`` with every
+    graph node replaced by the value it produced) and the node's dense output.
+    """
+
+    def __init__(self, gm: fx.GraphModule, cands: list, on_candidate: Callable[[Any, dict[str, Any], Any], None]) -> None:
         super().__init__(gm)
+        self.on_candidate = on_candidate
         self.anchor = {c.node: c for c in cands}
         self.watch: dict[fx.Node, list] = {}
-        self.stash: dict[int, dict[str, Any]] = {}
+        self.stash: dict[int, dict[str, Any]] = {id(c): {} for c in cands}
         for c in cands:
-            self.stash[id(c)] = {}
             for key, value in c.inputs.items():
                 if isinstance(value, fx.Node):
                     self.watch.setdefault(value, []).append((c, key))
@@ -79,15 +86,18 @@ class _LayerProbe(fx.Interpreter):
         cand = self.anchor.get(n)
         if cand is not None:
             got = self.stash.pop(id(cand))
-            values = {k: got[k] if isinstance(v, fx.Node) else v for k, v in cand.inputs.items()}
-            cand.measured_error = rel_err(kind_module(cand.kind).eager(cand, values), val)
+            self.on_candidate(cand, {k: got[k] if isinstance(v, fx.Node) else v for k, v in cand.inputs.items()}, val)
         return val
+
+
+def _measure(cand: Any, values: dict[str, Any], out: Any) -> None:
+    cand.measured_error = rel_err(kind_module(cand.kind).eager(cand, values), out)
 
 
 def measure_layers(gm: fx.GraphModule, example_inputs: list[Any], cands: list) -> Any:
     """Run the dense ``gm`` on the example inputs, measuring each of ``cands``; return its outputs."""
     with _fenced(example_inputs):
-        return _LayerProbe(gm, cands).run(*real_inputs(example_inputs))
+        return CandidateProbe(gm, cands, _measure).run(*real_inputs(example_inputs))
 
 
 def measure_outputs(gm: fx.GraphModule, example_inputs: list[Any], dense_outputs: Any) -> float | None:
