@@ -28,6 +28,7 @@ never touched when a generator or seed is given.
 
 from __future__ import annotations
 
+import abc
 import math
 import numbers
 from typing import Any
@@ -198,7 +199,7 @@ def fwht(x: Tensor, dim: int = -1) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class Sketch:
+class Sketch(abc.ABC):
     """A fixed random linear map ``S`` of shape ``(k, n)``; base class of the sketches here.
 
     Subclasses draw their randomness in ``__init__`` and implement ``_apply`` and ``_matrix``.
@@ -254,11 +255,13 @@ class Sketch:
         """
         return self._matrix(check_dtype(dtype), None if device is None else torch.device(device))
 
+    @abc.abstractmethod
     def _apply(self, x: Tensor, dim: int) -> Tensor:
-        raise NotImplementedError
+        """``S`` applied along ``dim`` of a validated ``x``."""
 
+    @abc.abstractmethod
     def _matrix(self, dtype: torch.dtype | None, device: torch.device | None) -> Tensor:
-        raise NotImplementedError
+        """The dense ``(k, n)`` matrix, converted as asked."""
 
     def _extra_repr(self) -> str:
         return ""
