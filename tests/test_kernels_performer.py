@@ -122,3 +122,16 @@ def test_rejects_bad_arguments():
         triton_kernels.performer_attention(q, k, v, omega, None, "softmax", True, 0.25)
     with pytest.raises(ValueError, match="chunk_size"):
         triton_kernels.performer_attention(q, k, v, omega, None, "softmax", False, 0.25, chunk_size=24)
+
+
+@pytest.mark.parametrize(
+    "D,E,m,ok",
+    [(64, 64, 256, True), (128, 128, 256, True), (100, 60, 200, True), (256, 64, 256, False), (64, 256, 256, False), (64, 64, 512, False)],
+    ids=lambda v: str(v),
+)
+def test_supports_only_shapes_whose_tiles_fit(D, E, m, ok):
+    """The op sends shapes past the kernels' on-chip tiles (the spec's sinSRPE example has
+    D = R = 256 at m = 256, which overflowed shared memory on an H200) to the reference."""
+    from panther.kernels.performer.triton import supports
+
+    assert supports(torch.empty(1, 1, 2, D), torch.empty(1, 1, 2, E), torch.empty(1, m, D)) is ok

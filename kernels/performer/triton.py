@@ -18,6 +18,10 @@ with the projection by ω, so φ(Q) and φ(K) never reach memory.
 * ``_bwd_k_kernel``: dv = φ(k)·R and dφ(k) = V'·Rᵀ (causal: R is the suffix over later queries,
   chunks walked backward, plus the intra-chunk part), then dk through the feature map.
 
+Shapes: padded head dim D and value dim E up to ``MAX_TILE`` = 128 and m ≤ 256 (``supports``):
+ω and the state are held whole on chip, so wider codes (e.g. sinSRPE with R = 256) go to the
+reference through the op's dispatch. Tiling over D would lift that.
+
 Extra memory: the per-segment states (B·H·P·m·E fp32, P ≈ 4·SMs/(B·H)) and, for the causal
 backward, G' (B·H·N·(E+1) fp32). Never N×N, never N×m.
 
@@ -68,7 +72,18 @@ NUM_WARPS: int | None = None
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3
 
-__all__ = ["performer_attention", "performer_attention_backward"]
+__all__ = ["MAX_TILE", "performer_attention", "performer_attention_backward", "supports"]
+
+# Each program keeps a (m × D) tile of ω and an (m × E) fp32 state on chip, without tiling over D
+# or E: past 128 (padded) either would overflow Hopper's 227 KB of shared memory at m = 256
+# (seen: the spec's sinSRPE example, D = R = 256, fp32, asked for more than the limit).
+MAX_TILE = 128
+
+
+def supports(q: torch.Tensor, v: torch.Tensor, omega: torch.Tensor) -> bool:
+    """Whether these kernels handle the shapes: padded head dim D and value dim E ≤ MAX_TILE,
+    m ≤ 256. Callers use the reference elsewhere."""
+    return _pow2(q.shape[-1]) <= MAX_TILE and _pow2(v.shape[-1]) <= MAX_TILE and _pow2(omega.shape[-2]) <= 256
 
 
 # ---------------------------------------------------------------------------------------------

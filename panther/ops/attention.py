@@ -54,11 +54,13 @@ def _triton_fn(name: str) -> Callable | None:
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _impl(name: str, x: Tensor) -> Callable:
-    """The Triton implementation of ``name`` for CUDA fp32/fp16/bf16 tensors where one exists, else the reference."""
-    if x.device.type == "cuda" and x.dtype in _TRITON_DTYPES:
+def _impl(name: str, q: Tensor, v: Tensor, omega: Tensor) -> Callable:
+    """The Triton implementation of ``name`` for CUDA fp32/fp16/bf16 tensors of shapes its
+    kernels support (``supports``), else the reference."""
+    if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES:
         fn = _triton_fn(name)
-        if fn is not None:
+        supports = _triton_fn("supports")
+        if fn is not None and supports is not None and supports(q, v, omega):
             return fn
     return getattr(ref, name)
 
@@ -79,7 +81,7 @@ def performer_attention(
     φ approximates the kernel exp(scale·q·k) ("softmax") or is relu features ("relu"); masked
     keys (key_mask False) contribute nothing. Shapes in the module docstring.
     """
-    return _impl("performer_attention", q)(q, k, v, omega, key_mask, kernel_fn, causal, scale)
+    return _impl("performer_attention", q, v, omega)(q, k, v, omega, key_mask, kernel_fn, causal, scale)
 
 
 @triton_op("panther::performer_attention_backward", mutates_args=())
@@ -95,7 +97,7 @@ def performer_attention_backward(
     scale: float,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out (shape of out)."""
-    return _impl("performer_attention_backward", q)(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale)
+    return _impl("performer_attention_backward", q, v, omega)(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale)
 
 
 def _setup(ctx, inputs, output):
