@@ -107,9 +107,10 @@ def test_op_opcheck_and_gradcheck(kernel_fn, causal, masked):
 def test_op_dispatch():
     from panther.ops import attention as ops_attention
 
-    x = torch.zeros(1)
-    assert ops_attention._impl("performer_attention", x) is ref.performer_attention
-    assert ops_attention._impl("performer_attention_backward", x.double()) is ref.performer_attention_backward
+    q, omega = torch.zeros(1, 1, 2, 4), torch.zeros(1, 8, 4)
+    assert ops_attention._impl("performer_attention", q, q, omega) is ref.performer_attention
+    d = q.double()
+    assert ops_attention._impl("performer_attention_backward", d, d, omega.double()) is ref.performer_attention_backward
     assert ops_attention._triton_fn("no_such_function") is None
 
 
