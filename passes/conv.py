@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from . import cost as C
 from .counters import counters
-from .factorize import cached_factors, lowrank_factors
+from .factorize import candidate_factors
 from .graph import check_no_autocast, node_val
 from .report import Candidate, Dense
 
@@ -155,17 +155,7 @@ def factors_from(cand: Candidate, A: torch.Tensor, B: torch.Tensor) -> dict[str,
 
 def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
     """Compute the two conv kernels of ``cand.rank`` by ``cand.method`` into ``cand.factors``."""
-    opts = ctx.options
-    owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
-    seed = ctx.seed_for(cand)
-    key = (KIND, None, None, cand.rank, cand.method, opts.num_terms, seed)
-    A, B, err = cached_factors(
-        owner, key,
-        lambda: lowrank_factors(
-            dense_weight(ctx, cand, weight), cand.rank, method=cand.method, num_terms=opts.num_terms, seed=seed,
-            activations=cand.stats.get("root"), damping=cand.stats.get("damping", 0.0),
-        ),
-    )
+    A, B, err = candidate_factors(ctx, cand, weight, lambda: dense_weight(ctx, cand, weight), (KIND, None, None))
     cand.factors = factors_from(cand, A, B)
     cand.predicted_error = err
 

@@ -124,5 +124,24 @@ def cached_factors(weight: Tensor, key: tuple, compute: Callable[[], Any]) -> An
     return per_weight[full]
 
 
+def candidate_factors(ctx, cand, weight: Tensor | None, dense: Callable[[], Tensor], key: tuple) -> tuple[Tensor, Tensor, float]:
+    """(A, B, predicted error) of ``cand`` at ``cand.rank`` by ``cand.method``, cached per weight.
+
+    Shared by the linear and conv passes: ``dense()`` gives the (out, in) matrix to factorize
+    (called only on a cache miss), ``key`` what distinguishes this candidate's factors of the
+    same weight (kind, slice, layout); data-aware uses the activations recorded by calibration.
+    """
+    opts = ctx.options
+    owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
+    seed = ctx.seed_for(cand)
+    return cached_factors(
+        owner, (*key, cand.rank, cand.method, opts.num_terms, seed),
+        lambda: lowrank_factors(
+            dense(), cand.rank, method=cand.method, num_terms=opts.num_terms, seed=seed,
+            activations=cand.stats.get("root"), damping=cand.stats.get("damping", 0.0),
+        ),
+    )
+
+
 def _work_dtype(W: Tensor) -> torch.dtype:
     return torch.float64 if W.dtype == torch.float64 else torch.float32

@@ -116,6 +116,17 @@ def _augment(v: Tensor) -> Tensor:
     return torch.cat([v, torch.ones_like(v[..., :1])], dim=-1)
 
 
+def _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size):
+    """φ(q), φ(k), V' = [V, 1], and out = num/den with den = 0 replaced by 1 (all in fp32+)."""
+    phiq = feature_map(q, omega, kernel_fn, scale, True, causal)
+    phik = feature_map(k, omega, kernel_fn, scale, False, causal, key_mask)
+    v1 = _augment(v.to(phiq.dtype))
+    nd = linear_attention(phiq, phik, v1, causal, chunk_size=chunk_size)
+    num, den = nd[..., :-1], nd[..., -1:]
+    safe = torch.where(den == 0, torch.ones_like(den), den)
+    return phiq, phik, v1, num / safe, safe
+
+
 def performer_attention(
     q: Tensor,
     k: Tensor,
@@ -128,11 +139,7 @@ def performer_attention(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> Tensor:
     """Performer attention output (B, H, N, E) in v's dtype. See module docstring for shapes."""
-    phiq = feature_map(q, omega, kernel_fn, scale, True, causal)
-    phik = feature_map(k, omega, kernel_fn, scale, False, causal, key_mask)
-    nd = linear_attention(phiq, phik, _augment(v.to(phiq.dtype)), causal, chunk_size=chunk_size)
-    num, den = nd[..., :-1], nd[..., -1:]
-    return (num / torch.where(den == 0, torch.ones_like(den), den)).to(v.dtype)
+    return _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)[3].to(v.dtype)
 
 
 def performer_attention_backward(
@@ -148,15 +155,8 @@ def performer_attention_backward(
     chunk_size: int = DEFAULT_CHUNK,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out; omega gets no gradient."""
-    phiq = feature_map(q, omega, kernel_fn, scale, True, causal)
-    phik = feature_map(k, omega, kernel_fn, scale, False, causal, key_mask)
-    dt = phiq.dtype
-    v1 = _augment(v.to(dt))
-    nd = linear_attention(phiq, phik, v1, causal, chunk_size=chunk_size)
-    num, den = nd[..., :-1], nd[..., -1:]
-    safe = torch.where(den == 0, torch.ones_like(den), den)
-    g = grad.to(dt)
-    out = num / safe
+    phiq, phik, v1, out, safe = _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
+    g = grad.to(out.dtype)
     # [num, den] = lin(φq, φk, V'): its upstream gradient G' = [g/den, −Σ g·out / den].
     gaug = torch.cat([g / safe, -(g * out).sum(-1, keepdim=True) / safe], dim=-1)
     dphiq = linear_attention(gaug, v1, phik, causal, chunk_size=chunk_size)

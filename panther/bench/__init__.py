@@ -3,9 +3,27 @@
 from __future__ import annotations
 
 import argparse
+import datetime
 import importlib
+import platform
+import sys
 
 SUITES = ("linear", "attention")
+
+
+def run_env(suite: str, argv: list[str] | None) -> dict[str, str]:
+    """Where and how a benchmark ran (date, device, versions, command), recorded in its JSON."""
+    import torch
+    import triton
+
+    return {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "device": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "python": platform.python_version(),
+        "command": f"python -m panther bench {suite} " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -30,14 +30,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from panther.bench import run_env
 
 __all__ = ["main", "SHAPE_SETS"]
 
@@ -315,18 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     bad = set(methods) - set(METHODS)
     if bad:
         raise SystemExit(f"unknown methods {sorted(bad)}: use {', '.join(METHODS)}")
-    import triton
-
     import panther  # noqa: F401
 
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "command": "python -m panther bench attention " + " ".join(argv if argv is not None else sys.argv[1:]),
-    }
+    env = run_env("attention", argv)
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}", flush=True)
     if args.sweep:
         res, best = _sweep(args, dtype)

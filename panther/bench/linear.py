@@ -28,14 +28,14 @@ Example::
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
-import platform
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+
+from panther.bench import run_env
 
 # (in, out, num_terms, low_rank)
 _ISSUE_LAYERS = [(8192, 8192, 1, 16), (4096, 4096, 1, 64), (768, 3072, 1, 64), (8192, 8192, 2, 64)]
@@ -300,17 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     shapes = _shapes(args.shapes)
     if args.tf32:
         torch.set_float32_matmul_precision("high")
-    import triton
-
-    env = {
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "device": torch.cuda.get_device_name(),
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "python": platform.python_version(),
-        "command": "python -m panther bench linear " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "fp32_tf32": bool(args.tf32),
-    }
+    env = {**run_env("linear", argv), "fp32_tf32": bool(args.tf32)}
     print(f"# {env['device']}  torch {env['torch']}  triton {env['triton']}  {env['date']}")
     header = (
         f"{'layer':<22}{'T':>6}  {'dtype':<9}{'mode':<8}{'dense':>10}{'eager':>9}{'panther':>9}{'floor':>9}"
