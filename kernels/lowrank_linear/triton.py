@@ -39,21 +39,10 @@ import triton
 import triton.language as tl
 import triton.testing
 from torch import Tensor
-from torch.library import wrap_triton
 from triton.runtime.errors import OutOfResources
 
+from .._launch import Launch as _Launch, traced as _traced
 from . import reference
-
-try:  # torch's own switch: off while a triton_op runs eagerly on real tensors
-    from torch._library.triton import is_wrap_triton_enabled
-except ImportError:  # pragma: no cover - other torch versions
-    def is_wrap_triton_enabled() -> bool:
-        return True
-
-try:  # launch hooks, as JITFunction.run passes them (triton >= 3.4)
-    from triton import knobs as _knobs
-except ImportError:  # pragma: no cover - older triton: no direct launches
-    _knobs = None
 
 
 __all__ = [
@@ -81,9 +70,6 @@ _M_BUCKET_MAX = 16384
 # config: the GPU work is a few µs there and the host time is what counts.
 _TUNE_MIN_M = 1024
 _TUNE = not _INTERPRET
-# Launch the compiled kernel directly once a plan has compiled it (no argument binding and
-# specialization per call). Off under the interpreter, which compiles nothing.
-_FAST_LAUNCH = not _INTERPRET and _knobs is not None
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 # Plans kept per process (layer shape × T); cleared when full.
 _MAX_PLANS = 4096
@@ -698,61 +684,6 @@ def _pick(key, cands: list, make_run, allowed: bool):
 
 
 # ---------------------------------------------------------------------------------------------
-# Launches
-# ---------------------------------------------------------------------------------------------
-
-
-class _Launch:
-    """One kernel launch whose grid and arguments, all but the leading tensors, are fixed.
-
-    The first call launches through ``kernel[grid](...)`` (``wrap_triton`` while tracing, so
-    Inductor sees the kernel); with ``fast`` it keeps the compiled kernel that call returns and
-    later calls hand it the arguments directly, as JITFunction.run does after its binding and
-    cache lookup (both of which a plan's fixed shapes make redundant).
-    """
-
-    __slots__ = ("compiled", "fast", "fn", "grid", "meta", "opts", "scalars", "tail", "trace")
-
-    def __init__(self, fn, grid, n_ptr: int, scalars: tuple, meta: dict, opts: dict, fast: bool, trace: bool):
-        names = fn.arg_names
-        rest = names[n_ptr + len(scalars) :]
-        if len(names) != n_ptr + len(scalars) + len(meta) or set(rest) != set(meta):
-            raise AssertionError(f"launch of {names} with {n_ptr} tensors, {len(scalars)} scalars, {sorted(meta)}")
-        self.fn = fn
-        self.grid = tuple(grid) + (1,) * (3 - len(grid))
-        self.scalars = scalars
-        self.meta = meta
-        self.opts = opts
-        self.tail = (*scalars, *(meta[n] for n in rest))
-        self.fast = fast and _FAST_LAUNCH
-        self.compiled = None
-        self.trace = trace
-
-    def __call__(self, *tensors) -> None:
-        k = self.compiled
-        if k is not None:
-            args = (*tensors, *self.tail)
-            stream = _raw_stream(torch.cuda.current_device())
-            g = self.grid
-            enter, leave = _knobs.runtime.launch_enter_hook, _knobs.runtime.launch_exit_hook
-            meta = k.launch_metadata(g, stream, *args) if getattr(enter, "calls", True) else None
-            k.run(g[0], g[1], g[2], stream, k.function, k.packed_metadata, meta, enter, leave, *args)
-            return
-        fn = wrap_triton(self.fn) if self.trace else self.fn
-        ret = fn[self.grid](*tensors, *self.scalars, **self.meta, **self.opts)
-        if self.fast and hasattr(ret, "packed_metadata") and hasattr(ret, "function"):
-            self.compiled = ret
-
-
-try:  # the current CUDA stream, as triton's CUDA driver reads it
-    from torch._C import _cuda_getCurrentRawStream as _raw_stream
-except ImportError:  # pragma: no cover - CPU-only torch: no direct launches happen
-
-    def _raw_stream(idx):
-        return torch.cuda.current_stream(idx).cuda_stream
-
-
-# ---------------------------------------------------------------------------------------------
 # Plans: the launches of one call, fixed for its shapes and strides
 # ---------------------------------------------------------------------------------------------
 
@@ -1181,12 +1112,6 @@ def _aligned(*ts: Tensor | None) -> bool:
         if t is not None:
             bits |= t.data_ptr()
     return bits & 15 == 0
-
-
-def _traced(x: Tensor) -> bool:
-    """Whether x is a tracing stand-in (FakeTensor, FunctionalTensor, ...): launches then go
-    through wrap_triton and nothing is cached or timed."""
-    return type(x) is not torch.Tensor
 
 
 def supported(x: Tensor, *weights: Tensor | None) -> bool:
