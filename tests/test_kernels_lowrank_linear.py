@@ -99,6 +99,42 @@ def test_sklinear_backward(case, dtype, splits, poison):
         assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("case", CASES[1:3], ids=_id)
+def test_sklinear_forward_keeps_h(case, path, dtype, splits, poison):
+    # want_h: the forward also returns h = x·[S1 U2] (T × 2Lk), from either path, split or not.
+    args = _layer(case, dtype, x_layout="strided" if case == CASES[2] else "contiguous")
+    y, h = tk.sklinear_forward(*args, want_h=True, path=path)
+    y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
+    assert h.shape == (case[0], 2 * case[3] * case[4]) and h.dtype == dtype and h.is_contiguous()
+    assert_close(y, y_ref, name="y")
+    assert_close(h, h_ref, name="h")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES[1:3], ids=_id)
+def test_backward_reads_the_saved_h(case, dtype, splits, poison):
+    # Given h, the backward uses it (not a recomputed x·A): an h off by a known amount must move
+    # dS2 / dB exactly as the reference says, and leave the other gradients alone.
+    x, S1s, S2s, U1s, U2s, _ = _layer(case, dtype)
+    T, n_in, n_out, L, k = case
+    g = torch.randn(T, n_out, device=DEV).to(dtype)
+    h = ref.sklinear_forward(x.double(), S1s.double(), S2s.double(), U1s.double(), U2s.double(), None, want_h=True)[1]
+    h = (h + 0.5 * torch.randn_like(h)).to(dtype)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True, h.double())
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+    A = (torch.randn(n_in, 7, device=DEV) * n_in**-0.5).to(dtype)
+    B = (torch.randn(7, n_out, device=DEV) * 7**-0.5).to(dtype)
+    hA = (x.double() @ A.double() + 0.5 * torch.randn(T, 7, device=DEV, dtype=torch.float64)).to(dtype)
+    got = tk.lowrank_backward(g, x, A, B, 0.5, True, True, True, True, hA)
+    want = ref.lowrank_backward(*_f64([g, x, A, B]), 0.5, True, True, True, True, hA.double())
+    for name, a, w in zip(("dx", "dA", "dB", "db"), got, want):
+        assert_close(a, w, name=name)
+
+
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)], ids=str)
 def test_sklinear_backward_only_what_is_asked(needs, poison):
     args = _layer(CASES[2], torch.float32)[:5]

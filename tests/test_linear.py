@@ -171,6 +171,46 @@ def test_lowrank_op_gradcheck_and_opcheck(bias):
     assert_close(fn(x, A, B, *((b,) if bias else ())), 0.25 * (x @ A @ B) + (b if bias else 0))
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_train_ops_gradcheck_and_opcheck(bias):
+    # The training ops return (y, h = x·A) and their backward reads h instead of recomputing it.
+    x, S1, S2, U1, U2, b = _op_args(bias=bias)
+    fn = lambda x, S1, S2, *b: torch.ops.panther.sklinear_train(x, S1, S2, U1, U2, b[0] if b else None)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, S1, S2) + ((b,) if bias else ()))
+    torch.library.opcheck(torch.ops.panther.sklinear_train.default, (x, S1, S2, U1, U2, b))
+    y, h = torch.ops.panther.sklinear_train(x, S1, S2, U1, U2, b)
+    assert_close(y, torch.ops.panther.sklinear(x, S1, S2, U1, U2, b))
+    assert_close(h, torch.cat([x @ S1[0], x @ S1[1], x @ U2[0], x @ U2[1]], dim=-1))
+    assert not h.requires_grad
+    g = torch.Generator().manual_seed(7)
+    A = torch.randn(11, 3, generator=g, dtype=F64, requires_grad=True)
+    B = torch.randn(3, 7, generator=g, dtype=F64, requires_grad=True)
+    lb = torch.randn(7, generator=g, dtype=F64, requires_grad=True) if bias else None
+    fn = lambda x, A, B, *b: torch.ops.panther.lowrank_linear_train(x, A, B, b[0] if b else None, 0.5)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B) + ((lb,) if bias else ()))
+    torch.library.opcheck(torch.ops.panther.lowrank_linear_train.default, (x, A, B, lb, 0.5))
+
+
+def test_layers_train_through_the_saved_h_and_infer_without_it(monkeypatch):
+    # Under autograd SKLinear / LowRankLinear call the *_train op; under no_grad the plain one.
+    calls = []
+    for name in ("sklinear", "sklinear_train", "lowrank_linear", "lowrank_linear_train"):
+        op = getattr(torch.ops.panther, name)
+        monkeypatch.setattr(torch.ops.panther, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    sk = pr.nn.SKLinear(40, 24, 1, 4)
+    lr = pr.nn.LowRankLinear.from_factors(torch.randn(40, 5), torch.randn(5, 24))
+    x = torch.randn(3, 40)
+    for layer, name in ((sk, "sklinear"), (lr, "lowrank_linear")):
+        calls.clear()
+        y = layer(x)
+        assert calls == [f"{name}_train"]
+        y.sum().backward()
+        calls.clear()
+        with torch.no_grad():
+            assert_close(layer(x), y.detach())
+        assert calls == [name]
+
+
 def test_backward_ops_opcheck():
     # First-order only: the backward ops have no autograd of their own (no double backward).
     x, S1, S2, U1, U2 = (t.detach() for t in _op_args()[:5])

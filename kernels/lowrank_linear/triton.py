@@ -197,6 +197,18 @@ def _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N,
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
 
+@triton.jit
+def _store_h(h_ptr, offs_m, M, R1, R2, s_hm, h1, h2, HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
+    # h[offs_m, 0:R1] = h1, h[offs_m, R1:R1+R2] = h2 (the forward's x·A, kept for the backward).
+    rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
+    m_mask = offs_m[:, None] < M
+    j1 = tl.arange(0, R1P)
+    tl.store(rows + j1[None, :], h1.to(h_ptr.dtype.element_ty), mask=m_mask & (j1[None, :] < R1))
+    if HAS_SECOND:
+        j2 = tl.arange(0, R2P)
+        tl.store(rows + R1 + j2[None, :], h2.to(h_ptr.dtype.element_ty), mask=m_mask & (j2[None, :] < R2))
+
+
 # ---------------------------------------------------------------------------------------------
 # Kernels. Tensors come first in every signature (the launch plans rely on it). Only T (M) is
 # not specialized: the long dims, ranks and strides are, since masks along a dim of known
@@ -239,18 +251,19 @@ def _xa_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _hq_kernel(
-    h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr,
+    h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
     M, N, R1, R2, N_PER_PROG,
     s_hs, s_hm, s_ym, s_yn, s_b,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
     scale,
     KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
-    R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, SPLIT_H: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, SPLIT_H: tl.constexpr, WRITE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # y[offs_m, n-range of this program] = scale·(h[:, :R1]·Q1 + h[:, R1:R1+R2]·Q2) + bias. The
     # rows of h are loaded (summed over their partials, rounded to the operand dtype) once, then
-    # kept in registers for every column block of the range.
+    # kept in registers for every column block of the range. WRITE_H: the programs of the first
+    # column range also store those rows of h (M × R1+R2, operand dtype) for the backward.
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -261,6 +274,9 @@ def _hq_kernel(
     h2 = tl.zeros((BLOCK_M, R2P), dtype=op_ty)
     if HAS_SECOND:
         h2 = _load_h(h_rows, m_mask, R1, tl.arange(0, R2P), R2, s_hs, SPLIT_H).to(op_ty)
+    if WRITE_H:
+        if pid_n == 0:
+            _store_h(hout_ptr, offs_m, M, R1, R2, R1 + R2, h1, h2, HAS_SECOND, R1P, R2P)
     n_lo = pid_n * N_PER_PROG
     n_hi = tl.minimum(n_lo + N_PER_PROG, N)
     for n0 in range(n_lo, n_hi, BLOCK_N):
@@ -274,18 +290,19 @@ def _hq_kernel(
 
 @triton.jit(do_not_specialize=["M"])
 def _fused_kernel(
-    x_ptr, y_ptr, p1_ptr, p2_ptr, q1_ptr, q2_ptr, bias_ptr,
+    x_ptr, y_ptr, p1_ptr, p2_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
     M, K, N, R1, R2,
     s_xm, s_xk, s_ym, s_yn, s_b,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
     scale,
     KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
-    R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr,
+    R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, WRITE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
     # One row block: h = x·[P1 P2] over all of K (registers), then y = scale·h·[Q1; Q2] + bias
-    # streamed out in column blocks. x is read once and y written once.
+    # streamed out in column blocks. x is read once and y written once. WRITE_H: h is stored too
+    # (M × R1+R2, operand dtype), for the backward.
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc1, acc2 = _xa_rows(
@@ -296,6 +313,8 @@ def _fused_kernel(
     op_ty = q1_ptr.dtype.element_ty
     h1 = acc1.to(op_ty)
     h2 = acc2.to(op_ty)
+    if WRITE_H:
+        _store_h(hout_ptr, offs_m, M, R1, R2, R1 + R2, h1, h2, HAS_SECOND, R1P, R2P)
     for n0 in range(0, N, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         acc = _hq_tile(
@@ -753,9 +772,10 @@ class _Xa:
 
 
 def _hq_launch(
-    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg: _HqCfg, fast, trace
+    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg: _HqCfg, fast, trace, write_h=False
 ) -> _Launch:
-    """out (M × N, strides s_y) = scale·h·[Q1; Q2] + bias for the h ``xa`` writes."""
+    """out (M × N, strides s_y) = scale·h·[Q1; Q2] + bias for the h ``xa`` writes (and, with
+    ``write_h``, h summed over its partials into an (M × R) tensor of the operand dtype)."""
     f1, f2, has2 = _pair(b)
     row_blocks = _cdiv(M, cfg.BLOCK_M)
     col_blocks = _cdiv(N, cfg.BLOCK_N)
@@ -764,34 +784,38 @@ def _hq_launch(
     groups = col_blocks if cfg.per_prog == 1 else max(1, min(col_blocks, _cdiv(4 * n_sm, row_blocks)))
     n_per = _cdiv(col_blocks, groups) * cfg.BLOCK_N
     return _Launch(
-        _hq_kernel, (row_blocks, _cdiv(N, n_per)), 5,
+        _hq_kernel, (row_blocks, _cdiv(N, n_per)), 6,
         (M, N, f1.R, f2.R, n_per, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), float(scale)),
         {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "HAS_BIAS": has_bias, "R1P": _rank_pad(f1.R), "R2P": _rank_pad(f2.R),
-             "PREC": prec, "SPLIT_H": xa.split, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N},
+             "PREC": prec, "SPLIT_H": xa.split, "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N},
         {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
     )  # fmt: skip
 
 
-def _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg: _FusedCfg, fast, trace) -> _Launch:
+def _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg: _FusedCfg, fast, trace, write_h=False) -> _Launch:
     p1, p2, has2 = _pair(a)
     q1, q2, _ = _pair(b)
     # One KT per pair serves its P and its Q: where they differ, the true columns per term.
     kt1 = p1.kt() if p1.kt() == q1.kt() else p1.KT
     kt2 = p2.kt() if p2.kt() == q2.kt() else p2.KT
     return _Launch(
-        _fused_kernel, (_cdiv(M, cfg.BLOCK_M),), 7,
+        _fused_kernel, (_cdiv(M, cfg.BLOCK_M),), 8,
         (M, K, N, p1.R, p2.R, *s_x, *s_y, s_b, *p1.strides(), *p2.strides(), *q1.strides(), *q2.strides(),
          float(scale)),
         {"KT1": kt1, "KT2": kt2, "HAS_SECOND": has2, "HAS_BIAS": has_bias, "R1P": _rank_pad(p1.R), "R2P": _rank_pad(p2.R),
-             "PREC": prec, "EVEN_K": K % cfg.BLOCK_K == 0, "BLOCK_M": cfg.BLOCK_M, "BLOCK_K": cfg.BLOCK_K, "BLOCK_N": cfg.BLOCK_N},
+             "PREC": prec, "EVEN_K": K % cfg.BLOCK_K == 0, "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_K": cfg.BLOCK_K,
+             "BLOCK_N": cfg.BLOCK_N},
         {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
     )  # fmt: skip
 
 
 class _ForwardPlan:
-    """y = scale·(x·A)·B + bias: the fused kernel, or _xa then _hq."""
+    """y = scale·(x·A)·B + bias: the fused kernel, or _xa then _hq. With ``want_h`` a call returns
+    (y, h), h = x·A (M × R, operand dtype) for the backward, which then makes no pass over x for it."""
 
-    def __init__(self, x: Tensor, a: list[Factor], b: list[Factor], bias, scale, path, trace: bool, fast: bool):
+    def __init__(
+        self, x: Tensor, a: list[Factor], b: list[Factor], bias, scale, path, trace: bool, fast: bool, want_h=False
+    ):
         if path not in (None, "fused", "split"):
             raise ValueError(f"path must be None, 'fused' or 'split', got {path!r}")
         M, K = x.shape
@@ -805,6 +829,8 @@ class _ForwardPlan:
         s_b = bias.stride(0) if has_bias else 0
         n_sm = _num_sms(x.device)
         self.M, self.N, self.dtype = M, N, dtype
+        self.R = sum(f.R for f in a)
+        self.want_h = want_h
         dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
         rp = sum(_rank_pad(f.R) for f in a)
         pa, pb = _ptrs(a), _ptrs(b)
@@ -817,10 +843,12 @@ class _ForwardPlan:
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace)
 
         def hq_for(xa, cfg):
-            return _hq_launch(M, N, xa, b, s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace)
+            # (Unsplit, the h that _xa writes is already the one to keep.)
+            write_h = want_h and xa.split > 1
+            return _hq_launch(M, N, xa, b, s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace, write_h)
 
         def fused_for(cfg):
-            return _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg, fast, trace)
+            return _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg, fast, trace, want_h)
 
         def run_xa(cfg):
             xa = xa_for(cfg)
@@ -831,11 +859,13 @@ class _ForwardPlan:
             h = self.xa.new_h(x.device)
             self.xa.launch(x, h, *pa)
             hq = hq_for(self.xa, cfg)
-            return lambda: hq(h, y_t, *pb, b_t)
+            h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
+            return lambda: hq(h, y_t, *pb, b_t, h_o)
 
         def run_fused(cfg):
             fl = fused_for(cfg)
-            return lambda: fl(x, y_t, *pa, *pb, b_t)
+            h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
+            return lambda: fl(x, y_t, *pa, *pb, b_t, h_o)
 
         if path is None and rp > _FUSED_MAX_RANK[dtype]:
             path = "split"
@@ -854,22 +884,37 @@ class _ForwardPlan:
                 if p == "fused":
                     return run_fused(self.fused_cfg)
                 h = self.xa.new_h(x.device)
-                return lambda: (self.xa.launch(x, h, *pa), self.hq(h, y_t, *pb, b_t))
+                h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
+                return lambda: (self.xa.launch(x, h, *pa), self.hq(h, y_t, *pb, b_t, h_o))
 
             big = isinstance(M, int) and M >= _TUNE_MIN_M
             path = _pick(("path",) + dims, ["split", "fused"], run_path, tune) if big else "split"
         self.path = path
 
-    def __call__(self, x: Tensor, pa, pb, bias: Tensor | None) -> Tensor:
+    def __call__(self, x: Tensor, pa, pb, bias: Tensor | None):
         y = torch.empty((self.M, self.N), device=x.device, dtype=self.dtype)
         b = bias if bias is not None else y
+        h_o = None
         if self.path == "fused":
-            self.fused(x, y, *pa, *pb, b)
+            if self.want_h:
+                h_o = torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
+            self.fused(x, y, *pa, *pb, b, h_o if h_o is not None else y)
         else:
             h = self.xa.new_h(x.device)
             self.xa.launch(x, h, *pa)
-            self.hq(h, y, *pb, b)
-        return y
+            if self.want_h:
+                h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
+            self.hq(h, y, *pb, b, h_o if h_o is not None else y)
+        return (y, h_o) if self.want_h else y
+
+
+class _HView(NamedTuple):
+    """Layout of an h a _Wgrad reads: ``split`` fp32 partials ``s_hs`` apart, or one (split = 1)
+    tensor of the operand dtype; rows ``s_hm`` apart. (_Xa has the same fields.)"""
+
+    split: int
+    s_hs: int
+    s_hm: int
 
 
 class _Wgrad:
@@ -927,12 +972,13 @@ class _BackwardPlan:
     """dx, [dA_p], [dB_p], db of y = scale·(x·A)·B + b, for the factors flagged trainable.
 
     gh = scale·g·Bᵀ (one pass over g, _xa) feeds dx = gh·Aᵀ (_hq) and dA_p = xᵀ·gh_p (_wgrad).
-    h_p = x·A_p (one pass over x, only for the pairs whose B factor trains) feeds dB_p =
-    scale·h_pᵀ·g (_wgrad), whose pass over g also sums db. Weight gradients split over T write fp32
-    partials that one _reduce launch sums into the final tensors.
+    h_p = x·A_p (one pass over x, only for the pairs whose B factor trains; none when the forward
+    kept h = x·A, ``have_h``) feeds dB_p = scale·h_pᵀ·g (_wgrad), whose pass over g also sums db.
+    Weight gradients split over T write fp32 partials that one _reduce launch sums into the final
+    tensors.
     """
 
-    def __init__(self, grad, x, a, b, train_a, train_b, scale, need_dx, need_db, trace: bool, fast: bool):
+    def __init__(self, grad, x, a, b, train_a, train_b, scale, need_dx, need_db, trace: bool, fast: bool, have_h=False):
         M, K = x.shape
         N = grad.shape[1]
         dtype = x.dtype
@@ -986,7 +1032,7 @@ class _BackwardPlan:
                 def run_dx(cfg):
                     out = torch.empty((M, K), device=dev, dtype=dtype)
                     hq = _hq_launch(M, K, self.gh, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
-                    return lambda: hq(gh_t, out, *pa, out)
+                    return lambda: hq(gh_t, out, *pa, out, out)
 
                 key = ("hq_dx", self.gh.split, N, K, _sig(a), dtype, prec, bucket)
                 cfg = _pick(key, _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es), run_dx, tune)
@@ -1001,7 +1047,15 @@ class _BackwardPlan:
         self.sel = [p for p in range(len(b)) if train_b[p]]
         self.h = None
         self.wg_b: list[tuple[int, _Wgrad]] = []
-        if self.sel:
+        if self.sel and have_h:
+            # The forward's h = x·A, all pairs side by side (M × ΣR, operand dtype).
+            view = _HView(1, M * sum(f.R for f in a), sum(f.R for f in a))
+            h_t = torch.zeros((M, view.s_hm), device=dev, dtype=dtype) if tune else None
+            for i, p in enumerate(self.sel):
+                want_db = need_db and i == 0
+                col = sum(f.R for f in a[:p])
+                self.wg_b.append((p, wgrad_for(N, s_g, view, col, b[p], scale, want_db, grad, h_t, "b")))
+        elif self.sel:
             fa = [a[p] for p in self.sel]
             pa_sel = _ptrs(fa)
 
@@ -1049,7 +1103,7 @@ class _BackwardPlan:
                 {"num_warps": 4, "num_stages": 1}, fast, trace,
             )
 
-    def __call__(self, grad, x, pa, pb, fa_t):
+    def __call__(self, grad, x, pa, pb, fa_t, h_saved=None):
         dev = x.device
         dtype = self.dtype
         dx = db = None
@@ -1061,15 +1115,18 @@ class _BackwardPlan:
             self.gh.launch(grad, gh, *pb)
             if self.dx is not None:
                 dx = torch.empty((self.M, self.K), device=dev, dtype=dtype)
-                self.dx(gh, dx, *pa, dx)
+                self.dx(gh, dx, *pa, dx, dx)
             for p, wg in self.wg_a:
                 da[p] = torch.empty(wg.shape, device=dev, dtype=dtype)
                 wd, wdb = work[wg] = wg.workspaces(dev)
                 wg.run(x, gh, wd, wdb, da[p], None)
-        if self.h is not None:
-            sel = self.sel
-            h = self.h.new_h(dev)
-            self.h.launch(x, h, fa_t[sel[0]], fa_t[sel[-1]])
+        if self.wg_b:
+            if self.h is not None:
+                sel = self.sel
+                h = self.h.new_h(dev)
+                self.h.launch(x, h, fa_t[sel[0]], fa_t[sel[-1]])
+            else:
+                h = h_saved
             for p, wg in self.wg_b:
                 dbs[p] = torch.empty(wg.shape, device=dev, dtype=dtype)
                 if wg.want_db:
@@ -1136,50 +1193,60 @@ def _key(*ts: Tensor | None) -> tuple:
 
 
 def sklinear_forward(
-    x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias: Tensor | None, *, path: str | None = None
-) -> Tensor:
-    """y = 1/(2L) Σᵢ (x·S1ᵢ·U1ᵢ + x·U2ᵢ·S2ᵢ) + bias; see reference.sklinear_forward.
+    x: Tensor,
+    S1s: Tensor,
+    S2s: Tensor,
+    U1s: Tensor,
+    U2s: Tensor,
+    bias: Tensor | None,
+    *,
+    want_h: bool = False,
+    path: str | None = None,
+):
+    """y = 1/(2L) Σᵢ (x·S1ᵢ·U1ᵢ + x·U2ᵢ·S2ᵢ) + bias, or (y, h) with ``want_h``; see
+    reference.sklinear_forward.
 
     ``path``: None (choose), ``"fused"`` (one kernel) or ``"split"`` (two kernels).
     """
     L, _, k = S1s.shape
     if L * k > MAX_RANK:
-        return reference.sklinear_forward(x, S1s, S2s, U1s, U2s, bias)
+        return reference.sklinear_forward(x, S1s, S2s, U1s, U2s, bias, want_h=want_h)
     empty = _forward_empty(x, U1s.shape[2], L * k, bias)
     if empty is not None:
-        return empty
+        return (empty, x.new_zeros(x.shape[0], 2 * L * k)) if want_h else empty
     scale = 1.0 / (2 * L)
 
     def make(trace: bool, fast: bool) -> _ForwardPlan:
         a = [_stacked_long_mid(S1s), _stacked_long_mid(U2s)]
         b = [_stacked_long_last(U1s), _stacked_long_last(S2s)]
-        return _ForwardPlan(x, a, b, bias, scale, path, trace, fast)
+        return _ForwardPlan(x, a, b, bias, scale, path, trace, fast, want_h)
 
     if _traced(x):
         return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
     aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
-    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, aligned)
+    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned)
     return _plan(key, lambda: make(False, aligned))(x, (S1s, U2s), (U1s, S2s), bias)
 
 
 def lowrank_forward(
-    x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float, *, path: str | None = None
-) -> Tensor:
-    """y = scale·(x·A)·B + bias; see reference.lowrank_forward. ``path`` as in sklinear_forward."""
+    x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float, *, want_h: bool = False, path: str | None = None
+):
+    """y = scale·(x·A)·B + bias, or (y, h = x·A) with ``want_h``; see reference.lowrank_forward.
+    ``path`` as in sklinear_forward."""
     if A.shape[1] > MAX_RANK:
-        return reference.lowrank_forward(x, A, B, bias, scale)
+        return reference.lowrank_forward(x, A, B, bias, scale, want_h=want_h)
     empty = _forward_empty(x, B.shape[1], A.shape[1], bias)
     if empty is not None:
-        return empty
+        return (empty, x.new_zeros(x.shape[0], A.shape[1])) if want_h else empty
     scale = float(scale)
 
     def make(trace: bool, fast: bool) -> _ForwardPlan:
-        return _ForwardPlan(x, [_plain_a(A)], [_plain_b(B)], bias, scale, path, trace, fast)
+        return _ForwardPlan(x, [_plain_a(A)], [_plain_b(B)], bias, scale, path, trace, fast, want_h)
 
     if _traced(x):
         return make(True, False)(x, (A, A), (B, B), bias)
     aligned = _aligned(x, A, B, bias)
-    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, aligned)
+    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned)
     return _plan(key, lambda: make(False, aligned))(x, (A, A), (B, B), bias)
 
 
@@ -1195,9 +1262,11 @@ def _backward(
     need_dx: bool,
     need_db: bool,
     tag: str,
+    h: Tensor | None = None,
 ) -> tuple[Tensor | None, list[Tensor | None], list[Tensor | None], Tensor | None]:
     """dx, [dA_p], [dB_p], db of y = scale·(x·A)·B + b for the factor tensors fa_t (A side) and
-    fb_t (B side), the gradients only of those flagged trainable."""
+    fb_t (B side), the gradients only of those flagged trainable. ``h``: the forward's x·A
+    (M × ΣR, x's dtype), if it kept it; else the weight gradients of the B side recompute it."""
     if x.shape[0] == 0 or x.shape[1] == 0 or grad.shape[1] == 0:  # empty: nothing to launch
         dx = torch.zeros_like(x) if need_dx else None
         da = [torch.zeros_like(t) if tr else None for t, tr in zip(fa_t, train_a)]
@@ -1207,16 +1276,20 @@ def _backward(
     pa = (fa_t[0], fa_t[-1])
     pb = (fb_t[0], fb_t[-1])
 
+    if h is not None and (h.dtype != x.dtype or h.stride() != (h.shape[1], 1)):
+        h = None  # (not a layout the kernels read: recompute)
+    have_h = h is not None
+
     def make(trace: bool, fast: bool) -> _BackwardPlan:
         a, b = make_factors()
-        return _BackwardPlan(grad, x, a, b, train_a, train_b, scale, need_dx, need_db, trace, fast)
+        return _BackwardPlan(grad, x, a, b, train_a, train_b, scale, need_dx, need_db, trace, fast, have_h)
 
     if _traced(x):
-        return make(True, False)(grad, x, pa, pb, fa_t)
-    aligned = _aligned(grad, x, *fa_t, *fb_t)
-    flags = (tuple(train_a), tuple(train_b), need_dx, need_db)
+        return make(True, False)(grad, x, pa, pb, fa_t, h)
+    aligned = _aligned(grad, x, *fa_t, *fb_t, h)
+    flags = (tuple(train_a), tuple(train_b), need_dx, need_db, have_h)
     key = (tag, _key(grad, x, *fa_t, *fb_t), x.dtype, x.device, _precision(x.dtype), flags, scale, aligned)
-    return _plan(key, lambda: make(False, aligned))(grad, x, pa, pb, fa_t)
+    return _plan(key, lambda: make(False, aligned))(grad, x, pa, pb, fa_t, h)
 
 
 def sklinear_backward(
@@ -1229,11 +1302,12 @@ def sklinear_backward(
     need_dx: bool,
     need_dS: bool,
     need_db: bool,
+    h: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dS1s, dS2s, db); see reference.sklinear_backward. No gradient for U1s, U2s."""
     L, _, k = S1s.shape
     if L * k > MAX_RANK:
-        return reference.sklinear_backward(grad, x, S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
+        return reference.sklinear_backward(grad, x, S1s, S2s, U1s, U2s, need_dx, need_dS, need_db, h)
 
     def make_factors():
         return (
@@ -1243,19 +1317,28 @@ def sklinear_backward(
 
     dx, da, dbs, db = _backward(
         grad, x, (S1s, U2s), (U1s, S2s), make_factors, [need_dS, False], [False, need_dS], 1.0 / (2 * L), need_dx,
-        need_db, "skb",
+        need_db, "skb", h,
     )  # fmt: skip
     return dx, da[0], dbs[1], db
 
 
 def lowrank_backward(
-    grad: Tensor, x: Tensor, A: Tensor, B: Tensor, scale: float, need_dx: bool, need_dA: bool, need_dB: bool, need_db: bool
+    grad: Tensor,
+    x: Tensor,
+    A: Tensor,
+    B: Tensor,
+    scale: float,
+    need_dx: bool,
+    need_dA: bool,
+    need_dB: bool,
+    need_db: bool,
+    h: Tensor | None = None,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
     """(dx, dA, dB, db); see reference.lowrank_backward."""
     if A.shape[1] > MAX_RANK:
-        return reference.lowrank_backward(grad, x, A, B, scale, need_dx, need_dA, need_dB, need_db)
+        return reference.lowrank_backward(grad, x, A, B, scale, need_dx, need_dA, need_dB, need_db, h)
     dx, da, dbs, db = _backward(
         grad, x, (A,), (B,), lambda: ([_plain_a(A)], [_plain_b(B)]), [need_dA], [need_dB], float(scale), need_dx,
-        need_db, "lrb",
+        need_db, "lrb", h,
     )  # fmt: skip
     return dx, da[0], dbs[0], db

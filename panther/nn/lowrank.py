@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from panther._validation import check_choice, check_input, check_int, check_tensor
+from panther.ops.linear import records_grad as _records
 
 __all__ = ["LowRankLinear", "LowRankConv2d"]
 
@@ -155,6 +156,9 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input("x", x, last_dim=self.in_features, like=self.A)
+        if _records(x, self.A, self.B, self.bias):
+            # (The training op also returns x·A, so the backward makes no pass over x to recompute it.)
+            return torch.ops.panther.lowrank_linear_train(x, self.A, self.B, self.bias, 1.0)[0]
         return torch.ops.panther.lowrank_linear(x, self.A, self.B, self.bias, 1.0)
 
     def extra_repr(self) -> str:

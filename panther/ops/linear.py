@@ -7,6 +7,10 @@ Outside of compile they run eagerly. On CUDA, operands the kernels do not take (
 float64) go through the reference.
 
 The backward of each op is itself an op, so the GPU path can swap in backward kernels.
+
+Training goes through ``panther::sklinear_train`` / ``panther::lowrank_linear_train``: the same
+forward, also returning h = x·A (T × r, small), which the backward then reads instead of making
+one more pass over x to recompute it (SKLinear and LowRankLinear pick these when autograd records).
 """
 
 from __future__ import annotations
@@ -31,6 +35,12 @@ def _flat(x: Tensor) -> Tensor:
 def _impl(x: Tensor, *weights: Tensor | None):
     """The kernels for these operands: Triton on CUDA where they take them, else the reference."""
     return tk if tk is not None and x.is_cuda and tk.supported(x, *weights) else ref
+
+
+def records_grad(*tensors: Tensor | None) -> bool:
+    """Whether autograd records an op on these tensors (grad mode on, one of them requires grad):
+    the layers then call the ``*_train`` op, whose saved h spares the backward a pass over x."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _empty(like: Tensor) -> Tensor:
@@ -65,10 +75,16 @@ def sklinear_backward(
     need_dx: bool,
     need_dS: bool,
     need_db: bool,
+    h: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dS1s, dS2s, db) of :func:`sklinear`; a gradient not asked for comes back empty."""
-    impl = _impl(x, grad, S1s, S2s, U1s, U2s)
-    dx, dS1s, dS2s, db = impl.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, need_dx, need_dS, need_db)
+    """(dx, dS1s, dS2s, db) of :func:`sklinear`; a gradient not asked for comes back empty.
+
+    ``h``: the (T, 2Lk) product :func:`sklinear_train` returned, or None to recompute it.
+    """
+    impl = _impl(x, grad, S1s, S2s, U1s, U2s, h)
+    dx, dS1s, dS2s, db = impl.sklinear_backward(
+        _flat(grad), _flat(x), S1s, S2s, U1s, U2s, need_dx, need_dS, need_db, None if h is None else _flat(h)
+    )
     return (
         (dx if x.dim() == 2 else dx.reshape(x.shape)) if dx is not None else _empty(x),
         dS1s if dS1s is not None else _empty(S1s),
@@ -77,17 +93,32 @@ def sklinear_backward(
     )
 
 
+@triton_op("panther::sklinear_train", mutates_args=())
+def sklinear_train(
+    x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias: Tensor | None
+) -> tuple[Tensor, Tensor]:
+    """(y, h): y as :func:`sklinear`, and h = x·[S1_1 .. S1_L U2_1 .. U2_L] of shape (..., 2Lk),
+    which the backward reads instead of recomputing (h itself takes no gradient)."""
+    y, h = _impl(x, S1s, S2s, U1s, U2s, bias).sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias, want_h=True)
+    if x.dim() == 2:
+        return y, h
+    return y.reshape(*x.shape[:-1], U1s.shape[2]), h.reshape(*x.shape[:-1], h.shape[1])
+
+
 def _sklinear_setup(ctx, inputs, output):
     x, S1s, S2s, U1s, U2s, bias = inputs
-    ctx.save_for_backward(x, S1s, S2s, U1s, U2s)
+    h = output[1] if isinstance(output, tuple) else None
+    ctx.save_for_backward(x, S1s, S2s, U1s, U2s, h)
     ctx.has_bias = bias is not None
+    if h is not None:
+        ctx.mark_non_differentiable(h)
 
 
-def _sklinear_bwd(ctx, grad):
-    x, S1s, S2s, U1s, U2s = ctx.saved_tensors
+def _sklinear_bwd(ctx, grad, *_):
+    x, S1s, S2s, U1s, U2s, h = ctx.saved_tensors
     nx, nS1, nS2, _, _, nb = ctx.needs_input_grad
     dx, dS1s, dS2s, db = torch.ops.panther.sklinear_backward(
-        grad, x, S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias)
+        grad, x, S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias), h
     )
     return (
         dx if nx else None,
@@ -100,6 +131,7 @@ def _sklinear_bwd(ctx, grad):
 
 
 sklinear.register_autograd(_sklinear_bwd, setup_context=_sklinear_setup)
+sklinear_train.register_autograd(_sklinear_bwd, setup_context=_sklinear_setup)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -128,10 +160,16 @@ def lowrank_linear_backward(
     need_dA: bool,
     need_dB: bool,
     need_db: bool,
+    h: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dA, dB, db) of :func:`lowrank_linear`; a gradient not asked for comes back empty."""
-    impl = _impl(x, grad, A, B)
-    dx, dA, dB, db = impl.lowrank_backward(_flat(grad), _flat(x), A, B, scale, need_dx, need_dA, need_dB, need_db)
+    """(dx, dA, dB, db) of :func:`lowrank_linear`; a gradient not asked for comes back empty.
+
+    ``h``: the x·A that :func:`lowrank_linear_train` returned, or None to recompute it.
+    """
+    impl = _impl(x, grad, A, B, h)
+    dx, dA, dB, db = impl.lowrank_backward(
+        _flat(grad), _flat(x), A, B, scale, need_dx, need_dA, need_dB, need_db, None if h is None else _flat(h)
+    )
     return (
         (dx if x.dim() == 2 else dx.reshape(x.shape)) if dx is not None else _empty(x),
         dA if dA is not None else _empty(A),
@@ -140,19 +178,33 @@ def lowrank_linear_backward(
     )
 
 
+@triton_op("panther::lowrank_linear_train", mutates_args=())
+def lowrank_linear_train(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float) -> tuple[Tensor, Tensor]:
+    """(y, h): y as :func:`lowrank_linear`, and h = x·A of shape (..., r), which the backward reads
+    instead of recomputing (h itself takes no gradient)."""
+    y, h = _impl(x, A, B, bias).lowrank_forward(_flat(x), A, B, bias, scale, want_h=True)
+    if x.dim() == 2:
+        return y, h
+    return y.reshape(*x.shape[:-1], B.shape[1]), h.reshape(*x.shape[:-1], h.shape[1])
+
+
 def _lowrank_setup(ctx, inputs, output):
     x, A, B, bias, scale = inputs
-    ctx.save_for_backward(x, A, B)
+    h = output[1] if isinstance(output, tuple) else None
+    ctx.save_for_backward(x, A, B, h)
     ctx.scale = scale
     ctx.has_bias = bias is not None
+    if h is not None:
+        ctx.mark_non_differentiable(h)
 
 
-def _lowrank_bwd(ctx, grad):
-    x, A, B = ctx.saved_tensors
+def _lowrank_bwd(ctx, grad, *_):
+    x, A, B, h = ctx.saved_tensors
     nx, nA, nB, nb, _ = ctx.needs_input_grad
     nb = bool(nb and ctx.has_bias)
-    dx, dA, dB, db = torch.ops.panther.lowrank_linear_backward(grad, x, A, B, ctx.scale, nx, nA, nB, nb)
+    dx, dA, dB, db = torch.ops.panther.lowrank_linear_backward(grad, x, A, B, ctx.scale, nx, nA, nB, nb, h)
     return (dx if nx else None, dA if nA else None, dB if nB else None, db if nb else None, None)
 
 
 lowrank_linear.register_autograd(_lowrank_bwd, setup_context=_lowrank_setup)
+lowrank_linear_train.register_autograd(_lowrank_bwd, setup_context=_lowrank_setup)
