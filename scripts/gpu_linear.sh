@@ -7,7 +7,7 @@
 #          CUDA-graph times too), table and JSON (with every candidate the plans timed) under $OUT.
 # tests:   the kernel tests (tests/test_kernels_lowrank_linear.py, now on CUDA) and the GPU-only
 #          tests (full sizes, direct launches, CUDA graphs, tuning, SKLinear training step,
-#          torch.compile): tests/test_gpu_linear.py.
+#          torch.compile): tests/test_gpu_linear.py; EXTRA_TESTS adds more test paths.
 # hostprof: cProfile of the host side of forward+backward at T = 1.
 # explore: at the headline shape, fp32 "ieee" against "tf32x3" (time and error), and the previous
 #          kernel revision when .scratch/triton_prev.py is carried along.
@@ -35,7 +35,7 @@ for stage in $stages; do
   case $stage in
     tests)
       timeout "${TESTS_LIMIT_S:-240}" python3 -m pytest -q -n 8 -p no:cacheprovider --durations=8 -rf \
-        "$root/tests/test_kernels_lowrank_linear.py" "$root/tests/test_gpu_linear.py" 2>&1 | tee "$OUT/tests.txt" || rc=1 ;;
+        "$root/tests/test_kernels_lowrank_linear.py" "$root/tests/test_gpu_linear.py" ${EXTRA_TESTS:-} 2>&1 | tee "$OUT/tests.txt" || rc=1 ;;
     bench)
       timeout "${BENCH_LIMIT_S:-240}" python3 -m panther bench linear ${BENCH_ARGS:---dtype bf16,fp32 --shapes issue --graph} \
         --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || rc=1 ;;

@@ -60,19 +60,26 @@ def _f64(ts):
     return [t.double() if isinstance(t, torch.Tensor) else t for t in ts]
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["sklinear", "sklinear_train"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=_id)
-def test_sklinear_op_forward_backward(shape, dtype, poison):
+def test_sklinear_op_forward_backward(shape, dtype, train, poison):
+    # train: the op SKLinear calls under autograd, whose backward reads the forward's h = x·A.
     T, n_in, n_out, L, k = shape
     S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
     # x as (2, T/2 …, in) when T is even, and non-contiguous (every other column of a wider tensor).
     x = torch.randn(T, 2 * n_in, device="cuda", dtype=dtype)[:, ::2]
     x = x.reshape(2, T // 2, n_in) if T % 2 == 0 else x
     xg, S1g, S2g, bg = (t.detach().requires_grad_() for t in (x, S1s, S2s, b))
-    y = torch.ops.panther.sklinear(xg, S1g, S2g, U1s, U2s, bg)
+    if train:
+        y, h = torch.ops.panther.sklinear_train(xg, S1g, S2g, U1s, U2s, bg)
+    else:
+        y = torch.ops.panther.sklinear(xg, S1g, S2g, U1s, U2s, bg)
     assert y.shape == (*x.shape[:-1], n_out) and y.dtype == dtype
-    y_ref = ref.sklinear_forward(*_f64([x.reshape(-1, n_in), S1s, S2s, U1s, U2s, b]))
+    y_ref, h_ref = ref.sklinear_forward(*_f64([x.reshape(-1, n_in), S1s, S2s, U1s, U2s, b]), want_h=True)
     assert_close(y.reshape(-1, n_out), y_ref, name="y")
+    if train:
+        assert_close(h.reshape(-1, 2 * L * k), h_ref, name="h")
     g = torch.randn_like(y)
     y.backward(g)
     want = ref.sklinear_backward(*_f64([g.reshape(-1, n_out), x.reshape(-1, n_in), S1s, S2s, U1s, U2s]), True, True, True)
@@ -80,15 +87,20 @@ def test_sklinear_op_forward_backward(shape, dtype, poison):
         assert_close(got, w, name=name)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["lowrank_linear", "lowrank_linear_train"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_lowrank_op_forward_backward(dtype, poison):
+def test_lowrank_op_forward_backward(dtype, train, poison):
     T, n_in, n_out, r = 777, 2049, 1023, 96
     x = torch.randn(T, n_in, device="cuda", dtype=dtype)
     A = (torch.randn(n_in, r, device="cuda") * n_in**-0.5).to(dtype)
     B = (torch.randn(r, n_out, device="cuda") * r**-0.5).to(dtype)
     b = torch.randn(n_out, device="cuda", dtype=dtype)
     leaves = [t.detach().requires_grad_() for t in (x, A, B, b)]
-    y = torch.ops.panther.lowrank_linear(*leaves, 0.5)
+    if train:
+        y, h = torch.ops.panther.lowrank_linear_train(*leaves, 0.5)
+        assert_close(h, x.double() @ A.double(), name="h")
+    else:
+        y = torch.ops.panther.lowrank_linear(*leaves, 0.5)
     assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="y")
     g = torch.randn_like(y)
     y.backward(g)
@@ -192,6 +204,37 @@ def test_tuned_plans(dtype, poison):
             timed = len(tk.TUNE_LOG)
             assert timed > 0 and any(key[0] == "path" for key in tk._TUNED)
     assert len(tk.TUNE_LOG) == timed  # T = 1500 is in the bucket of 2048
+
+
+@pytest.mark.parametrize("split_k", [0, 4], ids=["unsplit", "splitK4"])
+@pytest.mark.parametrize("path", ["fused", "split"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_forward_keeps_h_on_every_path(dtype, path, split_k, poison, monkeypatch):
+    """want_h at the headline layer: h from the fused kernel's registers, from _xa unsplit, and
+    from _hq summing split-K partials; then the backward that reads it."""
+    if path == "fused" and split_k:
+        pytest.skip("the fused kernel does not split K")
+    T, n_in, n_out, L, k = 4096, 8192, 8192, 1, 16
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    if split_k:
+        first = tk._xa_candidates
+
+        def split_first(M, rp, es, splits=False):
+            return [c._replace(split=split_k) for c in first(M, rp, es, splits)]
+
+        monkeypatch.setattr(tk, "_xa_candidates", split_first)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    y, h = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, want_h=True, path=path)
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p.want_h)
+    assert plan.path == path and (path == "fused" or plan.xa.split == (split_k or 1))
+    y_ref, h_ref = ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b]), want_h=True)
+    assert_close(y, y_ref, name="y")
+    assert_close(h, h_ref, name="h")
+    g = torch.randn_like(y)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True, h.double())
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
 
 
 @pytest.mark.parametrize("T", [1, 300], ids=lambda t: f"T{t}")

@@ -583,7 +583,7 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
     elif fp32:
         cands = [_XaCfg(32, 64, 4, 3), _XaCfg(64, 32, 4, 3), _XaCfg(16, 64, 4, 3)]
     elif rp >= 256:
-        cands = [_XaCfg(64, 64, 8, 4), _XaCfg(32, 128, 4, 3), _XaCfg(64, 128, 8, 3)]
+        cands = [_XaCfg(64, 64, 8, 4), _XaCfg(32, 128, 4, 3), _XaCfg(64, 128, 8, 3), _XaCfg(128, 64, 8, 3)]
     else:
         cands = [_XaCfg(32, 128, 4, 4), _XaCfg(64, 128, 4, 4), _XaCfg(128, 64, 8, 4)]
     out = []
@@ -594,8 +594,12 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
         bk = c.BLOCK_K
         out.append(_XaCfg(bm, bk, c.warps, _fit(es * (bm * bk + bk * rp), c.stages)))
     if splits and isinstance(M, int) and M >= _TUNE_MIN_M:
-        base = next((c for c in out if c.BLOCK_M == 64), out[0])
-        out += [base._replace(split=2), base._replace(split=4)]
+        # Split-K variants of the 64-row config and, for large ranks (compute-heavy, where bigger
+        # tiles pay), of the 128-row one.
+        bases = [next((c for c in out if c.BLOCK_M == 64), out[0])]
+        if rp >= 128:
+            bases += [c for c in out if c.BLOCK_M == 128]
+        out += [b._replace(split=s) for b in bases for s in (2, 4)]
     return list(dict.fromkeys(out))
 
 
@@ -610,18 +614,23 @@ def _hq_candidates(M, rp: int, es: int) -> list[_HqCfg]:
         cands = [_HqCfg(32, 128, 4, 2), _HqCfg(64, 64, 4, 2), _HqCfg(32, 64, 4, 3)]
     else:
         cands = [_HqCfg(64, 128, 4, 3), _HqCfg(128, 128, 8, 3), _HqCfg(64, 256, 8, 3)]
-    # h (BLOCK_M × rp) stays in registers, and the accumulator (BLOCK_M × BLOCK_N fp32); shared
-    # memory holds a (rp × BLOCK_N) tile of B per stage and the epilogue's (BLOCK_M × BLOCK_N).
+        if rp >= 128:
+            # Large ranks: the product is compute-heavy, and 64-row tiles (4 warps) or 128-row ones
+            # (8 warps) keep Hopper's warpgroup MMA whole (a 32-row tile falls back to mma.sync).
+            cands += [_HqCfg(128, 128, 8, 3, per_prog=1), _HqCfg(64, 128, 4, 3, per_prog=1)]
+    # h (BLOCK_M × rp) stays in registers, and the accumulator (BLOCK_M × BLOCK_N fp32): at most
+    # ~160 registers (640 bytes) a thread for the two. Shared memory holds a (rp × BLOCK_N) tile of
+    # B per stage and the epilogue's (BLOCK_M × BLOCK_N).
     out = []
     for c in cands:
         bm, bn = c.BLOCK_M, c.BLOCK_N
-        while bm > 16 and bm * (rp + bn) > (2048 if fp32 else 4096) * c.warps:
+        while bm > 16 and es * bm * rp + 4 * bm * bn > 640 * 32 * c.warps:
             bm //= 2
         while bn > 64 and es * rp * bn + 4 * bm * bn > _SMEM // 2:
             bn //= 2
         stages = _fit(es * rp * bn, c.stages) if 4 * bm * bn < _SMEM else 1
         stages = max(1, min(stages, (_SMEM - 4 * bm * bn) // (es * rp * bn)))
-        out.append(_HqCfg(bm, bn, c.warps, stages))
+        out.append(_HqCfg(bm, bn, c.warps, stages, c.per_prog))
     # The same first config on a plain 2-D grid, and for large ranks a smaller tile (more programs
     # resident per SM): the output writes need many in flight.
     out.append(out[0]._replace(per_prog=1))
