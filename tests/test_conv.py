@@ -410,12 +410,13 @@ def test_bfloat16():
 
 def test_device(device):
     layer = pr.nn.SKConv2d(3, 4, 3, padding=1, num_terms=2, low_rank=3, device=device)
-    assert all(t.device == device for t in layer.state_dict().values())
+    # (device.type: torch.device("cuda") != the tensors' torch.device("cuda:0"))
+    assert all(t.device.type == device.type for t in layer.state_dict().values())
     x = torch.randn(2, 3, 7, 9, device=device)
     assert_close(layer(x), reference(layer, x), rtol=RTOL[torch.float32] if device.type == "cpu" else RTOL_TF32)
     cpu = pr.nn.SKConv2d(3, 4, 3, padding=1, num_terms=2, low_rank=3).to(device)
-    assert all(t.device == device for t in cpu.state_dict().values())
-    assert cpu(x).device == device
+    assert all(t.device.type == device.type for t in cpu.state_dict().values())
+    assert cpu(x).device.type == device.type
 
 
 def test_generator_reproducible():
