@@ -237,6 +237,37 @@ def test_forward_keeps_h_on_every_path(dtype, path, split_k, poison, monkeypatch
         assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_layer_eager_path_matches_the_ops(dtype, poison):
+    """Eager CUDA calls of SKLinear / LowRankLinear skip the op layers (_EagerLowRank): the same
+    results and gradients as the ops, for 3-D input, with and without autograd."""
+    import panther.ops.linear as opl
+
+    T, n_in, n_out, L, k = 600, 1000, 1500, 2, 16
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(2, T // 2, n_in, device="cuda", dtype=dtype)
+    g = torch.randn(2, T // 2, n_out, device="cuda", dtype=dtype)
+    grads = []
+    for fn in (opl.sklinear_apply, lambda *a: torch.ops.panther.sklinear_train(*a)[0]):
+        leaves = [t.detach().requires_grad_() for t in (x, S1s, S2s, b)]
+        y = fn(leaves[0], leaves[1], leaves[2], U1s, U2s, leaves[3])
+        y.backward(g)
+        grads.append([y.detach()] + [t.grad for t in leaves])
+    for name, a, w in zip(("y", "dx", "dS1s", "dS2s", "db"), *grads):
+        assert_close(a, w.double(), name=name)
+    with torch.no_grad():
+        assert_close(opl.sklinear_apply(x, S1s, S2s, U1s, U2s, b), grads[1][0].double(), name="y no_grad")
+    A = (torch.randn(n_in, 40, device="cuda") * n_in**-0.5).to(dtype)
+    B = (torch.randn(40, n_out, device="cuda") * 40**-0.5).to(dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, A, B, b)]
+    y = opl.lowrank_linear_apply(*leaves, 0.5)
+    y.backward(g)
+    want = ref.lowrank_backward(*_f64([g.reshape(-1, n_out), x.reshape(-1, n_in), A, B]), 0.5, True, True, True, True)
+    assert_close(y.reshape(-1, n_out), ref.lowrank_forward(*_f64([x.reshape(-1, n_in), A, B, b]), 0.5), name="y lr")
+    for name, got, w in zip(("dx", "dA", "dB", "db"), [t.grad for t in leaves], want):
+        assert_close(got.reshape(w.shape), w, name=name + " lr")
+
+
 @pytest.mark.parametrize("T", [1, 300], ids=lambda t: f"T{t}")
 def test_repeated_calls_launch_directly(T, poison):
     """From the second call of a shape on, the plan launches the compiled kernels directly; the

@@ -192,7 +192,8 @@ def test_train_ops_gradcheck_and_opcheck(bias):
 
 
 def test_layers_train_through_the_saved_h_and_infer_without_it(monkeypatch):
-    # Under autograd SKLinear / LowRankLinear call the *_train op; under no_grad the plain one.
+    # Under autograd SKLinear / LowRankLinear call the *_train op; under no_grad the plain one
+    # (on CPU and under compile; eager CUDA calls skip the op layers, tested above).
     calls = []
     for name in ("sklinear", "sklinear_train", "lowrank_linear", "lowrank_linear_train"):
         op = getattr(torch.ops.panther, name)
@@ -209,6 +210,31 @@ def test_layers_train_through_the_saved_h_and_infer_without_it(monkeypatch):
         with torch.no_grad():
             assert_close(layer(x), y.detach())
         assert calls == [name]
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "nobias"])
+def test_eager_path_without_the_op_layers(bias, monkeypatch):
+    # Eager CUDA calls of the layers skip the custom-op dispatch (same kernels, same saved h).
+    # Forced on here, on CPU (where it calls the reference): gradcheck, and equal to the op path.
+    import panther.ops.linear as opl
+
+    monkeypatch.setattr(opl, "_eager_cuda", lambda x: True)
+    x, S1, S2, U1, U2, b = _op_args(bias=bias)
+    fn = lambda x, S1, S2, *b: opl.sklinear_apply(x, S1, S2, U1, U2, b[0] if b else None)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, S1, S2) + ((b,) if bias else ()))
+    with torch.no_grad():
+        assert_close(fn(x, S1, S2, *((b,) if bias else ())), torch.ops.panther.sklinear(x, S1, S2, U1, U2, b))
+    g = torch.Generator().manual_seed(8)
+    A = torch.randn(11, 3, generator=g, dtype=F64, requires_grad=True)
+    B = torch.randn(3, 7, generator=g, dtype=F64, requires_grad=True)
+    lb = torch.randn(7, generator=g, dtype=F64, requires_grad=True) if bias else None
+    fn = lambda x, A, B, *b: opl.lowrank_linear_apply(x, A, B, b[0] if b else None, 0.5)  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, A, B) + ((lb,) if bias else ()))
+    # Only some inputs trainable: the others get no gradient.
+    xd = x.detach()
+    y = opl.sklinear_apply(xd, S1, S2.detach(), U1, U2, None)
+    y.sum().backward()
+    assert S1.grad is not None and xd.grad is None
 
 
 def test_backward_ops_opcheck():

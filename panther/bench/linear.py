@@ -6,9 +6,9 @@ For each shape (in, out, num_terms L, low_rank k, tokens T) and dtype it times, 
 * ``dense``   ``F.linear(x, W, b)``, the nn.Linear the layer replaces;
 * ``eager``   the two-GEMM low-rank ``addmm(b, x@A, B)`` with A (in×2Lk) and B (2Lk×out) prebuilt
   (forward+backward trains all of A and B: the plain low-rank layer);
-* ``panther`` ``torch.ops.panther.sklinear`` (SKLinear's op: the Triton kernels on CUDA); for
-  forward+backward ``sklinear_train``, the op SKLinear calls under autograd (it also returns
-  h = x·A, which the backward reads instead of recomputing),
+* ``panther`` what ``SKLinear`` calls, ``panther.ops.linear.sklinear_apply``: the Triton kernels
+  of ``torch.ops.panther.sklinear`` (inference) / ``sklinear_train`` (under autograd: it also keeps
+  h = x·A for the backward), launched in eager mode without the custom-op dispatch layers,
 
 forward and forward+backward, and the roofline floor: max(bytes / copy bandwidth, FLOPs / matmul
 rate), both ceilings measured at the start of the run (an fp32 matmul follows torch's TF32
@@ -201,8 +201,7 @@ def _measure(shape, dtype, bw, rate, args) -> dict:
     S1s, S2s, U1s, U2s, bias, W, A, B = _layer(n_in, n_out, L, k, dtype)
     x = torch.randn(T, n_in, device="cuda", dtype=dtype)
     g = torch.randn(T, n_out, device="cuda", dtype=dtype)
-    op = torch.ops.panther.sklinear
-    train_op = torch.ops.panther.sklinear_train
+    from panther.ops.linear import sklinear_apply as op
     rec: dict = {"in": n_in, "out": n_out, "L": L, "k": k, "T": T, "dtype": str(dtype).replace("torch.", "")}
     fwd_floor, both_floor = _floors(n_in, n_out, L, k, T, torch.finfo(dtype).bits // 8, bw, rate)
     rec["floor_fwd_us"] = fwd_floor * 1e6
@@ -255,8 +254,7 @@ def _measure(shape, dtype, bw, rate, args) -> dict:
         both = {
             "dense": lambda: F.linear(xg, Wg, bd).backward(g),
             "eager": lambda: torch.addmm(be, xg @ Ag, Bg).backward(g),
-            # SKLinear's training call: the op that also keeps h = x·A for its backward.
-            "panther": lambda: train_op(xg, S1g, S2g, U1s, U2s, bp)[0].backward(g),
+            "panther": lambda: op(xg, S1g, S2g, U1s, U2s, bp).backward(g),
         }
         rec["first_call_fwdbwd_s"] = _first_call(both["panther"])
         for name, fn in both.items():

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from panther._validation import check_input, check_int, check_tensor, warn_budget
-from panther.ops.linear import records_grad as _records
+from panther.ops.linear import sklinear_apply
 from panther.sketch import sign_matrix
 
 
@@ -150,10 +150,7 @@ class SKLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input("x", x, last_dim=self.in_features, like=self.S1s)
-        if _records(x, self.S1s, self.S2s, self.bias):
-            # (The training op also returns x·A, so the backward makes no pass over x to recompute it.)
-            return torch.ops.panther.sklinear_train(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)[0]
-        return torch.ops.panther.sklinear(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+        return sklinear_apply(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
 
     def extra_repr(self) -> str:
         return (

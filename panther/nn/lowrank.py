@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 
 from panther._validation import check_choice, check_input, check_int, check_tensor
-from panther.ops.linear import records_grad as _records
+from panther.ops.linear import lowrank_linear_apply
 
 __all__ = ["LowRankLinear", "LowRankConv2d"]
 
@@ -156,10 +156,7 @@ class LowRankLinear(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         check_input("x", x, last_dim=self.in_features, like=self.A)
-        if _records(x, self.A, self.B, self.bias):
-            # (The training op also returns x·A, so the backward makes no pass over x to recompute it.)
-            return torch.ops.panther.lowrank_linear_train(x, self.A, self.B, self.bias, 1.0)[0]
-        return torch.ops.panther.lowrank_linear(x, self.A, self.B, self.bias, 1.0)
+        return lowrank_linear_apply(x, self.A, self.B, self.bias, 1.0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

@@ -43,6 +43,11 @@ def records_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
+def _eager_cuda(x: Tensor) -> bool:
+    # Outside of compile, on CUDA, the layers skip the custom-op dispatch (see _EagerLowRank).
+    return x.is_cuda and not torch.compiler.is_compiling()
+
+
 def _empty(like: Tensor) -> Tensor:
     # Stand-in for a gradient that was not asked for (custom-op returns cannot be None).
     return like.new_empty(0)
@@ -208,3 +213,79 @@ def _lowrank_bwd(ctx, grad, *_):
 
 lowrank_linear.register_autograd(_lowrank_bwd, setup_context=_lowrank_setup)
 lowrank_linear_train.register_autograd(_lowrank_bwd, setup_context=_lowrank_setup)
+
+
+# ---------------------------------------------------------------------------------------------
+# What the layers call
+# ---------------------------------------------------------------------------------------------
+
+
+class _EagerLowRank(torch.autograd.Function):
+    """The training ops' forward and backward (the same kernels, the same saved h) for eager CUDA
+    calls, without the custom-op layers in between.
+
+    Each call of a ``torch.library`` op in eager mode passes through torch's Python custom-op
+    machinery (dispatch into the Python kernel, the autograd wrapper, the backward op's own
+    dispatch); on the H200 that was ~200 µs of host time per forward+backward, more than the GPU
+    time of a 8192×8192 layer at 4096 tokens. Under ``torch.compile`` the ops stay (Inductor must
+    see them), and on CPU too (the reference path has nothing to gain).
+    """
+
+    @staticmethod
+    def forward(ctx, kind: str, x: Tensor, scale: float, bias: Tensor | None, *w: Tensor) -> Tensor:
+        impl = _impl(x, *w, bias)
+        if kind == "sk":
+            y, h = impl.sklinear_forward(_flat(x), *w, bias, want_h=True)
+        else:
+            y, h = impl.lowrank_forward(_flat(x), *w, bias, scale, want_h=True)
+        ctx.save_for_backward(x, h, *w)
+        ctx.kind, ctx.scale, ctx.has_bias = kind, scale, bias is not None
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        x, h, *w = ctx.saved_tensors
+        nx, nb = ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and ctx.has_bias)
+        nw = ctx.needs_input_grad[4:]
+        impl = _impl(x, grad, *w)
+        g2, x2 = _flat(grad), _flat(x)
+        if ctx.kind == "sk":  # w = (S1s, S2s, U1s, U2s): gradients for S1s, S2s only
+            dx, dS1, dS2, db = impl.sklinear_backward(g2, x2, *w, nx, nw[0] or nw[1], nb, h)
+            dw = (dS1 if nw[0] else None, dS2 if nw[1] else None, None, None)
+        else:  # w = (A, B)
+            dx, dA, dB, db = impl.lowrank_backward(g2, x2, *w, ctx.scale, nx, nw[0], nw[1], nb, h)
+            dw = (dA, dB)
+        if dx is not None and x.dim() != 2:
+            dx = dx.reshape(x.shape)
+        return None, dx if nx else None, None, db if nb else None, *dw
+
+
+def sklinear_apply(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias: Tensor | None) -> Tensor:
+    """SKLinear's function y = 1/(2L)·Σᵢ (x·S1ᵢ·U1ᵢ + x·U2ᵢ·S2ᵢ) + bias, as the layer calls it.
+
+    Shapes as :func:`sklinear`. Under ``torch.compile`` (and on CPU) it is the op: ``sklinear``,
+    or ``sklinear_train`` when autograd records (its saved h spares the backward a pass over x).
+    In eager mode on CUDA the same kernels are called without the custom-op layers
+    (:class:`_EagerLowRank`).
+    """
+    if _eager_cuda(x):
+        if records_grad(x, S1s, S2s, bias):
+            return _EagerLowRank.apply("sk", x, 0.0, bias, S1s, S2s, U1s, U2s)
+        y = _impl(x, S1s, S2s, U1s, U2s, bias).sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+    if records_grad(x, S1s, S2s, bias):
+        return torch.ops.panther.sklinear_train(x, S1s, S2s, U1s, U2s, bias)[0]
+    return torch.ops.panther.sklinear(x, S1s, S2s, U1s, U2s, bias)
+
+
+def lowrank_linear_apply(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float = 1.0) -> Tensor:
+    """LowRankLinear's function y = scale·(x·A)·B + bias, as the layer calls it (dispatch as in
+    :func:`sklinear_apply`). Shapes as :func:`lowrank_linear`."""
+    if _eager_cuda(x):
+        if records_grad(x, A, B, bias):
+            return _EagerLowRank.apply("lr", x, float(scale), bias, A, B)
+        y = _impl(x, A, B, bias).lowrank_forward(_flat(x), A, B, bias, scale)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+    if records_grad(x, A, B, bias):
+        return torch.ops.panther.lowrank_linear_train(x, A, B, bias, scale)[0]
+    return torch.ops.panther.lowrank_linear(x, A, B, bias, scale)
