@@ -585,7 +585,7 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
     elif rp >= 256:
         cands = [_XaCfg(64, 64, 8, 4), _XaCfg(32, 128, 4, 3), _XaCfg(64, 128, 8, 3), _XaCfg(128, 64, 8, 3)]
     else:
-        cands = [_XaCfg(32, 128, 4, 4), _XaCfg(64, 128, 4, 4), _XaCfg(128, 64, 8, 4)]
+        cands = [_XaCfg(32, 128, 4, 4), _XaCfg(64, 128, 4, 4), _XaCfg(128, 64, 8, 4), _XaCfg(128, 128, 8, 3)]
     out = []
     for c in cands:
         bm = c.BLOCK_M
@@ -596,9 +596,9 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
     if splits and isinstance(M, int) and M >= _TUNE_MIN_M:
         # Split-K variants of the 64-row config and, for large ranks (compute-heavy, where bigger
         # tiles pay), of the 128-row one.
+        # (128 rows: the factor tile is then a smaller share of each stage's bytes.)
         bases = [next((c for c in out if c.BLOCK_M == 64), out[0])]
-        if rp >= 128:
-            bases += [c for c in out if c.BLOCK_M == 128]
+        bases += [c for c in out if c.BLOCK_M == 128 and (rp >= 128 or c.BLOCK_K == 128)]
         out += [b._replace(split=s) for b in bases for s in (2, 4)]
     return list(dict.fromkeys(out))
 
