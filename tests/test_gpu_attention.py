@@ -21,10 +21,11 @@ from panther_testing import assert_close  # noqa: E402
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
-def _inputs(B, H, N, Nk, D, m, dtype, mask):
+def _inputs(B, H, N, Nk, D, m, dtype, mask, E=None, omega_scale=1.0):
     g = torch.Generator(device="cuda").manual_seed(1234 + N + D + m)
-    q, k, v = (torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype) for n in (N, Nk, Nk))
-    omega = torch.randn(H, m, D, device="cuda", generator=g).to(dtype)
+    q, k = (torch.randn(B, H, n, D, device="cuda", generator=g).to(dtype) for n in (N, Nk))
+    v = torch.randn(B, H, Nk, D if E is None else E, device="cuda", generator=g).to(dtype)
+    omega = (omega_scale * torch.randn(H, m, D, device="cuda", generator=g)).to(dtype)
     key_mask = None
     if mask:
         key_mask = torch.rand(B, Nk, device="cuda", generator=g) > 0.2
@@ -32,10 +33,10 @@ def _inputs(B, H, N, Nk, D, m, dtype, mask):
     return q, k, v, omega, key_mask
 
 
-def _check(B, H, N, Nk, D, m, dtype, causal, kernel_fn, mask, backward=True):
+def _check(B, H, N, Nk, D, m, dtype, causal, kernel_fn, mask, backward=True, E=None, omega_scale=1.0):
     from panther.kernels.performer import triton as tk
 
-    q, k, v, omega, key_mask = _inputs(B, H, N, Nk, D, m, dtype, mask)
+    q, k, v, omega, key_mask = _inputs(B, H, N, Nk, D, m, dtype, mask, E, omega_scale)
     scale = D**-0.5
     up = [t.double() for t in (q, k, v, omega)]
     out = tk.performer_attention(q, k, v, omega, key_mask, kernel_fn, causal, scale)
@@ -77,10 +78,12 @@ def test_long_sequence_forward(poison):
     _check(1, 12, 65536, 65536, 64, 256, torch.bfloat16, True, "softmax", mask=False, backward=False)
 
 
-def test_op_under_compile(poison):
-    """torch.ops.panther.performer_attention on CUDA under torch.compile (triton_op + wrap_triton)."""
+@pytest.mark.parametrize("D", [64, 256], ids=["d64", "d256"])
+def test_op_under_compile(poison, D):
+    """torch.ops.panther.performer_attention on CUDA under torch.compile (triton_op + wrap_triton;
+    D = 256: the head dim in blocks, ω at half scale as in test_wide_head_dim_full_size)."""
     ops = pytest.importorskip("panther.ops.attention")
-    q, k, v, omega, key_mask = _inputs(2, 4, 1000, 1000, 64, 256, torch.bfloat16, True)
+    q, k, v, omega, key_mask = _inputs(2, 4, 1000, 1000, D, 256, torch.bfloat16, True, E=64, omega_scale=0.5 if D > 128 else 1.0)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def f(q, k, v):
@@ -91,3 +94,51 @@ def test_op_under_compile(poison):
     assert_close(out, exp, name="compiled out")
     out.float().square().sum().backward()
     assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_wide_head_dim_full_size(poison, dtype, causal):
+    """sinSRPE's shape (codes of R = 256 for q and k): B=2, H=4, N=2048, D=256, E=64, m=256, with a
+    key mask; the head dim runs in blocks of D_BLOCK. Causal softmax keys are stabilized by
+    maxⱼ‖ωⱼ‖²/2 − 40, which with unit-entry ω at D = 256 sits ~100 above the logits (under fp32's
+    range, in the fp32 reference too): ω is drawn at half scale there."""
+    from panther.kernels.performer import triton as tk
+
+    ops = pytest.importorskip("panther.ops.attention")
+    q, _, v, omega, _ = _inputs(2, 4, 8, 8, 256, 256, DTYPES[dtype], False, E=64)
+    assert tk.supports(q, v, omega) and ops._impl("performer_attention", q, v, omega) is tk.performer_attention
+    _check(2, 4, 2048, 2048, 256, 256, DTYPES[dtype], causal, "softmax", mask=True, E=64, omega_scale=0.5 if causal else 1.0)
+
+
+@pytest.mark.parametrize("D", [64, 256], ids=["d64", "d256"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_repeated_calls_launch_directly(poison, D, causal):
+    """The second call of a shape runs its cached plan's compiled kernels directly (no Triton
+    dispatch): bit-identical to the first call, and both match the float64 reference."""
+    from panther.kernels import _launch
+    from panther.kernels.performer import triton as tk
+
+    q, k, v, omega, key_mask = _inputs(2, 4, 1000, 1000, D, 256, torch.bfloat16, True, E=64, omega_scale=0.5)
+    scale = D**-0.5
+    args = (omega, key_mask, "softmax", causal, scale)
+    up = [t.double() for t in (q, k, v, omega)]
+    grad = torch.randn(2, 4, 1000, 64, device="cuda").to(torch.bfloat16)
+    exp = ref.performer_attention(*up, key_mask, "softmax", causal, scale)
+    want = ref.performer_attention_backward(grad.double(), *up, key_mask, "softmax", causal, scale)
+    outs, grads = [], []
+    for _ in range(3):
+        outs.append(tk.performer_attention(q, k, v, *args))
+        grads.append(tk.performer_attention_backward(grad, q, k, v, *args))
+    torch.cuda.synchronize()
+    assert_close(outs[0], exp, name="out")
+    for name, a, b in zip(("dq", "dk", "dv"), grads[0], want):
+        assert_close(a, b, name=name)
+    for out, gs in zip(outs[1:], grads[1:]):
+        assert torch.equal(out, outs[0])
+        assert all(torch.equal(a, b) for a, b in zip(gs, grads[0]))
+    plans = [p for p in tk._PLANS.values() if p.cfg.D == D and p.cfg.causal == causal and p.cfg.N == 1000]
+    assert {type(p) for p in plans} == {tk._ForwardPlan, tk._BackwardPlan}
+    if _launch.FAST_LAUNCH:
+        launches = [getattr(p, n) for p in plans for n in ("state", "state_reduce", "fwd", "bwd_q", "r_reduce", "bwd_k") if hasattr(p, n)]
+        assert launches and all(lc.compiled is not None for lc in launches)

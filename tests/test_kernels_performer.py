@@ -36,17 +36,20 @@ def _inputs(B, H, N, Nk, D, E, m, dtype, mask, causal, gen_mask_all_off=False):
     return q, k, v, omega, key_mask
 
 
-def _check(q, k, v, omega, key_mask, kernel_fn, causal, chunk=CHUNK, scale=None, zero_grads=()):
-    """Compare forward and backward with the reference. Gradients named in zero_grads are 0 in
-    exact arithmetic (both sides hold rounding noise only): they are checked to be tiny instead."""
+def _check(q, k, v, omega, key_mask, kernel_fn, causal, chunk=CHUNK, scale=None, zero_grads=(), f64=False):
+    """Compare forward and backward with the reference (with f64, the reference runs in float64 on
+    the same rounded inputs, so the error measured is the kernels' own). Gradients named in
+    zero_grads are 0 in exact arithmetic (both sides hold rounding noise only): they are checked
+    to be tiny instead."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
+    up = [t.double() if f64 else t for t in (q, k, v, omega)]
     out = triton_kernels.performer_attention(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size=chunk)
-    exp = ref.performer_attention(q, k, v, omega, key_mask, kernel_fn, causal, scale)
+    exp = ref.performer_attention(*up, key_mask, kernel_fn, causal, scale)
     assert out.dtype == v.dtype and out.shape == exp.shape
     assert_close(out, exp, name="out")
     grad = torch.randn_like(out)
     got = triton_kernels.performer_attention_backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size=chunk)
-    want = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale)
+    want = ref.performer_attention_backward(grad.double() if f64 else grad, *up, key_mask, kernel_fn, causal, scale)
     for name, g, w, x in zip(("dq", "dk", "dv"), got, want, (q, k, v)):
         assert g.dtype == x.dtype and g.shape == x.shape, name
         if name in zero_grads:
@@ -126,12 +129,150 @@ def test_rejects_bad_arguments():
 
 @pytest.mark.parametrize(
     "D,E,m,ok",
-    [(64, 64, 256, True), (128, 128, 256, True), (100, 60, 200, True), (256, 64, 256, False), (64, 256, 256, False), (64, 64, 512, False)],
+    [
+        (64, 64, 256, True),
+        (128, 128, 256, True),
+        (100, 60, 200, True),
+        (200, 64, 256, True),
+        (256, 64, 256, True),  # the spec's sinSRPE example: codes of R = 256 at m = 256
+        (512, 128, 256, True),
+        (513, 64, 256, False),
+        (64, 256, 256, False),
+        (64, 64, 512, False),
+    ],
     ids=lambda v: str(v),
 )
 def test_supports_only_shapes_whose_tiles_fit(D, E, m, ok):
-    """The op sends shapes past the kernels' on-chip tiles (the spec's sinSRPE example has
-    D = R = 256 at m = 256, which overflowed shared memory on an H200) to the reference."""
-    from panther.kernels.performer.triton import supports
+    """Head dims up to MAX_HEAD_DIM (cut into blocks past MAX_TILE), value dims up to MAX_TILE and
+    m up to MAX_FEATURES run on the kernels; the op sends wider shapes to the reference."""
+    from panther.kernels.performer.triton import MAX_FEATURES, MAX_HEAD_DIM, MAX_TILE, supports
 
+    assert (MAX_TILE, MAX_HEAD_DIM, MAX_FEATURES) == (128, 512, 256)
     assert supports(torch.empty(1, 1, 2, D), torch.empty(1, 1, 2, E), torch.empty(1, m, D)) is ok
+
+
+# ---------------------------------------------------------------------------------------------
+# head dims past MAX_TILE: the projection, ‖x‖² and dx cut into blocks of D_BLOCK columns
+# ---------------------------------------------------------------------------------------------
+
+WIDE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _wide_inputs(D, dtype, causal, N=37, E=16, m=24):
+    """B=1, H=2, N=37 (three chunks of 16, the last cut short), with a key mask. Causal softmax
+    keys are stabilized by c = maxⱼ‖ωⱼ‖²/2 − 40 (a bound that holds for every key); with ω of unit
+    entries at D ≥ 200 that bound sits ~100 above the logits, under fp32's range: ω is drawn at
+    half that scale so φ(k) stays representable (README.md, "causal")."""
+    q, k, v, omega, key_mask = _inputs(1, 2, N, N, D, E, m, dtype, True, causal)
+    if causal:
+        omega = (0.5 * omega.float()).to(dtype)
+    return q, k, v, omega, key_mask
+
+
+def _last_plan():
+    return list(triton_kernels._PLANS.values())[-1]
+
+
+@pytest.mark.parametrize("dtype", list(WIDE_DTYPES), ids=list(WIDE_DTYPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("D", [200, 256], ids=["D200", "D256"])
+def test_wide_head_dim_matches_reference(poison, D, causal, dtype):
+    """D = 200 (odd: the last of four 64-column blocks holds 8) and D = 256, against float64."""
+    q, k, v, omega, key_mask = _wide_inputs(D, WIDE_DTYPES[dtype], causal)
+    _check(q, k, v, omega, key_mask, "softmax", causal, f64=True)
+    cfg = _last_plan().cfg  # the backward's plan: blocks of the head dim, not one whole tile
+    assert (cfg.BD, cfg.ND) == (triton_kernels.D_BLOCK, -(-D // triton_kernels.D_BLOCK))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_wide_head_dim_relu(poison, causal):
+    _check(*_wide_inputs(200, torch.float32, causal), "relu", causal, f64=True)
+
+
+def test_wide_head_dim_other_block(poison, monkeypatch):
+    """D_BLOCK is a knob: 32-column blocks (seven of them for D = 200) give the same results."""
+    monkeypatch.setattr(triton_kernels, "D_BLOCK", 32)
+    _check(*_wide_inputs(200, torch.float32, False), "softmax", False, f64=True)
+    assert _last_plan().cfg.ND == 7
+
+
+# ---------------------------------------------------------------------------------------------
+# cached launch plans
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plans_are_cached_per_call_signature(poison, monkeypatch):
+    """The second call of a signature runs the plan the first built (both match the reference);
+    other strides, flags or module knobs get a plan of their own."""
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+    plans = triton_kernels._PLANS
+    q, k, v, omega, mask = _inputs(2, 2, 45, 45, 20, 12, 24, torch.float32, True, False)
+    args = (omega, mask, "softmax", False, 0.3)
+    exp = ref.performer_attention(q, k, v, *args)
+    outs = [triton_kernels.performer_attention(q, k, v, *args, chunk_size=CHUNK) for _ in range(2)]
+    for out in outs:
+        assert_close(out, exp, name="out")
+    assert len(plans) == 1
+    plan = _last_plan()
+    assert isinstance(plan, triton_kernels._ForwardPlan)
+    # New tensors of the same signature: the same plan.
+    q2, k2, v2 = (t.clone() for t in (q, k, v))
+    assert_close(triton_kernels.performer_attention(q2, k2, v2, *args, chunk_size=CHUNK), exp, name="out (clones)")
+    assert len(plans) == 1 and _last_plan() is plan
+    # The same values through other strides: another plan, the same result.
+    qt = q.transpose(1, 2).contiguous().transpose(1, 2)
+    assert qt.stride() != q.stride()
+    assert_close(triton_kernels.performer_attention(qt, k, v, *args, chunk_size=CHUNK), exp, name="out (strided q)")
+    assert len(plans) == 2 and _last_plan() is not plan
+    # Another chunk or scale: other plans.
+    triton_kernels.performer_attention(q, k, v, *args, chunk_size=32)
+    triton_kernels.performer_attention(q, k, v, omega, mask, "softmax", False, 0.25, chunk_size=CHUNK)
+    assert len(plans) == 4
+    # The backward: one plan, used again by the second call.
+    grad = torch.randn_like(exp)
+    want = ref.performer_attention_backward(grad, q, k, v, *args)
+    for _ in range(2):
+        got = triton_kernels.performer_attention_backward(grad, q, k, v, *args, chunk_size=CHUNK)
+        for name, g, w in zip(("dq", "dk", "dv"), got, want):
+            assert_close(g, w, name=name)
+    assert len(plans) == 5 and isinstance(_last_plan(), triton_kernels._BackwardPlan)
+    # A module knob changed (as the benchmark's --sweep does): the cache starts over.
+    monkeypatch.setitem(triton_kernels.TUNED, ("noncausal", "fwd"), (32, 4))
+    assert_close(triton_kernels.performer_attention(q, k, v, *args), exp, name="out (knob)")
+    assert len(plans) == 1
+    monkeypatch.setattr(triton_kernels, "NUM_WARPS", 2)
+    triton_kernels.performer_attention(q, k, v, *args)
+    assert len(plans) == 1 and _last_plan().fwd.opts["num_warps"] == 2
+
+
+def test_out_of_resources_falls_back_to_one_stage(poison, monkeypatch):
+    """A first launch over the shared-memory limit is retried with num_stages=1, which the plan
+    keeps (later calls do not fail again); at num_stages=1 the error propagates."""
+    from triton.runtime.errors import OutOfResources
+
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+    launch_cls = triton_kernels._Launch
+    real_call = launch_cls.__call__
+    failed = []
+
+    def call(self, *tensors):
+        if self.fn is triton_kernels._fwd_kernel and self.opts["num_stages"] != 1:
+            failed.append(self.opts["num_stages"])
+            raise OutOfResources(300_000, 232_448, "shared memory")
+        return real_call(self, *tensors)
+
+    monkeypatch.setattr(launch_cls, "__call__", call)
+    q, k, v, omega, mask = _inputs(2, 2, 45, 45, 16, 16, 16, torch.float32, True, False)
+    exp = ref.performer_attention(q, k, v, omega, mask, "softmax", False, 0.25)
+    for _ in range(2):
+        out = triton_kernels.performer_attention(q, k, v, omega, mask, "softmax", False, 0.25, chunk_size=CHUNK)
+        assert_close(out, exp, name="out")
+    plan = _last_plan()
+    assert failed == [3] and plan.fwd.opts["num_stages"] == 1 and plan.state.opts["num_stages"] == 3
+
+    def always(self, *tensors):
+        raise OutOfResources(300_000, 232_448, "shared memory")
+
+    monkeypatch.setattr(launch_cls, "__call__", always)
+    with pytest.raises(OutOfResources):
+        triton_kernels.performer_attention(q, k, v, omega, mask, "softmax", False, 0.25, chunk_size=CHUNK)

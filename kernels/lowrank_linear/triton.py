@@ -864,12 +864,17 @@ class _ForwardPlan:
             h = xa.new_h(x.device)
             return lambda: xa.launch(x, h, *pa)
 
-        def run_hq(cfg):
-            h = self.xa.new_h(x.device)
-            self.xa.launch(x, h, *pa)
-            hq = hq_for(self.xa, cfg)
+        def run_hq(xa, cfg):
+            h = xa.new_h(x.device)
+            xa.launch(x, h, *pa)
+            hq = hq_for(xa, cfg)
             h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
             return lambda: hq(h, y_t, *pb, b_t, h_o)
+
+        def run_pair(xa, hq):
+            h = xa.new_h(x.device)
+            h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
+            return lambda: (xa.launch(x, h, *pa), hq(h, y_t, *pb, b_t, h_o))
 
         def run_fused(cfg):
             fl = fused_for(cfg)
@@ -883,9 +888,19 @@ class _ForwardPlan:
             self.fused_cfg = _pick(("fused",) + dims, _fused_candidates(rp, es), run_fused, tune)
             self.fused = fused_for(self.fused_cfg)
         if path != "fused":
-            self.xa = xa_for(_pick(("xa_f",) + dims, _xa_candidates(M, rp, es, splits=True), run_xa, tune))
+            # x·A and h·B are chosen together: a split-K x·A is faster alone, but its consumer sums
+            # the partials. So the best x·A of each split count is paired with the best h·B for
+            # its h, and the pairs are timed against each other.
+            xa_c = _xa_candidates(M, rp, es, splits=True)
             hq_c = _hq_candidates(M, rp, es)
-            self.hq = hq_for(self.xa, _pick(("hq_f", self.xa.split) + dims, hq_c, run_hq, tune))
+            groups = sorted({c.split for c in xa_c})
+            pairs = {}
+            for sp in groups:
+                xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
+                hq_cfg = _pick(("hq_f", xa.split) + dims, hq_c, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
+                pairs[sp] = (xa, hq_for(xa, hq_cfg))
+            sp = _pick(("xa_hq",) + dims, groups, lambda sp: run_pair(*pairs[sp]), tune)
+            self.xa, self.hq = pairs[sp]
         if path is None:
             # Below _TUNE_MIN_M rows the split path, whose split reduction fills the GPU at small
             # T; from there on the faster of the two, timed once per T bucket.

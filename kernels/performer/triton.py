@@ -1,7 +1,6 @@
 """Triton kernels for Performer (FAVOR+) attention, forward and backward (math in README.md).
 
 Same functions and signatures as :mod:`.reference` (``chunk_size`` defaults to a tuned value).
-Every kernel is launched through ``torch.library.wrap_triton`` so the panther ops can trace them.
 
 Work is cut into chunks of ``BN`` positions; each program owns a *segment* of consecutive chunks
 of one (batch, head) and walks it carrying an m×E state in registers. The feature map is fused
@@ -18,9 +17,19 @@ with the projection by ω, so φ(Q) and φ(K) never reach memory.
 * ``_bwd_k_kernel``: dv = φ(k)·R and dφ(k) = V'·Rᵀ (causal: R is the suffix over later queries,
   chunks walked backward, plus the intra-chunk part), then dk through the feature map.
 
-Shapes: padded head dim D and value dim E up to ``MAX_TILE`` = 128 and m ≤ 256 (``supports``):
-ω and the state are held whole on chip, so wider codes (e.g. sinSRPE with R = 256) go to the
-reference through the op's dispatch. Tiling over D would lift that.
+Shapes (``supports``): value dim E ≤ ``MAX_TILE`` = 128 and m ≤ ``MAX_FEATURES`` = 256 (padded
+to powers of two; the m×E state and a whole row of features are held on chip), head dim
+D ≤ ``MAX_HEAD_DIM`` = 512. A padded D ≤ 128 is held whole (one block, ``ND`` = 1); wider heads
+(e.g. sinSRPE codes with R = 256) are cut into ``ND`` blocks of ``D_BLOCK`` = 64 columns: the
+projection ω·x and ‖x‖² accumulate over the blocks, and dx = dφ·ω (− Σ(dφ·φ)·x) is formed and
+stored block by block, so at most an m × 64 tile of ω is on chip at once.
+
+Launches: the validated shapes, grids, scalars and constexprs of one call signature (shapes,
+strides, dtypes, device, flags, scale, chunk and the module knobs) form a cached plan of
+:class:`kernels._launch.Launch` objects; the first call of a plan goes through ``kernel[grid]``
+(and falls back to ``num_stages=1`` on OutOfResources), later calls launch the compiled kernels
+directly. Under tracing (FakeTensors inside ``torch.compile``) a fresh plan launches through
+``torch.library.wrap_triton``, so Inductor sees the kernels.
 
 Extra memory: the per-segment states (B·H·P·m·E fp32, P ≈ 4·SMs/(B·H)) and, for the causal
 backward, G' (B·H·N·(E+1) fp32). Never N×N, never N×m.
@@ -44,13 +53,15 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
+from .._launch import Launch as _Launch
+from .._launch import traced as _traced
 from .reference import RELU_EPS
 
 # (chunk, warps) per kernel group: "fwd" (the key pass and the output pass) and "bwd" (the backward
 # passes; a causal backward also runs its own key pass with it, so that both cut the sequence into
 # the same segments). TUNED is the best of `python -m panther bench attention --sweep` on an H200
 # (bf16, B=4, H=12, N=16384, d=64, m=256; docs/benchmarks.md) and serves bf16 with head and value
-# dims ≤ 64 and m ≤ 256. Larger tiles (fp16/fp32 state, d = 128, m > 256) use SAFE, whose settings
+# dims ≤ 64 and m ≤ 256. Larger tiles (fp16/fp32 state, d ≥ 128, m > 256) use SAFE, whose settings
 # passed the GPU tests at every dtype and head dim (a 128-row chunk there overflows shared memory).
 TUNED = {
     ("noncausal", "fwd"): (128, 8),
@@ -71,19 +82,29 @@ NUM_WARPS: int | None = None
 # number, so small test shapes still get several segments).
 PROGRAMS_PER_SM = 4
 INTERPRETER_PROGRAMS = 3
+# Columns of ω and x per block where the padded head dim exceeds MAX_TILE. An m × 64 block of ω
+# is no larger than the whole ω of a d = 64 head, the shape TUNED/SAFE were measured at.
+D_BLOCK = 64
+# (The plans below are cached per call signature, these knobs included: changing any of them
+# between calls takes effect at the next call.)
 
-__all__ = ["MAX_TILE", "performer_attention", "performer_attention_backward", "supports"]
+__all__ = ["MAX_FEATURES", "MAX_HEAD_DIM", "MAX_TILE", "performer_attention", "performer_attention_backward", "supports"]
 
-# Each program keeps a (m × D) tile of ω and an (m × E) fp32 state on chip, without tiling over D
-# or E: past 128 (padded) either would overflow Hopper's 227 KB of shared memory at m = 256
-# (seen: the spec's sinSRPE example, D = R = 256, fp32, asked for more than the limit).
+# Widest padded value dim E (and widest head dim D held whole, without blocks): each program keeps
+# an (m × E) fp32 state on chip, which past 128 overflows Hopper's 227 KB of shared memory at m = 256.
 MAX_TILE = 128
+# Widest padded head dim: wider ones are cut into ⌈D / D_BLOCK⌉ blocks, unrolled in the kernels.
+MAX_HEAD_DIM = 512
+# Most (padded) random features: a whole row of m features is held per position.
+MAX_FEATURES = 256
 
 
 def supports(q: torch.Tensor, v: torch.Tensor, omega: torch.Tensor) -> bool:
-    """Whether these kernels handle the shapes: padded head dim D and value dim E ≤ MAX_TILE,
-    m ≤ 256. Callers use the reference elsewhere."""
-    return _pow2(q.shape[-1]) <= MAX_TILE and _pow2(v.shape[-1]) <= MAX_TILE and _pow2(omega.shape[-2]) <= 256
+    """Whether these kernels handle the shapes: padded head dim D ≤ MAX_HEAD_DIM, value dim
+    E ≤ MAX_TILE, m ≤ MAX_FEATURES. Callers use the reference elsewhere."""
+    return (
+        _pow2(q.shape[-1]) <= MAX_HEAD_DIM and _pow2(v.shape[-1]) <= MAX_TILE and _pow2(omega.shape[-2]) <= MAX_FEATURES
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -147,58 +168,10 @@ def _load_rows(base, rows, cols, n_rows, n_cols, s_row, s_col):
 
 
 @triton.jit
-def _logits(x, w, rs, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """(ω·xs − ‖xs‖²/2)·log2(e) of shape (BN, BM), and ω·x (unscaled projection)."""
-    proj = _dot(x, tl.trans(w), PREC, INTERP)
-    xf = x.to(tl.float32)
-    half = (0.5 * rs * rs * 1.4426950408889634) * tl.sum(xf * xf, 1)
-    return proj * (rs * 1.4426950408889634) - half[:, None], proj
-
-
-@triton.jit
-def _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """φ(q) (BN, BM) fp32, zero on padded features; and the projection ω·x for the relu backward."""
-    if SOFTMAX:
-        lg, proj = _logits(x, w, rs, PREC, INTERP)
-        lg = tl.where(fvalid[None, :], lg, float("-inf"))
-        mx = tl.max(lg, 1)
-        phi = tl.exp2(lg - (mx + log2_sqrt_m)[:, None])
-    else:
-        proj = _dot(x, tl.trans(w), PREC, INTERP)
-        phi = tl.where(fvalid[None, :], tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
-    return phi, proj
-
-
-@triton.jit
-def _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """φ(k) (BN, BM) fp32 with a given stabilizer c2 (log2 units, includes log2 √m); zero on
-    masked or padded keys and padded features."""
-    valid = rvalid[:, None] & fvalid[None, :]
-    if SOFTMAX:
-        lg, proj = _logits(x, w, rs, PREC, INTERP)
-        phi = tl.where(valid, tl.exp2(lg - c2), 0.0)
-    else:
-        proj = _dot(x, tl.trans(w), PREC, INTERP)
-        phi = tl.where(valid, tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
-    return phi, proj
-
-
-@triton.jit
-def _phi_backward(dphi, phi, proj, x, w, rvalid, rs, inv_sqrt_m, SOFTMAX: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
-    """dx (BN, BD) fp32 from dφ: softmax dxs = (dφ·φ)·ω − Σ(dφ·φ)·xs, relu dxs = (dφ·1[ω·xs>0]/√m)·ω."""
-    if SOFTMAX:
-        t = dphi * phi
-        dxs = _mm(t, w, FEAT_F32, PREC, INTERP) - (tl.sum(t, 1) * rs)[:, None] * x.to(tl.float32)
-    else:
-        t = tl.where(rvalid[:, None] & (proj > 0), dphi * inv_sqrt_m, 0.0)
-        dxs = _mm(t, w, FEAT_F32, PREC, INTERP)
-    return dxs * rs
-
-
-@triton.jit
-def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+def _load_omega(W, h, D, M, d0, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """Columns [d0, d0 + BD) of head h's ω (BM, BD) in DT, zero outside (M, D)."""
     offs_m = tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
+    offs_d = d0 + tl.arange(0, BD)
     w = tl.load(
         W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
         mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
@@ -208,17 +181,135 @@ def _load_omega(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr
 
 
 @triton.jit
-def _causal_c2(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BM: tl.constexpr):
+def _omega0(W, h, D, M, BD: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """ω whole (BM, BD) when it is one block (ND = 1); else a placeholder (_proj and _store_dx then
+    load ω block by block)."""
+    if ND == 1:
+        w = _load_omega(W, h, D, M, 0, BD, BM, DT, INTERP)
+    else:
+        w = 0.0
+    return w
+
+
+@triton.jit
+def _proj(
+    Xb, rows, n_rows, s_row, s_col, w, W, h, D, M,
+    BD: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr, DT: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """ω·x (BN, BM) fp32 (the unscaled projection) and ‖x‖² (BN,) fp32 for the given rows of X,
+    and the x tile (BN, BD). ND = 1: one tile of x against w, ω whole. ND > 1: summed over ND blocks
+    of BD columns, each block of x and of ω loaded here (the x returned is the first block)."""
+    offs_d = tl.arange(0, BD)
+    x = _load_rows(Xb, rows, offs_d, n_rows, D, s_row, s_col)
+    if ND == 1:
+        proj = _dot(x, tl.trans(w), PREC, INTERP)
+    else:
+        proj = _dot(x, tl.trans(_load_omega(W, h, D, M, 0, BD, BM, DT, INTERP)), PREC, INTERP)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1)
+    # A loop (not unrolled): ω's blocks are then not loop-invariant loads of the caller's chunk
+    # loop, which the compiler would hoist out of it and keep on chip all together.
+    for j in range(1, ND):
+        xj = _load_rows(Xb, rows, j * BD + offs_d, n_rows, D, s_row, s_col)
+        proj += _dot(xj, tl.trans(_load_omega(W, h, D, M, j * BD, BD, BM, DT, INTERP)), PREC, INTERP)
+        xf = xj.to(tl.float32)
+        sq += tl.sum(xf * xf, 1)
+    return proj, sq, x
+
+
+@triton.jit
+def _logits(proj, sq, rs):
+    """(ω·xs − ‖xs‖²/2)·log2(e) of shape (BN, BM) from the unscaled ω·x and ‖x‖²."""
+    half = (0.5 * rs * rs * 1.4426950408889634) * sq
+    return proj * (rs * 1.4426950408889634) - half[:, None]
+
+
+@triton.jit
+def _phi_query(proj, sq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX: tl.constexpr):
+    """φ(q) (BN, BM) fp32, zero on padded features."""
+    if SOFTMAX:
+        lg = _logits(proj, sq, rs)
+        lg = tl.where(fvalid[None, :], lg, float("-inf"))
+        mx = tl.max(lg, 1)
+        phi = tl.exp2(lg - (mx + log2_sqrt_m)[:, None])
+    else:
+        phi = tl.where(fvalid[None, :], tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
+    return phi
+
+
+@triton.jit
+def _phi_key(proj, sq, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX: tl.constexpr):
+    """φ(k) (BN, BM) fp32 with a given stabilizer c2 (log2 units, includes log2 √m); zero on
+    masked or padded keys and padded features."""
+    valid = rvalid[:, None] & fvalid[None, :]
+    if SOFTMAX:
+        phi = tl.where(valid, tl.exp2(_logits(proj, sq, rs) - c2), 0.0)
+    else:
+        phi = tl.where(valid, tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
+    return phi
+
+
+@triton.jit
+def _dphi_t(dphi, phi, proj, rvalid, inv_sqrt_m, SOFTMAX: tl.constexpr):
+    """The (BN, BM) factor t of dxs = t·ω (− Σt·xs): softmax t = dφ·φ, relu t = dφ·1[ω·xs>0]/√m."""
+    if SOFTMAX:
+        t = dphi * phi
+    else:
+        t = tl.where(rvalid[:, None] & (proj > 0), dphi * inv_sqrt_m, 0.0)
+    return t
+
+
+@triton.jit
+def _dx_block(t, tsum, x, w, rs, SOFTMAX: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
+    """Columns of dx (BN, BD) fp32 for the matching columns x of the input and w of ω:
+    softmax dxs = t·ω − Σt·xs (tsum = Σt over features), relu dxs = t·ω; dx = dxs·√scale."""
+    if SOFTMAX:
+        dxs = _mm(t, w, FEAT_F32, PREC, INTERP) - (tsum * rs)[:, None] * x.to(tl.float32)
+    else:
+        dxs = _mm(t, w, FEAT_F32, PREC, INTERP)
+    return dxs * rs
+
+
+@triton.jit
+def _store_dx(
+    DX, rows, valid, t, x, w, Xb, n_rows, s_row, s_col, W, h, D, M, rs,
+    BD: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr, DT: tl.constexpr,
+    SOFTMAX: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):
+    """dx of the given rows from t (see _dphi_t) into DX (rows of D, contiguous), valid rows only.
+    ND = 1: from the tiles x and ω (w) the projection used; else block by block, reloading them."""
+    offs_d = tl.arange(0, BD)
+    tsum = tl.sum(t, 1)
+    if ND == 1:
+        dx = _dx_block(t, tsum, x, w, rs, SOFTMAX, FEAT_F32, PREC, INTERP)
+        tl.store(
+            DX + rows[:, None] * D + offs_d[None, :],
+            _cast(dx, DX.dtype.element_ty, INTERP),
+            mask=valid[:, None] & (offs_d[None, :] < D),
+        )
+    else:
+        for j in range(ND):  # a loop, as in _proj
+            cols = j * BD + offs_d
+            xj = _load_rows(Xb, rows, cols, n_rows, D, s_row, s_col)
+            wj = _load_omega(W, h, D, M, j * BD, BD, BM, DT, INTERP)
+            dx = _dx_block(t, tsum, xj, wj, rs, SOFTMAX, FEAT_F32, PREC, INTERP)
+            tl.store(
+                DX + rows[:, None] * D + cols[None, :],
+                _cast(dx, DX.dtype.element_ty, INTERP),
+                mask=valid[:, None] & (cols[None, :] < D),
+            )
+
+
+@triton.jit
+def _causal_c2(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr):
     """Causal key stabilizer of head h in log2 units, log2 √m folded in:
     (maxⱼ‖ωⱼ‖²/2 − 40)·log2(e) + log2 √m (the shift of 40: see the module docstring)."""
-    offs_m = tl.arange(0, BM)
-    offs_d = tl.arange(0, BD)
-    w = tl.load(
-        W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
-        other=0.0,
-    ).to(tl.float32)
-    return (0.5 * tl.max(tl.sum(w * w, 1), 0) - 40.0) * 1.4426950408889634 + log2_sqrt_m
+    w = _load_omega(W, h, D, M, 0, BD, BM, tl.float32, False)
+    sq = tl.sum(w * w, 1)
+    for j in range(1, ND):
+        w = _load_omega(W, h, D, M, j * BD, BD, BM, tl.float32, False)
+        sq += tl.sum(w * w, 1)
+    return (0.5 * tl.max(sq, 0) - 40.0) * 1.4426950408889634 + log2_sqrt_m
 
 
 @triton.jit
@@ -232,6 +323,7 @@ def _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK: tl.constexpr):
 
 # ---------------------------------------------------------------------------------------------
 # kernels (grid: (segments, B·H); program (s, bh) walks chunks [s·CPS, (s+1)·CPS) )
+# BD: columns of a head-dim block, ND: blocks (ND = 1: the whole padded head dim)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -241,7 +333,7 @@ def _state_kernel(
     Nk, D, E, M, H,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
-    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -252,28 +344,28 @@ def _state_kernel(
     b = bh // H
     h = bh % H
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     offs_m = tl.arange(0, BM)
     fvalid = offs_m < M
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
+    DT = K.dtype.element_ty
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
+        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
     S = tl.zeros((BM, BE), tl.float32)
     z = tl.zeros((BM,), tl.float32)
     run = tl.max(tl.full((BN,), -1e30, tl.float32), 0)  # running max (log2 units), non-causal softmax
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
     for ci in range(c_start, c_end):
-        w = _load_omega(W, h, D, M, BD, BM, K.dtype.element_ty, INTERP)
+        w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
         rvalid = _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK)
-        x = _load_rows(Kb, rows, offs_d, Nk, D, skn, skd)
+        proj, sq, _ = _proj(Kb, rows, Nk, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
         vt = _load_rows(Vb, rows, offs_e, Nk, E, svn, sve)
         if SOFTMAX and not CAUSAL:
-            lg, proj = _logits(x, w, rs, PREC, INTERP)
+            lg = _logits(proj, sq, rs)
             lg = tl.where(rvalid[:, None] & fvalid[None, :], lg, float("-inf"))
             new = tl.maximum(run, tl.max(lg))
             alpha = tl.exp2(run - new)
@@ -282,7 +374,7 @@ def _state_kernel(
             run = new
             phi = tl.exp2(lg - (new + log2_sqrt_m))
         else:
-            phi, proj = _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+            phi = _phi_key(proj, sq, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
         S += _mm(tl.trans(phi), vt, FEAT_F32, PREC, INTERP)
         z += tl.sum(phi, 0)
     out = bh * nseg + seg
@@ -299,7 +391,7 @@ def _fwd_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     sob, soh, son, soe,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
-    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -309,7 +401,6 @@ def _fwd_kernel(
     b = bh // H
     h = bh % H
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     offs_m = tl.arange(0, BM)
     fvalid = offs_m < M
@@ -317,6 +408,7 @@ def _fwd_kernel(
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
     Ob = O + b * sob + h * soh
+    DT = Q.dtype.element_ty
     tile = offs_m[:, None] * BE + offs_e[None, :]
     # The whole-sequence state (non-causal; bf16 for bf16 inputs) or, carried from chunk to chunk,
     # this segment's exclusive prefix (causal; fp32).
@@ -325,21 +417,21 @@ def _fwd_kernel(
     z = tl.load(Z_IN + st * BM + offs_m)
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
+        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
     for ci in range(c_start, c_end):
-        w = _load_omega(W, h, D, M, BD, BM, Q.dtype.element_ty, INTERP)
+        w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
-        x = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
-        phq, _ = _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        projq, sqq, _ = _proj(Qb, rows, N, sqn, sqd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
+        phq = _phi_query(projq, sqq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX)
         num = _mm(phq, S, FEAT_F32, PREC, INTERP)
         den = tl.sum(phq * z[None, :], 1)
         if CAUSAL:
             rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
-            xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
+            projk, sqk, _ = _proj(Kb, rows, N, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
             vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-            phk, _ = _phi_key(xk, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
             sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
             sc = tl.where(offs_n[:, None] >= offs_n[None, :], sc, 0.0)
             num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
@@ -360,7 +452,7 @@ def _bwd_q_kernel(
     N, D, E, M, H,
     sgb, sgh, sgn, sge, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
-    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -371,7 +463,6 @@ def _bwd_q_kernel(
     b = bh // H
     h = bh % H
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     offs_m = tl.arange(0, BM)
     fvalid = offs_m < M
@@ -379,29 +470,30 @@ def _bwd_q_kernel(
     Qb = Q + b * sqb + h * sqh
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
+    DT = Q.dtype.element_ty
     tile = offs_m[:, None] * BE + offs_e[None, :]
     st = bh * nseg + seg if CAUSAL else bh  # as in _fwd_kernel
     S = tl.load(S_IN + st * BM * BE + tile)
     z = tl.load(Z_IN + st * BM + offs_m)
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
+        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
     R = tl.zeros((BM, BE), tl.float32)  # Σ φ(q)ᵀ g/den over this segment
     rz = tl.zeros((BM,), tl.float32)  # Σ φ(q)ᵀ gden
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
     for ci in range(c_start, c_end):
-        w = _load_omega(W, h, D, M, BD, BM, Q.dtype.element_ty, INTERP)
+        w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
-        x = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
-        phq, projq = _phi_query(x, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        projq, sqq, x = _proj(Qb, rows, N, sqn, sqd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
+        phq = _phi_query(projq, sqq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX)
         num = _mm(phq, S, FEAT_F32, PREC, INTERP)
         den = tl.sum(phq * z[None, :], 1)
         if CAUSAL:
             rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
-            xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
+            projk, sqk, _ = _proj(Kb, rows, N, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
             vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-            phk, _ = _phi_key(xk, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
             sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
             sc = tl.where(offs_n[:, None] >= offs_n[None, :], sc, 0.0)
             num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
@@ -421,12 +513,11 @@ def _bwd_q_kernel(
             tl.store(GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :], gs, mask=rows[:, None] < N)
             tl.store(GD + bh * N + rows, gd, mask=rows < N)
         qvalid = rows < N
-        dx = _phi_backward(dphi, phq, projq, x, w, qvalid, rs, inv_sqrt_m, SOFTMAX, FEAT_F32, PREC, INTERP)
-        tl.store(
-            DQ + bh * N * D + rows[:, None] * D + offs_d[None, :],
-            _cast(dx, DQ.dtype.element_ty, INTERP),
-            mask=qvalid[:, None] & (offs_d[None, :] < D),
-        )
+        t = _dphi_t(dphi, phq, projq, qvalid, inv_sqrt_m, SOFTMAX)
+        _store_dx(
+            DQ + bh * N * D, rows, qvalid, t, x, w, Qb, N, sqn, sqd, W, h, D, M, rs,
+            BD, BM, ND, DT, SOFTMAX, FEAT_F32, PREC, INTERP,
+        )  # fmt: skip
         phq = tl.where(qvalid[:, None], phq, 0.0)
         R += _mm(tl.trans(phq), gs, FEAT_F32, PREC, INTERP)
         rz += tl.sum(phq * gd[:, None], 0)
@@ -441,7 +532,7 @@ def _bwd_k_kernel(
     N, Nk, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
-    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):
@@ -452,14 +543,13 @@ def _bwd_k_kernel(
     b = bh // H
     h = bh % H
     offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
     offs_e = tl.arange(0, BE)
     offs_m = tl.arange(0, BM)
     fvalid = offs_m < M
     Qb = Q + b * sqb + h * sqh
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
-    # R = Σ φ(q)ᵀG' over the queries that see these keys: all (non-causal), or the later segments.
+    DT = K.dtype.element_ty
     tile = offs_m[:, None] * BE + offs_e[None, :]
     # R = Σ φ(q)ᵀG' over the queries that see these keys: all (non-causal; bf16 for bf16 inputs),
     # or, carried backward from chunk to chunk, the later segments' (causal; fp32).
@@ -469,24 +559,24 @@ def _bwd_k_kernel(
     c2 = 0.0
     if SOFTMAX:
         if CAUSAL:
-            c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM)
+            c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
         else:
             c2 = tl.load(CK + bh)  # the global key max of the forward pass
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
     for i in range(c_start, c_end):
         ci = c_end - 1 - (i - c_start) if CAUSAL else i  # causal: walk the chunks backward
-        w = _load_omega(W, h, D, M, BD, BM, K.dtype.element_ty, INTERP)
+        w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
         rvalid = _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK)
-        x = _load_rows(Kb, rows, offs_d, Nk, D, skn, skd)
+        projk, sqk, x = _proj(Kb, rows, Nk, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
         vt = _load_rows(Vb, rows, offs_e, Nk, E, svn, sve)
-        phk, projk = _phi_key(x, w, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+        phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
         dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
         dv = _mm(phk, R, FEAT_F32, PREC, INTERP)
         if CAUSAL:
-            xq = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
-            phq, _ = _phi_query(xq, w, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, PREC, INTERP)
+            projq, sqq, _ = _proj(Qb, rows, N, sqn, sqd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
+            phq = _phi_query(projq, sqq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX)
             gs = tl.load(GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :], mask=rows[:, None] < N, other=0.0)
             gd = tl.load(GD + bh * N + rows, mask=rows < N, other=0.0)
             upper = offs_n[:, None] <= offs_n[None, :]  # (key j, query i): i ≥ j
@@ -496,13 +586,12 @@ def _bwd_k_kernel(
             dv += _mm(tl.where(upper, sc, 0.0), gs, FEAT_F32, PREC, INTERP)
             R += _mm(tl.trans(phq), gs, FEAT_F32, PREC, INTERP)
             rz += tl.sum(phq * gd[:, None], 0)
-        dx = _phi_backward(dphi, phk, projk, x, w, rvalid, rs, inv_sqrt_m, SOFTMAX, FEAT_F32, PREC, INTERP)
+        t = _dphi_t(dphi, phk, projk, rvalid, inv_sqrt_m, SOFTMAX)
         kvalid = rows < Nk
-        tl.store(
-            DK + bh * Nk * D + rows[:, None] * D + offs_d[None, :],
-            _cast(dx, DK.dtype.element_ty, INTERP),
-            mask=kvalid[:, None] & (offs_d[None, :] < D),
-        )
+        _store_dx(
+            DK + bh * Nk * D, rows, kvalid, t, x, w, Kb, Nk, skn, skd, W, h, D, M, rs,
+            BD, BM, ND, DT, SOFTMAX, FEAT_F32, PREC, INTERP,
+        )  # fmt: skip
         tl.store(
             DV + bh * Nk * E + rows[:, None] * E + offs_e[None, :],
             _cast(dv, DV.dtype.element_ty, INTERP),
@@ -554,8 +643,6 @@ def _reduce_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-
-
 def _pow2(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
@@ -580,10 +667,39 @@ def _segments(n: int, bn: int, bh: int, device: torch.device) -> tuple[int, int]
     return triton.cdiv(chunks, cps), cps
 
 
-class _Plan:
-    """Validated shapes, block sizes and launch settings of one call; launches the kernels."""
+def _contiguous_strides(*shape: int) -> tuple[int, ...]:
+    strides, acc = [], 1
+    for n in reversed(shape):
+        strides.append(acc)
+        acc *= n
+    return tuple(reversed(strides))
 
-    def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size):
+
+def _bool_mask(key_mask: Tensor | None) -> Tensor | None:
+    return key_mask if key_mask is None or key_mask.dtype == torch.bool else key_mask != 0
+
+
+def _run(plan, name: str, *tensors: Tensor) -> None:
+    """Call the plan's launch ``name``. A first call that finds the kernel's shared memory over the
+    device's limit (a shape the num_stages heuristic misjudged) rebuilds the launch, kept in the
+    plan, with num_stages=1."""
+    launch = getattr(plan, name)
+    try:
+        launch(*tensors)
+    except OutOfResources:
+        if launch.opts.get("num_stages") == 1:
+            raise
+        opts = {**launch.opts, "num_stages": 1}
+        launch = _Launch(launch.fn, launch.grid, len(tensors), launch.scalars, launch.meta, opts, launch.fast, launch.trace)
+        setattr(plan, name, launch)
+        launch(*tensors)
+
+
+class _Cfg:
+    """Validated shapes, block sizes and launch settings of one call signature (no tensor data):
+    the launches it builds are fixed but for their tensors."""
+
+    def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool):
         if kernel_fn not in ("softmax", "relu"):
             raise ValueError(f"kernel_fn must be one of ['softmax', 'relu'], got {kernel_fn!r}")
         B, H, N, D = q.shape
@@ -600,28 +716,35 @@ class _Plan:
         self.BH = B * H
         self.softmax, self.causal, self.device = kernel_fn == "softmax", causal, q.device
         self.chunk_size = chunk_size
-        self.omega = omega.contiguous()
+        self.fast, self.trace = fast, trace
         if key_mask is not None:
             if key_mask.shape != (B, Nk):
                 raise ValueError(f"key_mask must have shape {(B, Nk)}, got {tuple(key_mask.shape)}")
-            self.mask = key_mask if key_mask.dtype == torch.bool else key_mask != 0
-            self.mask_strides = (self.mask.stride(0), self.mask.stride(1))
+            self.mask_strides = (key_mask.stride(0), key_mask.stride(1))
         else:
-            self.mask, self.mask_strides = q, (0, 0)  # never read (HAS_MASK is false)
-        self.BD, self.BE, self.BM = _pow2(D), _pow2(E), _pow2(m)
+            self.mask_strides = (0, 0)  # the mask pointer is q, never read (HAS_MASK is false)
+        BDF = _pow2(D)  # padded head dim
+        if BDF <= MAX_TILE:
+            self.BD, self.ND = BDF, 1
+        else:
+            self.BD, self.ND = D_BLOCK, triton.cdiv(D, D_BLOCK)
+        self.BE, self.BM = _pow2(E), _pow2(m)
         feat_f32 = q.dtype != torch.bfloat16
-        self.common = dict(
-            BD=self.BD, BE=self.BE, BM=self.BM, SOFTMAX=self.softmax, CAUSAL=causal, HAS_MASK=key_mask is not None,
-            FEAT_F32=feat_f32, PREC="ieee" if q.dtype == torch.float32 else "tf32", INTERP=q.device.type == "cpu",
-        )
+        self.feat_f32 = feat_f32
+        self.interp = q.device.type == "cpu"
+        self.meta = {
+            "BD": self.BD, "BE": self.BE, "BM": self.BM, "ND": self.ND, "SOFTMAX": self.softmax, "CAUSAL": causal,
+            "HAS_MASK": key_mask is not None, "FEAT_F32": feat_f32, "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
+            "INTERP": self.interp,
+        }  # fmt: skip
         self.scal = (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS)
-        self.small = self.BM * max(self.BE, self.BD) < 128 * 64
-        self.settings = TUNED if not feat_f32 and max(self.BD, self.BE) <= 64 and self.BM <= 256 else SAFE
-        # Software-pipelining depth: the loop's loads (ω, q/k, v tiles) are multi-buffered in shared
-        # memory beside the state; deep pipelines of large tiles overflow it (227 KB on Hopper).
-        big = (4 if feat_f32 else 2) * self.BM * self.BE + q.element_size() * self.BM * self.BD
+        self.small = self.BM * max(self.BE, BDF) < 128 * 64
+        self.settings = TUNED if not feat_f32 and max(BDF, self.BE) <= 64 and self.BM <= 256 else SAFE
+        # Software-pipelining depth: the loop's loads (ω, q/k, v tiles; every block of them when
+        # the head dim is cut) are multi-buffered in shared memory beside the state; deep
+        # pipelines of large tiles overflow it (227 KB on Hopper).
+        big = (4 if feat_f32 else 2) * self.BM * self.BE + q.element_size() * self.BM * self.BD * self.ND
         self.num_stages = 3 if big <= 64 * 1024 else 2 if big <= 96 * 1024 and not feat_f32 else 1
-        self.f32 = dict(device=q.device, dtype=torch.float32)
 
     def tiles(self, group: str) -> tuple[int, int]:
         """(chunk, warps) of a kernel group: "fwd" (state and output passes) or "bwd"."""
@@ -630,50 +753,169 @@ class _Plan:
             bn = self.chunk_size
         return bn, NUM_WARPS or (4 if self.small else warps)
 
-    def launch(self, kernel, grid, args, group: str) -> None:
+    def segments(self, n: int, group: str) -> tuple[int, int]:
+        return _segments(n, self.tiles(group)[0], self.BH, self.device)
+
+    def launch(self, kernel, grid, n_ptr: int, scalars: tuple, group: str) -> _Launch:
         bn, warps = self.tiles(group)
-        kw = dict(BN=bn, num_warps=warps, num_stages=self.num_stages, **self.common)
-        try:
-            torch.library.wrap_triton(kernel)[grid](*args, **kw)
-        except OutOfResources:
-            if kw["num_stages"] == 1:
-                raise
-            kw["num_stages"] = 1  # a shape the heuristic above misjudged
-            torch.library.wrap_triton(kernel)[grid](*args, **kw)
+        opts = {"num_warps": warps, "num_stages": self.num_stages}
+        return _Launch(kernel, grid, n_ptr, scalars, {"BN": bn, **self.meta}, opts, self.fast, self.trace)
 
-    def reduce(self, S, z, c, mode: int):
-        """_reduce_kernel over dim 1 of S (BH, P, BM, BE) and z (BH, P, BM); see its docstring."""
-        P = S.shape[1]
-        sdt = torch.float32 if self.common["FEAT_F32"] else torch.bfloat16
-        out = (torch.empty(self.BH, self.BM, self.BE, device=self.device, dtype=sdt), torch.empty(self.BH, self.BM, **self.f32)) if mode < 2 else (S, z)
-        cout = torch.empty(self.BH, **self.f32) if mode == 1 else z
-        torch.library.wrap_triton(_reduce_kernel)[(self.BH,)](
-            S, z, c if c is not None else z, *out, cout, P, self.scal[1],
-            BM=self.BM, BE=self.BE, BP=triton.next_power_of_2(P), MODE=mode, INTERP=self.common["INTERP"],
-            num_warps=4 if self.small else 8,
-        )
-        return out[0], out[1], cout if mode == 1 else None
+    def reduce_launch(self, P: int, mode: int) -> _Launch:
+        """_reduce_kernel over P segments per (batch, head); see its docstring."""
+        meta = {"BM": self.BM, "BE": self.BE, "BP": triton.next_power_of_2(P), "MODE": mode, "INTERP": self.interp}
+        opts = {"num_warps": 4 if self.small else 8}
+        return _Launch(_reduce_kernel, (self.BH,), 6, (P, self.scal[1]), meta, opts, self.fast, self.trace)
 
-    def forward_state(self, k, v, group: str):
-        """Key pass: (S, z, c_key, segments, chunks per segment). Non-causal: the whole-sequence
-        state per (batch, head) and (softmax) the global key stabilizer; causal: per-segment
-        exclusive prefix states."""
-        bn, _ = self.tiles(group)
-        P, cps = _segments(self.Nk, bn, self.BH, self.device)
-        S = torch.empty(self.BH, P, self.BM, self.BE, **self.f32)
-        z = torch.empty(self.BH, P, self.BM, **self.f32)
-        c = torch.empty(self.BH, P, **self.f32)
-        self.launch(
-            _state_kernel, (P, self.BH),
-            (k, v, self.omega, self.mask, S, z, c, self.Nk, self.D, self.E, self.m, self.H,
-             *k.stride(), *v.stride(), *self.mask_strides, *self.scal, cps),
+    def state_launch(self, k: Tensor, v: Tensor, group: str) -> tuple[_Launch, _Launch, int]:
+        """Key pass and its reduce: (state launch, reduce launch, segments). Non-causal: the
+        whole-sequence state per (batch, head) and (softmax) the global key stabilizer; causal:
+        per-segment exclusive prefix states."""
+        P, cps = self.segments(self.Nk, group)
+        state = self.launch(
+            _state_kernel, (P, self.BH), 7,
+            (self.Nk, self.D, self.E, self.m, self.H, *k.stride(), *v.stride(), *self.mask_strides, *self.scal, cps),
             group,
-        )
-        if self.causal:
-            S, z, _ = self.reduce(S, z, None, 2)
-            return S, z, None, P, cps
-        S, z, ckey = self.reduce(S, z, c, 1 if self.softmax else 0)
-        return S, z, ckey, P, cps
+        )  # fmt: skip
+        mode = 2 if self.causal else 1 if self.softmax else 0
+        return state, self.reduce_launch(P, mode), P
+
+    def f32(self, *shape: int) -> Tensor:
+        return torch.empty(shape, device=self.device, dtype=torch.float32)
+
+    def run_state(self, plan, k, v, omega, mask):
+        """Run the plan's key pass: (S, z, c_key) as the later passes read them."""
+        BH, P = self.BH, plan.P_state
+        S, z, c = self.f32(BH, P, self.BM, self.BE), self.f32(BH, P, self.BM), self.f32(BH, P)
+        _run(plan, "state", k, v, omega, mask, S, z, c)
+        if self.causal:  # exclusive prefix sums, in place
+            _run(plan, "state_reduce", S, z, z, S, z, z)
+            return S, z, None
+        sdt = torch.float32 if self.feat_f32 else torch.bfloat16
+        S_out = torch.empty(BH, self.BM, self.BE, device=self.device, dtype=sdt)
+        z_out = self.f32(BH, self.BM)
+        if self.softmax:
+            ckey = self.f32(BH)
+            _run(plan, "state_reduce", S, z, c, S_out, z_out, ckey)
+            return S_out, z_out, ckey
+        _run(plan, "state_reduce", S, z, z, S_out, z_out, z)
+        return S_out, z_out, None
+
+
+class _ForwardPlan:
+    """The launches of one forward call signature: key pass, its reduce, output pass."""
+
+    def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool):
+        c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+        self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "fwd")
+        P, cps = c.segments(c.N, "fwd")
+        self.out_shape = (c.B, c.H, c.N, c.E)
+        self.fwd = c.launch(
+            _fwd_kernel, (P, c.BH), 8,
+            (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
+             *_contiguous_strides(*self.out_shape), *c.scal, cps),
+            "fwd",
+        )  # fmt: skip
+
+    def __call__(self, q, k, v, omega, mask) -> Tensor:
+        c = self.cfg
+        S, z, _ = c.run_state(self, k, v, omega, mask)
+        out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
+        _run(self, "fwd", q, k, v, omega, mask, S, z, out)
+        return out
+
+
+class _BackwardPlan:
+    """The launches of one backward call signature: key pass and its reduce, query pass, the
+    reduce of its R, key pass of the gradients."""
+
+    def __init__(self, grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool):
+        c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+        if grad.shape != (c.B, c.H, c.N, c.E):
+            raise ValueError(f"grad must have shape {(c.B, c.H, c.N, c.E)}, got {tuple(grad.shape)}")
+        # Causal: the key pass must cut the same segments as the backward passes.
+        self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "bwd" if causal else "fwd")
+        P, cps = c.segments(c.N, "bwd")
+        if causal:
+            assert P == self.P_state
+        self.P = P
+        self.bwd_q = c.launch(
+            _bwd_q_kernel, (P, c.BH), 13,
+            (c.N, c.D, c.E, c.m, c.H, *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps),
+            "bwd",
+        )  # fmt: skip
+        self.r_reduce = c.reduce_launch(P, 3 if causal else 0)
+        if not causal:
+            P, cps = c.segments(c.Nk, "bwd")
+        self.bwd_k = c.launch(
+            _bwd_k_kernel, (P, c.BH), 12,
+            (c.N, c.Nk, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps),
+            "bwd",
+        )  # fmt: skip
+
+    def __call__(self, grad, q, k, v, omega, mask) -> tuple[Tensor, Tensor, Tensor]:
+        c = self.cfg
+        B, H, N, Nk, D, E, BH, P = c.B, c.H, c.N, c.Nk, c.D, c.E, c.BH, self.P
+        S, z, ckey = c.run_state(self, k, v, omega, mask)
+        if c.causal:
+            gs, gd = c.f32(BH, N, c.BE), c.f32(BH, N)  # G' = [g/den, −Σ g·out/den] for the key pass
+        else:
+            gs = gd = z  # unused
+        R, rz = c.f32(BH, P, c.BM, c.BE), c.f32(BH, P, c.BM)
+        dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
+        _run(self, "bwd_q", grad, q, k, v, omega, mask, S, z, dq, R, rz, gs, gd)
+        if c.causal:  # exclusive suffix sums, in place
+            _run(self, "r_reduce", R, rz, rz, R, rz, rz)
+        else:
+            rdt = torch.float32 if c.feat_f32 else torch.bfloat16
+            R_out = torch.empty(BH, c.BM, c.BE, device=q.device, dtype=rdt)
+            rz_out = c.f32(BH, c.BM)
+            _run(self, "r_reduce", R, rz, rz, R_out, rz_out, rz)
+            R, rz = R_out, rz_out
+        dk = torch.empty(B, H, Nk, D, device=q.device, dtype=k.dtype)
+        dv = torch.empty(B, H, Nk, E, device=q.device, dtype=v.dtype)
+        _run(self, "bwd_k", q, k, v, omega, mask, ckey if ckey is not None else z, R, rz, gs, gd, dk, dv)
+        return dq, dk, dv
+
+
+# Plans per call signature (shapes, strides, dtypes, device, flags, scale, chunk, alignment),
+# built at its first call; cleared when full and whenever a module knob changed since the last call.
+_PLANS: dict = {}
+_MAX_PLANS = 1024
+_KNOBS: tuple | None = None
+
+
+def _knobs() -> tuple:
+    return (NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, D_BLOCK, tuple(TUNED.items()), tuple(SAFE.items()))
+
+
+def _plan(key, make):
+    global _KNOBS
+    knobs = _knobs()
+    if knobs != _KNOBS:
+        _PLANS.clear()
+        _KNOBS = knobs
+    plan = _PLANS.get(key)
+    if plan is None:
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = make()
+        _PLANS[key] = plan
+    return plan
+
+
+def _key(*ts: Tensor | None) -> tuple:
+    return tuple((t.shape, t.stride(), t.dtype) if t is not None else None for t in ts)
+
+
+def _aligned(*ts: Tensor | None) -> bool:
+    """Every data pointer 16-byte aligned: what a compiled kernel was specialized for, so the
+    plan may launch it directly (else each call goes through Triton's own dispatch)."""
+    bits = 0
+    for t in ts:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits & 15 == 0
 
 
 def performer_attention(
@@ -691,18 +933,18 @@ def performer_attention(
 
     ``chunk_size`` (a power of two ≥ 16) overrides the tuned chunk of every kernel.
     """
-    plan = _Plan(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
-    S, z, _, P, cps = plan.forward_state(k, v, "fwd")
-    if not causal:
-        P, cps = _segments(plan.N, plan.tiles("fwd")[0], plan.BH, plan.device)
-    out = torch.empty(plan.B, plan.H, plan.N, plan.E, device=q.device, dtype=v.dtype)
-    plan.launch(
-        _fwd_kernel, (P, plan.BH),
-        (q, k, v, plan.omega, plan.mask, S, z, out, plan.N, plan.D, plan.E, plan.m, plan.H,
-         *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *out.stride(), *plan.scal, cps),
-        "fwd",
-    )
-    return out
+    omega = omega.contiguous()
+    mask = _bool_mask(key_mask)
+    mptr = mask if mask is not None else q
+
+    def make(fast: bool, trace: bool) -> _ForwardPlan:
+        return _ForwardPlan(q, k, v, omega, mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+
+    if _traced(q):
+        return make(False, True)(q, k, v, omega, mptr)
+    aligned = _aligned(q, k, v, omega, mask)
+    key = ("fwd", _key(q, k, v, omega, mask), q.device, kernel_fn, causal, scale, chunk_size, aligned)
+    return _plan(key, lambda: make(aligned, False))(q, k, v, omega, mptr)
 
 
 def performer_attention_backward(
@@ -718,39 +960,15 @@ def performer_attention_backward(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out; omega gets no gradient."""
-    plan = _Plan(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
-    B, H, N, Nk, D, E, BH = plan.B, plan.H, plan.N, plan.Nk, plan.D, plan.E, plan.BH
-    if grad.shape != (B, H, N, E):
-        raise ValueError(f"grad must have shape {(B, H, N, E)}, got {tuple(grad.shape)}")
-    # Causal: the key pass must cut the same segments as the backward passes.
-    S, z, ckey, P, cps = plan.forward_state(k, v, "bwd" if causal else "fwd")
-    bn = plan.tiles("bwd")[0]
-    if causal:
-        gs = torch.empty(BH, N, plan.BE, **plan.f32)  # G' = [g/den, −Σ g·out/den] for the key pass
-        gd = torch.empty(BH, N, **plan.f32)
-    else:
-        P, cps = _segments(N, bn, BH, plan.device)
-        gs = gd = z  # unused
-    R = torch.empty(BH, P, plan.BM, plan.BE, **plan.f32)
-    rz = torch.empty(BH, P, plan.BM, **plan.f32)
-    dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-    plan.launch(
-        _bwd_q_kernel, (P, BH),
-        (grad, q, k, v, plan.omega, plan.mask, S, z, dq, R, rz, gs, gd, N, D, E, plan.m, H,
-         *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *plan.scal, cps),
-        "bwd",
-    )
-    if causal:
-        R, rz, _ = plan.reduce(R, rz, None, 3)
-    else:
-        R, rz, _ = plan.reduce(R, rz, None, 0)
-        P, cps = _segments(Nk, bn, BH, plan.device)
-    dk = torch.empty(B, H, Nk, D, device=q.device, dtype=k.dtype)
-    dv = torch.empty(B, H, Nk, E, device=q.device, dtype=v.dtype)
-    plan.launch(
-        _bwd_k_kernel, (P, BH),
-        (q, k, v, plan.omega, plan.mask, ckey if ckey is not None else z, R, rz, gs, gd, dk, dv, N, Nk, D, E, plan.m, H,
-         *q.stride(), *k.stride(), *v.stride(), *plan.mask_strides, *plan.scal, cps),
-        "bwd",
-    )
-    return dq, dk, dv
+    omega = omega.contiguous()
+    mask = _bool_mask(key_mask)
+    mptr = mask if mask is not None else q
+
+    def make(fast: bool, trace: bool) -> _BackwardPlan:
+        return _BackwardPlan(grad, q, k, v, omega, mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+
+    if _traced(q):
+        return make(False, True)(grad, q, k, v, omega, mptr)
+    aligned = _aligned(grad, q, k, v, omega, mask)
+    key = ("bwd", _key(grad, q, k, v, omega, mask), q.device, kernel_fn, causal, scale, chunk_size, aligned)
+    return _plan(key, lambda: make(aligned, False))(grad, q, k, v, omega, mptr)
