@@ -237,6 +237,27 @@ def test_forward_keeps_h_on_every_path(dtype, path, split_k, poison, monkeypatch
         assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("shape", [(4096, 8192, 8192, 2, 64), (3001, 4096, 4100, 1, 64)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_persistent_hq_at_full_size(shape, dtype, poison, monkeypatch):
+    """The persistent h·B kernel, forced (the tuner picks it only where it is faster): forward,
+    h kept, and the backward's dx, at the large-rank layers it is for."""
+    T, n_in, n_out, L, k = shape
+    cfg = tk._HqPCfg(64, 64, 32, 4, 3, 2) if dtype == torch.float32 else tk._HqPCfg(128, 128, 64, 8, 3, 1)
+    monkeypatch.setattr(tk, "_hq_candidates", lambda M, rp, es: [cfg])
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    y, h = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, want_h=True, path="split")
+    y_ref, h_ref = ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b]), want_h=True)
+    assert_close(y, y_ref, name="y")
+    assert_close(h, h_ref, name="h")
+    g = torch.randn_like(y)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True, h.double())
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_layer_eager_path_matches_the_ops(dtype, poison):
     """Eager CUDA calls of SKLinear / LowRankLinear skip the op layers (_EagerLowRank): the same

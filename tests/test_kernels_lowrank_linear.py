@@ -135,6 +135,29 @@ def test_backward_reads_the_saved_h(case, dtype, splits, poison):
         assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_persistent_hq(case, dtype, splits, poison, monkeypatch):
+    # The persistent h·B kernel (the tuner's choice at large ranks on the GPU; under the interpreter
+    # the plans use _hq_kernel unless told): forward with and without h kept, and dx in the backward.
+    # Tiles of 16 × 32 and rank slices of 16: several tiles per program, several slices per tile,
+    # a slice across the boundary of the two factors (L·k = 24 in one case).
+    monkeypatch.setattr(tk, "_hq_candidates", lambda M, rp, es: [tk._HqPCfg(16, 32, 16, 4, 1, 1)])
+    args = _layer(case, dtype, x_layout="strided" if case[0] > 1 else "contiguous")
+    y = tk.sklinear_forward(*args, path="split")
+    y2, h = tk.sklinear_forward(*args, want_h=True, path="split")
+    y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
+    assert any(isinstance(p, tk._ForwardPlan) and p.hq.fn is tk._hq_persistent_kernel for p in tk._PLANS.values())
+    assert_close(y, y_ref, name="y")
+    assert_close(y2, y_ref, name="y (want_h)")
+    assert_close(h, h_ref, name="h")
+    g = torch.randn(case[0], case[2], device=DEV).to(dtype)
+    got = tk.sklinear_backward(g, *args[:5], True, True, True, h)
+    want = ref.sklinear_backward(*_f64([g, *args[:5]]), True, True, True, h.double())
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+
+
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)], ids=str)
 def test_sklinear_backward_only_what_is_asked(needs, poison):
     args = _layer(CASES[2], torch.float32)[:5]

@@ -289,6 +289,57 @@ def _hq_kernel(
 
 
 @triton.jit(do_not_specialize=["M"])
+def _hq_persistent_kernel(
+    h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
+    M, N, R1, R2, NUM_PROGS,
+    s_hs, s_hm, s_ym, s_yn, s_b,
+    s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
+    scale,
+    KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
+    PREC: tl.constexpr, SPLIT_H: tl.constexpr, WRITE_H: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The same y = scale·h·[Q1; Q2] + bias as _hq_kernel, as a plain GEMM over the rank: each
+    # program walks output tiles (row-major, NUM_PROGS apart) and, per tile, the rank in BLOCK_K
+    # slices, loading h and B slices through the software pipeline. For large ranks (K = R of 128
+    # or more), where _hq_kernel's h held whole in registers/shared memory leaves one program an SM
+    # and nothing overlapping its epilogue; the flattened tile loop lets the next tile's loads
+    # start under this one's epilogue. WRITE_H: programs on the first column block also store h
+    # (summed over its partials, operand dtype).
+    pid = tl.program_id(0)
+    R = R1 + R2
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    n_tiles = tl.cdiv(M, BLOCK_M) * n_pid_n
+    op_ty = q1_ptr.dtype.element_ty
+    for tile in tl.range(pid, n_tiles, NUM_PROGS, flatten=True):
+        pid_m = tile // n_pid_n
+        pid_n = tile % n_pid_n
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        m_mask = offs_m[:, None] < M
+        n_mask = offs_n[None, :] < N
+        h_rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, R, BLOCK_K):
+            jk = tl.arange(0, BLOCK_K)
+            h = _load_h(h_rows, m_mask, k0, jk, R - k0, s_hs, SPLIT_H).to(op_ty)
+            if WRITE_H:
+                if pid_n == 0:
+                    o = hout_ptr + offs_m.to(tl.int64)[:, None] * R + k0 + jk[None, :]
+                    tl.store(o, h, mask=m_mask & (jk[None, :] < R - k0))
+            j = k0 + jk
+            p1 = q1_ptr + _rank_off(j, KT1, s_q1l, s_q1c)[:, None] + offs_n[None, :] * s_q1n
+            if HAS_SECOND:
+                p2 = q2_ptr + _rank_off(j - R1, KT2, s_q2l, s_q2c)[:, None] + offs_n[None, :] * s_q2n
+                ptrs = tl.where((j < R1)[:, None], p1, p2)
+            else:
+                ptrs = p1
+            q = tl.load(ptrs, mask=(j[:, None] < R) & n_mask, other=0.0)
+            acc = _dot(h, q, acc, PREC)
+        _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _fused_kernel(
     x_ptr, y_ptr, p1_ptr, p2_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
     M, K, N, R1, R2,
@@ -547,6 +598,17 @@ class _HqCfg(NamedTuple):
     per_prog: int = 0
 
 
+class _HqPCfg(NamedTuple):
+    """A config of _hq_persistent_kernel: output tile, rank slice, and programs per SM."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    warps: int
+    stages: int
+    per_sm: int = 1
+
+
 class _FusedCfg(NamedTuple):
     BLOCK_M: int
     BLOCK_K: int
@@ -637,6 +699,13 @@ def _hq_candidates(M, rp: int, es: int) -> list[_HqCfg]:
     if rp >= 128:
         small = _HqCfg(64 if not fp32 else 32, 64, 4, 2)
         out += [small, small._replace(per_prog=1)]
+    if rp >= 64:
+        # The persistent GEMM over the rank (see _hq_persistent_kernel).
+        if fp32:
+            out += [_HqPCfg(64, 64, 32, 4, 3, 2), _HqPCfg(128, 64, 32, 8, 3, 1)]
+        else:
+            out += [_HqPCfg(128, 128, 64, 8, 3, 1), _HqPCfg(128, 128, 64, 4, 3, 1), _HqPCfg(64, 128, 64, 4, 3, 2),
+                    _HqPCfg(128, 256, 64, 8, 2, 1)]  # fmt: skip
     return list(dict.fromkeys(out))
 
 
@@ -781,11 +850,22 @@ class _Xa:
 
 
 def _hq_launch(
-    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg: _HqCfg, fast, trace, write_h=False
+    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace, write_h=False
 ) -> _Launch:
     """out (M × N, strides s_y) = scale·h·[Q1; Q2] + bias for the h ``xa`` writes (and, with
-    ``write_h``, h summed over its partials into an (M × R) tensor of the operand dtype)."""
+    ``write_h``, h summed over its partials into an (M × R) tensor of the operand dtype).
+    ``cfg``: an _HqCfg (_hq_kernel) or an _HqPCfg (_hq_persistent_kernel); same tensor arguments."""
     f1, f2, has2 = _pair(b)
+    if isinstance(cfg, _HqPCfg):
+        tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) if isinstance(M, int) else cfg.per_sm * n_sm
+        progs = max(1, min(tiles, cfg.per_sm * n_sm))
+        return _Launch(
+            _hq_persistent_kernel, (progs,), 6,
+            (M, N, f1.R, f2.R, progs, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), float(scale)),
+            {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "HAS_BIAS": has_bias, "PREC": prec, "SPLIT_H": xa.split,
+                 "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K},
+            {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
+        )  # fmt: skip
     row_blocks = _cdiv(M, cfg.BLOCK_M)
     col_blocks = _cdiv(N, cfg.BLOCK_N)
     # Each program keeps its rows of h and walks a range of column blocks: about 4 programs an SM
