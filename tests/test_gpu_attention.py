@@ -50,8 +50,9 @@ def _check(B, H, N, Nk, D, m, dtype, causal, kernel_fn, mask, backward=True, E=N
             assert_close(a, b, name=name)
 
 
-# (dtype, head dim): every head dim in bf16, the other dtypes at d = 64.
-CASES = [("bf16", 32), ("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp32", 64)]
+# (dtype, head dim): every head dim in bf16, the other dtypes at d = 64 and 128 (at 128 their fp32
+# features take the sliced head-dim path).
+CASES = [("bf16", 32), ("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128), ("fp32", 64), ("fp32", 128)]
 
 
 @pytest.mark.parametrize("dtype,D", CASES, ids=[f"{t}-d{d}" for t, d in CASES])

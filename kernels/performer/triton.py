@@ -19,7 +19,8 @@ with the projection by ω, so φ(Q) and φ(K) never reach memory.
 
 Shapes (``supports``): value dim E ≤ ``MAX_TILE`` = 128 and m ≤ ``MAX_FEATURES`` = 256 (padded
 to powers of two; the m×E state and a whole row of features are held on chip), head dim
-D ≤ ``MAX_HEAD_DIM`` = 512. A padded D ≤ 128 is held whole (one block, ``ND`` = 1); wider heads
+D ≤ ``MAX_HEAD_DIM`` = 512. A padded D ≤ 128 (≤ 64 for fp16/fp32 inputs, whose features are fp32)
+is held whole (one block, ``ND`` = 1); wider heads
 (e.g. sinSRPE codes with R = 256) are cut into ``ND`` blocks of ``D_BLOCK`` = 64 columns: the
 projection ω·x and ‖x‖² accumulate over the blocks, and dx = dφ·ω (− Σ(dφ·φ)·x) is formed and
 stored block by block, so at most an m × 64 tile of ω is on chip at once.
@@ -93,7 +94,7 @@ __all__ = ["MAX_FEATURES", "MAX_HEAD_DIM", "MAX_TILE", "performer_attention", "p
 # Widest padded value dim E (and widest head dim D held whole, without blocks): each program keeps
 # an (m × E) fp32 state on chip, which past 128 overflows Hopper's 227 KB of shared memory at m = 256.
 MAX_TILE = 128
-# Widest padded head dim: wider ones are cut into ⌈D / D_BLOCK⌉ blocks, unrolled in the kernels.
+# Widest padded head dim: wider ones are cut into ⌈D / D_BLOCK⌉ blocks, looped over in the kernels.
 MAX_HEAD_DIM = 512
 # Most (padded) random features: a whole row of m features is held per position.
 MAX_FEATURES = 256
@@ -362,8 +363,8 @@ def _state_kernel(
         w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
         rvalid = _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK)
-        proj, sq, _ = _proj(Kb, rows, Nk, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
         vt = _load_rows(Vb, rows, offs_e, Nk, E, svn, sve)
+        proj, sq, _ = _proj(Kb, rows, Nk, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
         if SOFTMAX and not CAUSAL:
             lg = _logits(proj, sq, rs)
             lg = tl.where(rvalid[:, None] & fvalid[None, :], lg, float("-inf"))
@@ -724,12 +725,15 @@ class _Cfg:
         else:
             self.mask_strides = (0, 0)  # the mask pointer is q, never read (HAS_MASK is false)
         BDF = _pow2(D)  # padded head dim
-        if BDF <= MAX_TILE:
+        feat_f32 = q.dtype != torch.bfloat16
+        # Whole head dims up to 128 (bf16 features) or 64 (fp32 features: fp16/fp32 inputs, whose
+        # fp32 tiles double the shared memory; the fp32 causal dq pass at D = 128 compiled to 228 KB
+        # against Hopper's 227 KB); wider ones in D_BLOCK slices.
+        if BDF <= (MAX_TILE // 2 if feat_f32 else MAX_TILE):
             self.BD, self.ND = BDF, 1
         else:
             self.BD, self.ND = D_BLOCK, triton.cdiv(D, D_BLOCK)
         self.BE, self.BM = _pow2(E), _pow2(m)
-        feat_f32 = q.dtype != torch.bfloat16
         self.feat_f32 = feat_f32
         self.interp = q.device.type == "cpu"
         self.meta = {
