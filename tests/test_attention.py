@@ -170,6 +170,26 @@ def test_approaches_exact_softmax_attention_as_m_grows():
 # ---------------------------------------------------------------------------------------------
 
 
+def test_causal_softmax_refuses_feature_dims_it_cannot_represent():
+    # The causal key stabilizer grows like D/2: at sinSRPE R = 256 in fp32 every typical key's
+    # feature would flush to 0 (output 0). The layer says so instead; float64 and relu still run.
+    x = torch.randn(2, 40, 32, generator=gen(7))
+    for R, ok in ((128, True), (256, False)):
+        spe = sinSRPE(2, 16, 8, R, generator=gen(8))
+        layer = make(E=32, m=64, kernel_fn="softmax", iscausal=True, SRPE=spe, dtype=torch.float32)
+        if ok:
+            y = layer(x, x, x)[0]
+            assert torch.isfinite(y).all() and y.abs().mean() > 1e-3
+        else:
+            with pytest.raises(ValueError, match="iscausal=True with kernel_fn='softmax'.*feature dim 256"):
+                layer(x, x, x)
+    relu = make(E=32, m=64, kernel_fn="relu", iscausal=True, SRPE=sinSRPE(2, 16, 8, 256, generator=gen(8)), dtype=torch.float32)
+    assert torch.isfinite(relu(x, x, x)[0]).all()
+    wide = make(E=32, m=64, kernel_fn="softmax", iscausal=True, SRPE=sinSRPE(2, 16, 8, 256, dtype=F64, generator=gen(8)))
+    y = wide(x.double(), x.double(), x.double())[0]
+    assert torch.isfinite(y).all() and y.abs().mean() > 1e-3
+
+
 @pytest.mark.parametrize("kernel_fn", KERNELS)
 @pytest.mark.parametrize("srpe", [False, True], ids=["plain", "srpe"])
 def test_causal_outputs_ignore_later_positions(kernel_fn, srpe):

@@ -43,7 +43,7 @@ def feature_map(
         if is_query:
             c = logits.amax(-1, keepdim=True)
         elif causal:
-            c = 0.5 * (w * w).sum(-1).amax(-1).view(1, -1, 1, 1)
+            c = causal_key_shift(w).view(1, -1, 1, 1)
         else:
             masked = logits if key_mask is None else logits.masked_fill(~key_mask[:, None, :, None], float("-inf"))
             c = masked.amax(dim=(-2, -1), keepdim=True)
@@ -54,6 +54,24 @@ def feature_map(
     if key_mask is not None and not is_query:
         phi = phi * key_mask[:, None, :, None].to(dt)
     return phi
+
+
+# The causal key stabilizer sits this far below its bound maxⱼ‖ωⱼ‖²/2 (see causal_key_shift).
+CAUSAL_SHIFT = 40.0
+# Largest stabilizer the causal softmax features stand in 32-bit exponents (fp32, bf16): a key
+# whose logit is near 0 gets φ = exp(−c)/√m, which flushes to zero past ~87 (fp32's smallest normal
+# is e^−87.3, and the GPU flushes subnormals), with some room for logits below 0.
+CAUSAL_SHIFT_LIMIT = {torch.float64: 700.0, torch.float32: 80.0}
+
+
+def causal_key_shift(omega: Tensor) -> Tensor:
+    """Per-head causal key stabilizer c = maxⱼ‖ωⱼ‖²/2 − CAUSAL_SHIFT, shape (H,) for ω (H, m, D).
+
+    ω·x − ‖x‖²/2 ≤ ‖ω‖²/2 for every x (complete the square), so φ(k) = exp(ω·k − ‖k‖²/2 − c)/√m
+    ≤ e^40/√m without looking at any key: no output can depend on a later key. The bound is loose
+    by about D/2 for typical keys, which is what limits the head dim (CAUSAL_SHIFT_LIMIT)."""
+    w = omega.to(torch.float64 if omega.dtype == torch.float64 else torch.float32)
+    return 0.5 * (w * w).sum(-1).amax(-1) - CAUSAL_SHIFT
 
 
 def feature_map_backward(

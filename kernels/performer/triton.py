@@ -86,6 +86,8 @@ INTERPRETER_PROGRAMS = 3
 # Columns of ω and x per block where the padded head dim exceeds MAX_TILE. An m × 64 block of ω
 # is no larger than the whole ω of a d = 64 head, the shape TUNED/SAFE were measured at.
 D_BLOCK = 64
+# Widest padded head dim held whole when the features are fp32 (fp16/fp32 inputs).
+WHOLE_D_F32 = 64
 # (The plans below are cached per call signature, these knobs included: changing any of them
 # between calls takes effect at the next call.)
 
@@ -726,10 +728,9 @@ class _Cfg:
             self.mask_strides = (0, 0)  # the mask pointer is q, never read (HAS_MASK is false)
         BDF = _pow2(D)  # padded head dim
         feat_f32 = q.dtype != torch.bfloat16
-        # Whole head dims up to 128 (bf16 features) or 64 (fp32 features: fp16/fp32 inputs, whose
-        # fp32 tiles double the shared memory; the fp32 causal dq pass at D = 128 compiled to 228 KB
-        # against Hopper's 227 KB); wider ones in D_BLOCK slices.
-        if BDF <= (MAX_TILE // 2 if feat_f32 else MAX_TILE):
+        # Whole head dims up to MAX_TILE (bf16 features) or WHOLE_D_F32 (fp32 features: fp16/fp32
+        # inputs, whose fp32 tiles double the shared memory); wider ones in D_BLOCK slices.
+        if BDF <= (WHOLE_D_F32 if feat_f32 else MAX_TILE):
             self.BD, self.ND = BDF, 1
         else:
             self.BD, self.ND = D_BLOCK, triton.cdiv(D, D_BLOCK)
@@ -890,7 +891,9 @@ _KNOBS: tuple | None = None
 
 
 def _knobs() -> tuple:
-    return (NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, D_BLOCK, tuple(TUNED.items()), tuple(SAFE.items()))
+    return (
+        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, D_BLOCK, WHOLE_D_F32, tuple(TUNED.items()), tuple(SAFE.items())
+    )  # fmt: skip
 
 
 def _plan(key, make):

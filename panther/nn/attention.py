@@ -204,6 +204,26 @@ class RandMultiHeadAttention(nn.Module):
                 nn.init.zeros_(proj.bias)
 
     @torch.no_grad()
+    def _check_causal_range(self) -> None:
+        """Raise where causal softmax features cannot be represented: their data-independent key
+        stabilizer (kernels/performer/reference.causal_key_shift) grows like D/2 with the feature
+        dim D, and past CAUSAL_SHIFT_LIMIT every typical key's feature flushes to zero, which would
+        make the output silently 0. Cached per version of ``omega`` (redraws, loads)."""
+        from panther.kernels.performer.reference import CAUSAL_SHIFT_LIMIT, causal_key_shift
+
+        key = (self.omega._version, self.omega.data_ptr())
+        if getattr(self, "_causal_shift", (None,))[0] != key:
+            self._causal_shift = (key, float(causal_key_shift(self.omega).max()))
+        shift = self._causal_shift[1]
+        limit = CAUSAL_SHIFT_LIMIT[torch.float64 if self.omega.dtype == torch.float64 else torch.float32]
+        if shift > limit:
+            raise ValueError(
+                f"iscausal=True with kernel_fn='softmax' cannot represent the features at feature dim "
+                f"{self.omega.shape[-1]}: the causal key stabilizer maxⱼ‖ωⱼ‖²/2 − 40 is {shift:.1f}, over "
+                f"{limit:.0f} for {self.omega.dtype}, so typical keys' features would flush to zero. "
+                "Use kernel_fn='relu', a float64 layer, or a feature dim (head_dim, or sinSRPE's R) of at most ~160"
+            )
+
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
         """Draw a fresh ``omega`` from ``generator`` (default: the global RNG), in place."""
         H, m, d = self.omega.shape
@@ -266,6 +286,8 @@ class RandMultiHeadAttention(nn.Module):
             )
         if self.iscausal and Nq != Nk:
             raise ValueError(f"causal attention needs equal query and key lengths, got {Nq} and {Nk}")
+        if self.iscausal and self.kernel_fn == "softmax" and not torch.compiler.is_compiling():
+            self._check_causal_range()
         mask = None if attention_mask is None else self._key_mask(attention_mask, key)
 
         B, H, D = math.prod(lead), self.num_heads, self.head_dim
