@@ -177,11 +177,14 @@ def _last_plan():
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 @pytest.mark.parametrize("D", [200, 256], ids=["D200", "D256"])
 def test_wide_head_dim_matches_reference(poison, D, causal, dtype):
-    """D = 200 (odd: the last of four 64-column blocks holds 8) and D = 256, against float64."""
+    """D = 200 (odd: the last block is partial) and D = 256, against float64."""
     q, k, v, omega, key_mask = _wide_inputs(D, WIDE_DTYPES[dtype], causal)
     _check(q, k, v, omega, key_mask, "softmax", causal, f64=True)
     cfg = _last_plan().cfg  # the backward's plan: blocks of the head dim, not one whole tile
-    assert (cfg.BD, cfg.ND) == (triton_kernels.D_BLOCK, -(-D // triton_kernels.D_BLOCK))
+    # bf16 features: 64-column blocks (D = 200: the last of four holds 8); fp32 features (fp16/fp32
+    # inputs): 32-column blocks (the last of seven holds 8).
+    blk = triton_kernels.D_BLOCK if q.dtype == torch.bfloat16 else triton_kernels.D_BLOCK_F32
+    assert (cfg.BD, cfg.ND) == (blk, -(-D // blk))
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])

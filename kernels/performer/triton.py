@@ -19,8 +19,8 @@ with the projection by ω, so φ(Q) and φ(K) never reach memory.
 
 Shapes (``supports``): value dim E ≤ ``MAX_TILE`` = 128 and m ≤ ``MAX_FEATURES`` = 256 (padded
 to powers of two; the m×E state and a whole row of features are held on chip), head dim
-D ≤ ``MAX_HEAD_DIM`` = 512. A padded D ≤ 128 (≤ 64 for fp16/fp32 inputs, whose features are fp32)
-is held whole (one block, ``ND`` = 1); wider heads
+D ≤ ``MAX_HEAD_DIM`` = 512. A padded D ≤ 128 (≤ 64 for fp16/fp32 inputs, whose features are fp32,
+sliced 32 columns wide past it) is held whole (one block, ``ND`` = 1); wider heads
 (e.g. sinSRPE codes with R = 256) are cut into ``ND`` blocks of ``D_BLOCK`` = 64 columns: the
 projection ω·x and ‖x‖² accumulate over the blocks, and dx = dφ·ω (− Σ(dφ·φ)·x) is formed and
 stored block by block, so at most an m × 64 tile of ω is on chip at once.
@@ -86,8 +86,12 @@ INTERPRETER_PROGRAMS = 3
 # Columns of ω and x per block where the padded head dim exceeds MAX_TILE. An m × 64 block of ω
 # is no larger than the whole ω of a d = 64 head, the shape TUNED/SAFE were measured at.
 D_BLOCK = 64
-# Widest padded head dim held whole when the features are fp32 (fp16/fp32 inputs).
+# The same for fp32 features (fp16/fp32 inputs): the widest padded head dim held whole, and the
+# slice width past it. Their fp32 tiles double the shared memory: on the H200 (triton 3.6) the
+# non-causal dq pass at D = 128 needed 233–344 KB whole or in 64-column slices (the limit is
+# 227 KB), and ran in 32-column slices.
 WHOLE_D_F32 = 64
+D_BLOCK_F32 = 32
 # (The plans below are cached per call signature, these knobs included: changing any of them
 # between calls takes effect at the next call.)
 
@@ -733,7 +737,8 @@ class _Cfg:
         if BDF <= (WHOLE_D_F32 if feat_f32 else MAX_TILE):
             self.BD, self.ND = BDF, 1
         else:
-            self.BD, self.ND = D_BLOCK, triton.cdiv(D, D_BLOCK)
+            dblk = D_BLOCK_F32 if feat_f32 else D_BLOCK
+            self.BD, self.ND = dblk, triton.cdiv(D, dblk)
         self.BE, self.BM = _pow2(E), _pow2(m)
         self.feat_f32 = feat_f32
         self.interp = q.device.type == "cpu"
@@ -892,7 +897,8 @@ _KNOBS: tuple | None = None
 
 def _knobs() -> tuple:
     return (
-        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, D_BLOCK, WHOLE_D_F32, tuple(TUNED.items()), tuple(SAFE.items())
+        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
+        tuple(SAFE.items()),
     )  # fmt: skip
 
 
