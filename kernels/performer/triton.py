@@ -931,6 +931,14 @@ def _aligned(*ts: Tensor | None) -> bool:
     return bits & 15 == 0
 
 
+def _fp16_wide(q: Tensor) -> bool:
+    # fp16 inputs with head dims past WHOLE_D_F32 run through the fp32 kernels: their fp32
+    # features sliced over the head dim with tf32 products needed 262–344 KB of shared memory on
+    # the H200 (triton 3.6; the limit is 227 KB) at D = 128, whole or sliced, while the fp32 kernels
+    # (FMA products, no operand staging) passed at D = 128 and 256.
+    return q.dtype == torch.float16 and _pow2(q.shape[-1]) > WHOLE_D_F32
+
+
 def performer_attention(
     q: Tensor,
     k: Tensor,
@@ -946,6 +954,9 @@ def performer_attention(
 
     ``chunk_size`` (a power of two ≥ 16) overrides the tuned chunk of every kernel.
     """
+    if _fp16_wide(q):
+        args = (omega, key_mask, kernel_fn, causal, scale, chunk_size)
+        return performer_attention(q.float(), k.float(), v.float(), *args).to(v.dtype)
     omega = omega.contiguous()
     mask = _bool_mask(key_mask)
     mptr = mask if mask is not None else q
@@ -973,6 +984,10 @@ def performer_attention_backward(
     chunk_size: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out; omega gets no gradient."""
+    if _fp16_wide(q):
+        args = (omega, key_mask, kernel_fn, causal, scale, chunk_size)
+        dq, dk, dv = performer_attention_backward(grad.float(), q.float(), k.float(), v.float(), *args)
+        return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
     omega = omega.contiguous()
     mask = _bool_mask(key_mask)
     mptr = mask if mask is not None else q
