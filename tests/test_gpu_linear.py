@@ -206,6 +206,18 @@ def test_tuned_plans(dtype, poison):
     assert len(tk.TUNE_LOG) == timed  # T = 1500 is in the bucket of 2048
 
 
+def _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h):
+    """y and the kept h against float64, then the backward that reads h."""
+    y_ref, h_ref = ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b]), want_h=True)
+    assert_close(y, y_ref, name="y")
+    assert_close(h, h_ref, name="h")
+    g = torch.randn_like(y)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True, h.double())
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+
+
 @pytest.mark.parametrize("split_k", [0, 4], ids=["unsplit", "splitK4"])
 @pytest.mark.parametrize("path", ["fused", "split"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -227,14 +239,7 @@ def test_forward_keeps_h_on_every_path(dtype, path, split_k, poison, monkeypatch
     y, h = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, want_h=True, path=path)
     plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p.want_h)
     assert plan.path == path and (path == "fused" or plan.xa.split == (split_k or 1))
-    y_ref, h_ref = ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b]), want_h=True)
-    assert_close(y, y_ref, name="y")
-    assert_close(h, h_ref, name="h")
-    g = torch.randn_like(y)
-    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
-    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True, h.double())
-    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
-        assert_close(a, w, name=name)
+    _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h)
 
 
 @pytest.mark.parametrize("shape", [(4096, 8192, 8192, 2, 64), (3001, 4096, 4100, 1, 64)], ids=_id)
@@ -248,14 +253,7 @@ def test_persistent_hq_at_full_size(shape, dtype, poison, monkeypatch):
     S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
     x = torch.randn(T, n_in, device="cuda", dtype=dtype)
     y, h = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, want_h=True, path="split")
-    y_ref, h_ref = ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b]), want_h=True)
-    assert_close(y, y_ref, name="y")
-    assert_close(h, h_ref, name="h")
-    g = torch.randn_like(y)
-    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
-    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True, h.double())
-    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
-        assert_close(a, w, name=name)
+    _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
