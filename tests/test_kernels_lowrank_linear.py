@@ -158,6 +158,25 @@ def test_persistent_hq(case, dtype, splits, poison, monkeypatch):
         assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("want_h", [False, True], ids=["y", "y_h"])
+def test_partials_summed_before_hq(dtype, want_h, poison, monkeypatch):
+    # Small T with wide split partials: one _reduce launch sums them into h before the h·B (on the
+    # GPU from 32 KB of partials per row; here from any). Forward and kept h against float64.
+    monkeypatch.setattr(tk, "_K_GRANULE", 16)
+    monkeypatch.setattr(tk, "_REDUCE_H_BYTES", 1)
+    case = (5, 40, 33, 2, 8)
+    args = _layer(case, dtype)
+    out = tk.sklinear_forward(*args, want_h=want_h, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert plan.red is not None and plan.xa.split > 1
+    y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
+    assert_close(out[0] if want_h else out, y_ref, name="y")
+    if want_h:
+        assert out[1].dtype == dtype and out[1].shape == (case[0], 2 * case[3] * case[4])
+        assert_close(out[1], h_ref, name="h")
+
+
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)], ids=str)
 def test_sklinear_backward_only_what_is_asked(needs, poison):
     args = _layer(CASES[2], torch.float32)[:5]

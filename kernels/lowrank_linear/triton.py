@@ -65,6 +65,9 @@ _FUSED_MAX_RANK = {torch.float32: 32, torch.bfloat16: 128, torch.float16: 128}
 _K_GRANULE = 256
 _T_GRANULE = 256
 _M_BUCKET_MAX = 16384
+# Below _TUNE_MIN_M rows, split x·A partials of at least this many bytes per row of h are summed
+# once (the _reduce kernel) before the h·B rather than by every h·B program: rank 256 at 32 splits.
+_REDUCE_H_BYTES = 32 * 1024
 # From this many rows on, the first call at a (layer, T bucket) times a few candidate configs
 # (and the fused against the two-kernel forward) and keeps the fastest; below it, one fixed
 # config: the GPU work is a few µs there and the host time is what counts.
@@ -970,7 +973,7 @@ class _ForwardPlan:
 
         if path is None and rp > _FUSED_MAX_RANK[dtype]:
             path = "split"
-        self.fused = self.xa = self.hq = None
+        self.fused = self.xa = self.hq = self.red = None
         if path != "split":
             self.fused_cfg = _pick(("fused",) + dims, _fused_candidates(rp, es), run_fused, tune)
             self.fused = fused_for(self.fused_cfg)
@@ -985,9 +988,20 @@ class _ForwardPlan:
             for sp in groups:
                 xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
                 hq_cfg = _pick(("hq_f", xa.split) + dims, hq_c, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
-                pairs[sp] = (xa, hq_for(xa, hq_cfg))
+                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg)
             sp = _pick(("xa_hq",) + dims, groups, lambda sp: run_pair(*pairs[sp]), tune)
-            self.xa, self.hq = pairs[sp]
+            self.xa, self.hq, hq_cfg = pairs[sp]
+            if isinstance(M, int) and M < _TUNE_MIN_M and self.xa.split * self.R * 4 >= _REDUCE_H_BYTES:
+                # Many wide partials (large rank, split x·A at small T): every h·B program would
+                # sum all of them (at T = 1, rank 256: 14.9 of 20 µs). Sum them once instead, into
+                # h in the operand dtype, and let the h·B read that.
+                n = M * self.R
+                block = 16 if _INTERPRET else 1024
+                self.red = _Launch(
+                    _reduce_kernel, (_cdiv(n, block),), 6, (n, 0, 0, self.xa.split, 0, 0, n, 0, 0, _cdiv(n, block), 0),
+                    {"NSEG": 1, "BLOCK": block}, {"num_warps": 4, "num_stages": 1}, fast, trace,
+                )  # fmt: skip
+                self.hq = hq_for(_HView(1, n, self.R), hq_cfg)
         if path is None:
             # Below _TUNE_MIN_M rows the split path, whose split reduction fills the GPU at small
             # T; from there on the faster of the two, timed once per T bucket.
@@ -1013,6 +1027,13 @@ class _ForwardPlan:
         else:
             h = self.xa.new_h(x.device)
             self.xa.launch(x, h, *pa)
+            if self.red is not None:
+                hr = torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
+                self.red(h, h, h, hr, h, h)  # (unused slots: the partials, which NSEG = 1 never touches)
+                h = hr
+                h_o = hr if self.want_h else None
+                self.hq(h, y, *pb, b, y)
+                return (y, h_o) if self.want_h else y
             if self.want_h:
                 h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
             self.hq(h, y, *pb, b, h_o if h_o is not None else y)
