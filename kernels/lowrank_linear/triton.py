@@ -989,7 +989,7 @@ class _ForwardPlan:
                 xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
                 hq_cfg = _pick(("hq_f", xa.split) + dims, hq_c, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
                 pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg)
-            sp = _pick(("xa_hq",) + dims, groups, lambda sp: run_pair(*pairs[sp]), tune)
+            sp = _pick(("xa_hq",) + dims, groups, lambda sp: run_pair(*pairs[sp][:2]), tune)
             self.xa, self.hq, hq_cfg = pairs[sp]
             if isinstance(M, int) and M < _TUNE_MIN_M and self.xa.split * self.R * 4 >= _REDUCE_H_BYTES:
                 # Many wide partials (large rank, split x·A at small T): every h·B program would
