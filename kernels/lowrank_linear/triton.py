@@ -19,12 +19,19 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
   (no atomics, no zero fill); the consumers sum the partials. Unsplit, h is written in the
   operand dtype (the reference's h = x·A is rounded to it too).
 * ``_hq_kernel``     Y = scale·h·[Q1; Q2] + bias, h summed over its partials and rounded to the
-  operand dtype first.
+  operand dtype first; each program keeps its rows of h and walks column blocks. With ``want_h``
+  (the training ops) the first column range also stores the summed h for the backward.
+* ``_hq_persistent_kernel``  the same Y as a GEMM over the rank in slices, one or two programs an
+  SM walking output tiles: a tuning candidate for ranks ≥ 64 (chosen for fp32 at rank 256).
 * ``_fused_kernel``  both in one pass: each program keeps its rows of h in registers, so x is read
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
 * ``_wgrad_kernel``  D = scale·Xᵀ·h (N × R) for dS1/dS2 (dA/dB), optionally the column sums of X
   (db) in the same pass. Split over T into fp32 partials when there are too few column blocks;
-  ``_reduce_kernel`` then sums the partials of every such output in one launch.
+  ``_reduce_kernel`` then sums the partials of every such output in one launch (and, at small T
+  and large rank, the forward's x·A partials before the h·B).
+
+The forward for training also returns h = x·A (``want_h``), and the backward takes it (``h``)
+instead of a pass over x to recompute it.
 
 fp32 accumulation everywhere; an fp32 product follows torch's TF32 setting for CUDA matmuls.
 """
