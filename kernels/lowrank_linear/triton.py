@@ -208,6 +208,24 @@ def _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N,
 
 
 @triton.jit
+def _hq_columns(
+    h1, h2, n_lo, n_hi, offs_m, M, N, y_ptr, s_ym, s_yn, bias_ptr, s_b, scale,
+    q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+):
+    # y[offs_m, n_lo:n_hi] = scale·(h1·Q1 + h2·Q2) + bias, column block by column block, for rows
+    # of h already in registers (_hq_kernel and _fused_kernel).
+    for n0 in range(n_lo, n_hi, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        acc = _hq_tile(
+            h1, h2, offs_n, N, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+            HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
+        )
+        _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
+
+
+@triton.jit
 def _store_h(h_ptr, offs_m, M, R1, R2, s_hm, h1, h2, HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr):
     # h[offs_m, 0:R1] = h1, h[offs_m, R1:R1+R2] = h2 (the forward's x·A, kept for the backward).
     rows = h_ptr + offs_m.to(tl.int64)[:, None] * s_hm
@@ -288,14 +306,11 @@ def _hq_kernel(
         if pid_n == 0:
             _store_h(hout_ptr, offs_m, M, R1, R2, R1 + R2, h1, h2, HAS_SECOND, R1P, R2P)
     n_lo = pid_n * N_PER_PROG
-    n_hi = tl.minimum(n_lo + N_PER_PROG, N)
-    for n0 in range(n_lo, n_hi, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc = _hq_tile(
-            h1, h2, offs_n, N, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
-            HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
-        )
-        _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
+    _hq_columns(
+        h1, h2, n_lo, tl.minimum(n_lo + N_PER_PROG, N), offs_m, M, N, y_ptr, s_ym, s_yn, bias_ptr, s_b, scale,
+        q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+        HAS_SECOND, HAS_BIAS, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
+    )
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -376,13 +391,11 @@ def _fused_kernel(
     h2 = acc2.to(op_ty)
     if WRITE_H:
         _store_h(hout_ptr, offs_m, M, R1, R2, R1 + R2, h1, h2, HAS_SECOND, R1P, R2P)
-    for n0 in range(0, N, BLOCK_N):
-        offs_n = n0 + tl.arange(0, BLOCK_N)
-        acc = _hq_tile(
-            h1, h2, offs_n, N, q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
-            HAS_SECOND, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
-        )
-        _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
+    _hq_columns(
+        h1, h2, 0, N, offs_m, M, N, y_ptr, s_ym, s_yn, bias_ptr, s_b, scale,
+        q1_ptr, R1, KT1, s_q1l, s_q1n, s_q1c, q2_ptr, R2, KT2, s_q2l, s_q2n, s_q2c,
+        HAS_SECOND, HAS_BIAS, R1P, R2P, PREC, BLOCK_M, BLOCK_N,
+    )
 
 
 @triton.jit(do_not_specialize=["M"])

@@ -79,7 +79,10 @@ def performer_attention(
     """Performer attention: outᵢ = Σⱼ φ(qᵢ)·φ(kⱼ) vⱼ / Σⱼ φ(qᵢ)·φ(kⱼ), over all j or j ≤ i (causal).
 
     φ approximates the kernel exp(scale·q·k) ("softmax") or is relu features ("relu"); masked
-    keys (key_mask False) contribute nothing. Shapes in the module docstring.
+    keys (key_mask False) contribute nothing. Shapes in the module docstring. Causal softmax
+    features are representable only while ``causal_key_shift(omega)`` (kernels/performer/
+    reference.py) stays under ``CAUSAL_SHIFT_LIMIT``: past it the output is 0. The op does not
+    check (that needs a device sync per call); ``RandMultiHeadAttention`` does, once per ω.
     """
     return _impl("performer_attention", q, v, omega)(q, k, v, omega, key_mask, kernel_fn, causal, scale)
 
