@@ -199,6 +199,16 @@ def test_wide_head_dim_other_block(poison, monkeypatch):
     assert _last_plan().cfg.ND == 7
 
 
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_segment_reduction_in_row_blocks(poison, monkeypatch, causal):
+    """REDUCE_ROWS = 16 with m = 40 (padded to 64): the segment states are combined by four
+    programs per (batch, head), each owning 16 feature rows (sum rescaled to the global key max,
+    exclusive prefix and suffix)."""
+    monkeypatch.setattr(triton_kernels, "REDUCE_ROWS", 16)
+    _check(*_inputs(2, 2, 45, 45, 20, 12, 40, torch.float32, True, causal), "softmax", causal, f64=True)
+    assert _last_plan().r_reduce.grid[:2] == (4, 4)
+
+
 # ---------------------------------------------------------------------------------------------
 # cached launch plans
 # ---------------------------------------------------------------------------------------------
