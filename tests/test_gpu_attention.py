@@ -50,6 +50,15 @@ def _check(B, H, N, Nk, D, m, dtype, causal, kernel_fn, mask, backward=True, E=N
             assert_close(a, b, name=name)
 
 
+@pytest.fixture(params=["chunked", "segments"])
+def path(request, monkeypatch):
+    """Both kernel families of triton.py's dispatch (PATH), wherever they take the shape."""
+    from panther.kernels.performer import triton as tk
+
+    monkeypatch.setattr(tk, "PATH", request.param)
+    return request.param
+
+
 # (dtype, head dim): every head dim in bf16, the other dtypes at d = 64 and 128 (at 128 their fp32
 # features take the sliced head-dim path).
 CASES = [("bf16", 32), ("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128), ("fp32", 64), ("fp32", 128)]
@@ -57,13 +66,13 @@ CASES = [("bf16", 32), ("bf16", 64), ("bf16", 128), ("fp16", 64), ("fp16", 128),
 
 @pytest.mark.parametrize("dtype,D", CASES, ids=[f"{t}-d{d}" for t, d in CASES])
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_softmax_full_size(poison, dtype, D, causal):
+def test_softmax_full_size(poison, path, dtype, D, causal):
     """B=2, H=4, N=2053 (not a multiple of the chunk), m=256, with a key mask."""
     _check(2, 4, 2053, 2053, D, 256, DTYPES[dtype], causal, "softmax", mask=True)
 
 
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
-def test_relu_full_size(poison, causal):
+def test_relu_full_size(poison, path, causal):
     _check(2, 4, 2053, 2053, 64, 256, torch.bfloat16, causal, "relu", mask=True)
 
 
@@ -73,7 +82,7 @@ def test_srpe_codes_cross_attention(poison, R):
     _check(2, 4, 1500, 3001, R, 128, torch.bfloat16, False, "softmax", mask=True)
 
 
-def test_long_sequence_forward(poison):
+def test_long_sequence_forward(poison, path):
     """B=1, H=12, N=65536 (the benchmark's long row): forward only, against fp64."""
     _check(1, 12, 65536, 65536, 64, 256, torch.bfloat16, False, "softmax", mask=False, backward=False)
     _check(1, 12, 65536, 65536, 64, 256, torch.bfloat16, True, "softmax", mask=False, backward=False)

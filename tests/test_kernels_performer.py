@@ -18,6 +18,13 @@ triton_kernels = pytest.importorskip("panther.kernels.performer.triton")
 from panther_testing import assert_close  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def _segment_kernels(monkeypatch):
+    """This file tests the segment kernels of triton.py (the chunked ones, which triton.py's
+    dispatch picks for many of these calls, have test_kernels_performer_chunked*.py)."""
+    monkeypatch.setattr(triton_kernels, "PATH", "segments")
 CHUNK = 16  # small chunks: N = 45 spans three, the last cut short
 
 

@@ -1,0 +1,619 @@
+"""Chunk-parallel Performer kernels: one program per chunk, features in tiles (math in README.md).
+
+The segment kernels of :mod:`.triton` carry a whole m×E fp32 state through a loop over chunks,
+which at m = 256 fills a program's registers (255 with spills) and holds the causal chunk to 16
+rows (mma.sync, no wgmma). Here the state is never carried by the chunk programs:
+
+* a *scan* computes, for every chunk c, the exclusive prefix state S_{<c} = Σ_{j < c·C} φ(kⱼ)ᵀvⱼ
+  and z_{<c} = Σ φ(kⱼ) (or the exclusive *suffix* over later chunks, for the backward's
+  R = Σ φ(qᵢ)ᵀG'ᵢ), in feature tiles of BMT rows, parallel over (batch·head, feature tile, segment);
+* the *chunk* kernels, one program per (chunk, batch·head), walk the feature tiles of their chunk
+  and read S_{<c} tile by tile, so what a program holds is a few (C × BMT) and (C × E) tiles.
+
+State layout (all contiguous; MP = feature rows padded to a multiple of BMT, BE = padded E):
+
+* ``SL`` (BH, NC, MP, BE), state dtype (bf16 for bf16 inputs, the operand dtype of its products;
+  fp32 otherwise): chunk c's exclusive prefix (suffix) *within its segment* of CPS chunks;
+* ``ZL`` (BH, NC, MP) fp32: the same for z;
+* ``SG`` (BH, P, MP, BE) and ``ZG`` (BH, P, MP), fp32: segment s's exclusive prefix (suffix) over
+  the other segments.
+
+The state of chunk c is SL[c] + SG[c // CPS] (:func:`_state_tile`).
+
+Passes: :class:`ChunkScan` (``_scan_kernel``, grid (feature tiles, segments, B·H), then
+``_segment_scan_kernel`` for SG/ZG); the forward :class:`ChunkedForwardPlan` runs the key scan and
+``_fwd_chunk_kernel`` (grid (chunks, B·H)) when causal, and triton.py's key pass and reduce then
+``_fwd_chunk_kernel`` as the output pass when not. Shapes (:func:`chunked_supports`): the whole
+padded head dim in one tile (≤ 128 for bf16, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32), padded E ≤
+128, any m. Causal softmax keys use triton.py's stabilizer c2 (maxⱼ‖ωⱼ‖²/2 − 40, log2 units, log2
+√m folded in), computed here tile by tile (:func:`_causal_c2_tiles`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .._launch import Launch as _Launch
+from . import triton as _tri
+from .reference import RELU_EPS
+from .triton import (
+    MAX_TILE,
+    WHOLE_D_F32,
+    _cast,
+    _Cfg,
+    _contiguous_strides,
+    _dot,
+    _f32,
+    _key_valid,
+    _load_rows,
+    _logits,
+    _mm,
+    _phi_key,
+    _pow2,
+    _run,
+)
+
+__all__ = [
+    "ChunkScan",
+    "ChunkedForwardPlan",
+    "chunked_performer_attention",
+    "chunked_supports",
+]
+
+# Positions per chunk (C = BN) of the chunk kernels and the scans; ``chunk_size`` overrides it.
+# 64 rows give wgmma tiles on Hopper (the segment kernels' causal chunk of 16 could not).
+CHUNK = 64
+# Feature rows per tile (BMT), clamped to the padded m: the chunk programs hold a few (C × BMT)
+# fp32 tiles, never a whole row of m features.
+M_TILE = 64
+# Warps of the chunk kernels and of the scan (per program: one (BMT × E) fp32 accumulator).
+WARPS = 4
+SCAN_WARPS = 4
+# (The plans are cached per call signature with these knobs and triton.py's: changing any of them
+# between calls takes effect at the next call.)
+
+
+def chunked_supports(q: Tensor, v: Tensor, omega: Tensor) -> bool:
+    """Whether the chunked kernels handle the shapes: the padded head dim D is one tile (≤ 128 for
+    bf16 inputs, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32, whose features are fp32) and the padded
+    value dim E ≤ 128. Any number of features m (they are tiled). Wider heads go to the segment
+    kernels of :mod:`.triton` (or the reference)."""
+    whole = MAX_TILE if q.dtype == torch.bfloat16 else WHOLE_D_F32
+    return _pow2(q.shape[-1]) <= whole and _pow2(v.shape[-1]) <= MAX_TILE
+
+
+# ---------------------------------------------------------------------------------------------
+# jit helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _omega_tile(
+    W,
+    h,
+    D,
+    M,
+    m0,
+    BD: tl.constexpr,
+    BMT: tl.constexpr,
+    DT: tl.constexpr,
+    INTERP: tl.constexpr,
+):
+    """Rows [m0, m0 + BMT) of head h's ω (contiguous (H, M, D)), all BD padded columns: a
+    (BMT, BD) tile in DT, zero outside (M, D)."""
+    offs_m = m0 + tl.arange(0, BMT)
+    offs_d = tl.arange(0, BD)
+    w = tl.load(
+        W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    return _cast(w, DT, INTERP)
+
+
+@triton.jit
+def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, BMT: tl.constexpr, BE: tl.constexpr):
+    """Chunk c's state, feature rows [m0, m0 + BMT): S (BMT, BE) and z (BMT,), both fp32, the
+    chunk's local state within its segment plus the segment's (layout: module docstring)."""
+    s = c // CPS
+    rows = m0 + tl.arange(0, BMT)
+    cols = tl.arange(0, BE)
+    tile = rows[:, None] * BE + cols[None, :]
+    S = tl.load(SL + (bh * NC + c) * MP * BE + tile).to(tl.float32) + tl.load(SG + (bh * P + s) * MP * BE + tile)
+    z = tl.load(ZL + (bh * NC + c) * MP + rows) + tl.load(ZG + (bh * P + s) * MP + rows)
+    return S, z
+
+
+@triton.jit
+def _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BMT: tl.constexpr):
+    """Causal key stabilizer of head h (log2 units, log2 √m folded in), the number triton.py's
+    ``_causal_c2`` gives: (maxⱼ‖ωⱼ‖²/2 − 40)·log2(e) + log2 √m, with ω read in (BMT, BD) tiles
+    (no whole-m tile). The key scan and every chunk kernel must use this same helper, so that the
+    prefix states and the intra-chunk part share one constant."""
+    mx = tl.max(tl.zeros((BMT,), tl.float32), 0)
+    for m0 in range(0, M, BMT):
+        w = _omega_tile(W, h, D, M, m0, BD, BMT, tl.float32, False)
+        mx = tl.maximum(mx, tl.max(tl.sum(w * w, 1), 0))
+    return (0.5 * mx - 40.0) * 1.4426950408889634 + log2_sqrt_m
+
+
+@triton.jit
+def _chunk_attend(
+    Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
+    sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
+    SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Forward of chunk c (rows c·BN + arange(BN)) of one (batch b, head h; bh = b·H + h):
+    returns (num (BN, BE) fp32, den (BN,) fp32, mq (BN,) fp32), out = num / (den == 0 ? 1 : den).
+
+    Qb, Kb, Vb: the (b, h) base pointers of q (N, D), k (N, D), v (N, E) with row/column strides
+    (sqn, sqd), (skn, skd), (svn, sve); MASK the key mask (B, N) with strides (smb, smn), read
+    only with HAS_MASK (CAUSAL only). W: ω contiguous (H, M, D). The whole padded head dim is one
+    tile (BD), E ≤ BE. rs = √scale, log2_sqrt_m = log2 √m, inv_sqrt_m = 1/√m, eps = RELU_EPS,
+    c2: fp32 scalars (pass them through ``_f32`` first). (No constexpr appended to the contract.)
+
+    * CAUSAL: the state of chunk c is SL[c] + SG[c // CPS] in the scan layout of the module
+      docstring (:class:`ChunkScan`: NC chunks, P segments of CPS chunks, MP feature rows), and
+      the intra-chunk masked quadratic part (keys j ≤ query i of this chunk) is added. Softmax
+      keys use the constant stabilizer c2 (:func:`_causal_c2_tiles`, the one the key scan uses).
+    * not CAUSAL: SL is the whole-sequence state S (BH, MP, BE) (bf16 or fp32) and ZL is z
+      (BH, MP) fp32, as triton.py's ``_Cfg.run_state`` returns them (MP = its BM ≥ the padded
+      feature rows); SG, ZG, CPS, NC, P, c2, Kb, Vb, MASK and their strides are not read (pass
+      anything). N is the number of queries.
+
+    mq is the query stabilizer φq = exp2(lg − mq) used (softmax): the row max over all M
+    features of lg = (ω·xs − ‖xs‖²/2)·log2 e, plus log2 √m; 0 for relu. It is an online max over
+    the feature tiles: when it grows, what was accumulated from φq is rescaled.
+    Rows ≥ N hold unspecified finite values (the caller masks its stores).
+    """
+    DT = Qb.dtype.element_ty
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    rows = c * BN + offs_n
+    xq = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
+    xf = xq.to(tl.float32)
+    sqq = tl.sum(xf * xf, 1)
+    if CAUSAL:
+        xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
+        xf = xk.to(tl.float32)
+        sqk = tl.sum(xf * xf, 1)
+        rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
+    num = tl.zeros((BN, BE), tl.float32)
+    den = tl.zeros((BN,), tl.float32)
+    A = tl.zeros((BN, BN), tl.float32)  # φq·φkᵀ over all features (causal), masked after the loop
+    mq = tl.full((BN,), -1e30, tl.float32)  # running row max of lg (softmax)
+    for m0 in range(0, M, BMT):
+        # ω's tile is loaded here, inside the loop: hoisted, every tile would stay on chip.
+        w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+        fvalid = (m0 + tl.arange(0, BMT)) < M
+        projq = _dot(xq, tl.trans(w), PREC, INTERP)
+        if SOFTMAX:
+            lg = tl.where(fvalid[None, :], _logits(projq, sqq, rs), float("-inf"))
+            mnew = tl.maximum(mq, tl.max(lg, 1))
+            alpha = tl.exp2(mq - mnew)
+            num = num * alpha[:, None]
+            den = den * alpha
+            if CAUSAL:
+                A = A * alpha[:, None]
+            mq = mnew
+            phq = tl.exp2(lg - (mq + log2_sqrt_m)[:, None])
+        else:
+            phq = tl.where(fvalid[None, :], tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps, 0.0)
+        # The key tile first, so that its (C × BMT) tiles are dead before the state tile loads.
+        if CAUSAL:
+            projk = _dot(xk, tl.trans(w), PREC, INTERP)
+            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
+            A += _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
+            S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, BMT, BE)
+        else:
+            mrows = m0 + tl.arange(0, BMT)
+            S = tl.load(SL + bh * MP * BE + mrows[:, None] * BE + offs_e[None, :])
+            z = tl.load(ZL + bh * MP + mrows)
+        num += _mm(phq, S, FEAT_F32, PREC, INTERP)
+        den += tl.sum(phq * z[None, :], 1)
+    if CAUSAL:  # the intra-chunk part, once: keys j ≤ query i
+        A = tl.where(offs_n[:, None] >= offs_n[None, :], A, 0.0)
+        vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)  # here: not live across the loop
+        num += _mm(A, vt, FEAT_F32, PREC, INTERP)
+        den += tl.sum(A, 1)
+    if SOFTMAX:
+        mq = mq + log2_sqrt_m
+    else:
+        mq = tl.zeros((BN,), tl.float32)
+    return num, den, mq
+
+
+# ---------------------------------------------------------------------------------------------
+# kernels
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _scan_kernel(
+    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG,
+    N, D, E, M, H,
+    sxb, sxh, sxn, sxd, svb, svh, svn, sve, smb, smn,
+    rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, MP,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
+    SOFTMAX: tl.constexpr, QUERY: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr,
+    REVERSE: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Grid (MP / BMT feature tiles, P segments, B·H). Program (t, s, bh) walks the chunks of
+    segment s (backward with REVERSE) for feature rows [t·BMT, (t+1)·BMT): before each chunk it
+    stores the running sums into SL/ZL (the exclusive prefix/suffix within the segment), then adds
+    the chunk's φᵀ·vals and Σ φ (·zw); the segment totals go to SG/ZG (made exclusive over
+    segments by _segment_scan_kernel)."""
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    bh = tl.program_id(2)
+    P = tl.num_programs(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
+    b = bh // H
+    h = bh % H
+    m0 = t * BMT
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    mrows = m0 + tl.arange(0, BMT)
+    fvalid = mrows < M
+    Xb = X + b * sxb + h * sxh
+    Vb = VALS + b * svb + h * svh
+    DT = X.dtype.element_ty
+    c2 = 0.0
+    if SOFTMAX and not QUERY:
+        c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
+    # One feature tile per program: its ω tile is loop-invariant (and small), loaded once.
+    w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+    tile = mrows[:, None] * BE + offs_e[None, :]
+    acc = tl.zeros((BMT, BE), tl.float32)
+    accz = tl.zeros((BMT,), tl.float32)
+    c_lo = s * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    for i in range(c_lo, c_hi):
+        ci = c_hi - 1 - (i - c_lo) if REVERSE else i
+        loc = (bh * NC + ci) * MP
+        tl.store(SL + loc * BE + tile, _cast(acc, SL.dtype.element_ty, INTERP))
+        tl.store(ZL + loc + mrows, accz)
+        rows = ci * BN + offs_n
+        # Features transposed, (BMT, BN): φᵀ is then the A operand of φᵀ·vals as computed, with
+        # no (C × BMT) transpose through shared memory.
+        x = _load_rows(Xb, rows, offs_d, N, D, sxn, sxd)
+        projT = _dot(w, tl.trans(x), PREC, INTERP)
+        xf = x.to(tl.float32)
+        sq = tl.sum(xf * xf, 1)
+        if QUERY:
+            rvalid = rows < N
+        else:
+            rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
+        valid = fvalid[:, None] & rvalid[None, :]
+        if SOFTMAX:
+            lgT = projT * (rs * 1.4426950408889634) - ((0.5 * rs * rs * 1.4426950408889634) * sq)[None, :]
+            if QUERY:
+                stab = tl.load(STAB + bh * N + rows, mask=rvalid, other=0.0)
+                phiT = tl.where(valid, tl.exp2(lgT - stab[None, :]), 0.0)
+            else:
+                phiT = tl.where(valid, tl.exp2(lgT - c2), 0.0)
+        else:
+            phiT = tl.where(valid, tl.maximum(projT * rs, 0.0) * inv_sqrt_m + eps, 0.0)
+        vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
+        acc += _mm(phiT, vt, FEAT_F32, PREC, INTERP)
+        if WEIGHTED:
+            zw = tl.load(ZW + bh * N + rows, mask=rows < N, other=0.0)
+            accz += tl.sum(phiT * zw[None, :], 1)
+        else:
+            accz += tl.sum(phiT, 1)
+    seg = (bh * P + s) * MP
+    tl.store(SG + seg * BE + tile, acc)
+    tl.store(ZG + seg + mrows, accz)
+
+
+@triton.jit
+def _segment_scan_kernel(SG, ZG, P, MP, BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr):
+    """Grid (MP / BMT, B·H): the P segment totals of one (batch·head, feature tile) replaced, in
+    place, by their exclusive prefix (suffix with REVERSE) sums."""
+    t = tl.program_id(0)
+    bh = tl.program_id(1)
+    mrows = t * BMT + tl.arange(0, BMT)
+    tile = mrows[:, None] * BE + tl.arange(0, BE)[None, :]
+    acc = tl.zeros((BMT, BE), tl.float32)
+    accz = tl.zeros((BMT,), tl.float32)
+    for i in range(P):
+        p = (bh * P + (P - 1 - i if REVERSE else i)) * MP
+        s = tl.load(SG + p * BE + tile)
+        z = tl.load(ZG + p + mrows)
+        tl.store(SG + p * BE + tile, acc)
+        tl.store(ZG + p + mrows, accz)
+        acc += s
+        accz += z
+
+
+@triton.jit
+def _fwd_chunk_kernel(
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, O,
+    N, D, E, M, H,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
+    sob, soh, son, soe,
+    rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
+    SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
+    b = bh // H
+    h = bh % H
+    c2 = 0.0
+    if SOFTMAX and CAUSAL:
+        c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
+    num, den, _ = _chunk_attend(
+        Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
+        b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
+        rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+        BN, BD, BE, BMT, SOFTMAX, CAUSAL, HAS_MASK, FEAT_F32, PREC, INTERP,
+    )  # fmt: skip
+    out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+    rows = c * BN + tl.arange(0, BN)
+    offs_e = tl.arange(0, BE)
+    tl.store(
+        O + b * sob + h * soh + rows[:, None] * son + offs_e[None, :] * soe,
+        _cast(out, O.dtype.element_ty, INTERP),
+        mask=(rows[:, None] < N) & (offs_e[None, :] < E),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# host side
+# ---------------------------------------------------------------------------------------------
+
+
+def _feature_tile(m: int, m_tile: int) -> int:
+    """Feature rows per tile: the knob, clamped to the padded m (both powers of two ≥ 16), so the
+    tiles never run past the padded rows of a non-causal whole-sequence state."""
+    if m_tile < 16 or m_tile & (m_tile - 1):
+        raise ValueError(f"m_tile must be a power of two >= 16, got {m_tile}")
+    return min(m_tile, _pow2(m))
+
+
+class ChunkScan:
+    """Exclusive prefix (or suffix) sums of per-chunk feature states, parallel over (batch·head,
+    feature tile, segment): the launches of one call signature.
+
+    Built once per signature::
+
+        ChunkScan(x, vals, omega, *, kernel_fn, scale, chunk, m_tile, e=None,
+                  mask_strides=(0, 0), has_mask=False, query=False, weighted=False,
+                  reverse=False, feat_f32, prec, fast=False, trace=False)
+
+    and called with tensors of that signature::
+
+        scan(x, vals, omega, mask, stab, zw) -> (SL, ZL, SG, ZG)
+
+    Args:
+        x: (B, H, N, D), any strides: the feature source (keys, or queries with ``query``).
+        vals: what φ multiplies, any strides: (B, H, N, E') (e.g. v) or (B·H, N, E') (e.g. the
+            backward's gs, contiguous (BH, N, BE) fp32). Strides are part of the signature.
+        omega: (H, m, D) contiguous.
+        kernel_fn: "softmax" or "relu". scale: the temperature (xs = √scale·x).
+        chunk: positions per chunk (BN; power of two ≥ 16). m_tile: feature rows per tile (BMT;
+            power of two ≥ 16, clamped to the padded m — read ``BMT`` back).
+        e: columns of vals summed (default vals.shape[-1]); columns ≥ e are read as 0. BE =
+            their padded count.
+        mask_strides, has_mask: the key mask (B, N)'s strides, and whether it is read (keys only).
+        query: False: key features φk = exp2(lg − c2) with the causal constant c2
+            (:func:`_causal_c2_tiles`) for softmax, masked keys → 0. True: query features
+            φq = exp2(lg − stab_i) with stab (BH, N) fp32 (the forward's mq: log2 √m folded in),
+            no mask. relu: max(ω·xs, 0)/√m + eps either way. Rows ≥ N and padded features → 0.
+        weighted: z sums φ·zw with zw (BH, N) fp32; else z sums φ.
+        reverse: exclusive suffixes (later chunks), chunks walked backward; else prefixes.
+        feat_f32: fp32 operands (fp16/fp32 inputs) or bf16 (bf16 inputs); also the dtype of SL
+            (fp32, else bf16). prec: "ieee" or "tf32" (the projection and fp32 products).
+        fast, trace: as kernels._launch.Launch.
+
+    Call arguments: mask the bool key mask (or None), stab (BH, N) fp32 (query softmax; else
+    None), zw (BH, N) fp32 (weighted; else None).
+
+    Returns (layout in the module docstring; chunk c's state is SL[c] + SG[c // CPS]):
+        SL (BH, NC, MP, BE) state dtype, ZL (BH, NC, MP) fp32: within-segment exclusive sums;
+        SG (BH, P, MP, BE) fp32, ZG (BH, P, MP) fp32: exclusive sums over segments.
+
+    Attributes: NC (chunks), P (segments), CPS (chunks per segment), MP (padded feature rows, a
+    multiple of BMT), BMT, BE, BN, state_dtype. P is chosen so that the grid holds about
+    triton.py's ``_target_programs(device)`` programs.
+
+    Raises:
+        ValueError: kernel_fn not softmax/relu, chunk or m_tile not a power of two ≥ 16, a head
+            dim wider than one tile (padded D > 128), vals of the wrong shape or rank, e past
+            vals' columns or padded past 128.
+    """
+
+    def __init__(
+        self, x, vals, omega, *, kernel_fn, scale, chunk, m_tile, e=None, mask_strides=(0, 0), has_mask=False,
+        query=False, weighted=False, reverse=False, feat_f32, prec, fast=False, trace=False,
+    ):  # fmt: skip
+        if kernel_fn not in ("softmax", "relu"):
+            raise ValueError(f"kernel_fn must be one of ['softmax', 'relu'], got {kernel_fn!r}")
+        if chunk < 16 or chunk & (chunk - 1):
+            raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+        B, H, N, D = x.shape
+        m = omega.shape[1]
+        if omega.shape != (H, m, D):
+            raise ValueError(f"omega must have shape (H, m, D) = ({H}, m, {D}), got {tuple(omega.shape)}")
+        if vals.dim() == 4 and vals.shape[:3] == (B, H, N):
+            sv = tuple(vals.stride())
+        elif vals.dim() == 3 and vals.shape[:2] == (B * H, N):
+            sv = (H * vals.stride(0), vals.stride(0), vals.stride(1), vals.stride(2))
+        else:
+            raise ValueError(f"vals must have shape ({B}, {H}, {N}, E) or ({B * H}, {N}, E), got {tuple(vals.shape)}")
+        E = vals.shape[-1] if e is None else e
+        if not 1 <= E <= vals.shape[-1] or _pow2(E) > MAX_TILE:
+            raise ValueError(f"e must be in [1, {min(vals.shape[-1], MAX_TILE)}], got {E}")
+        self.BD = _pow2(D)
+        if self.BD > MAX_TILE:
+            raise ValueError(f"head dim {D} is wider than one tile ({MAX_TILE})")
+        self.BN, self.BMT, self.BE = chunk, _feature_tile(m, m_tile), _pow2(E)
+        self.NT = triton.cdiv(m, self.BMT)
+        self.MP = self.NT * self.BMT
+        self.BH = B * H
+        self.NC = max(1, triton.cdiv(N, chunk))
+        want = min(
+            self.NC,
+            max(1, triton.cdiv(_tri._target_programs(x.device), self.BH * self.NT)),
+        )
+        self.CPS = triton.cdiv(self.NC, want)
+        self.P = triton.cdiv(self.NC, self.CPS)
+        self.state_dtype = torch.float32 if feat_f32 else torch.bfloat16
+        self.reverse = reverse
+        self.device = x.device
+        interp = x.device.type == "cpu"
+        scal = (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS)
+        meta = {
+            "BN": chunk, "BD": self.BD, "BE": self.BE, "BMT": self.BMT, "SOFTMAX": kernel_fn == "softmax",
+            "QUERY": query, "HAS_MASK": has_mask and not query, "WEIGHTED": weighted, "REVERSE": reverse,
+            "FEAT_F32": feat_f32, "PREC": prec, "INTERP": interp,
+        }  # fmt: skip
+        self.meta = meta
+        self.scan = _Launch(
+            _scan_kernel, (self.NT, self.P, self.BH), 10,
+            (N, D, E, m, H, *x.stride(), *sv, *mask_strides, *scal, self.CPS, self.NC, self.MP),
+            meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
+        )  # fmt: skip
+        self.segment = _Launch(
+            _segment_scan_kernel, (self.NT, self.BH), 2, (self.P, self.MP),
+            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse}, {"num_warps": 4}, fast, trace,
+        )  # fmt: skip
+
+    def __call__(self, x, vals, omega, mask, stab, zw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        BH, NC, P, MP, BE = self.BH, self.NC, self.P, self.MP, self.BE
+        dev = self.device
+        SL = torch.empty(BH, NC, MP, BE, device=dev, dtype=self.state_dtype)
+        ZL = torch.empty(BH, NC, MP, device=dev, dtype=torch.float32)
+        SG = torch.empty(BH, P, MP, BE, device=dev, dtype=torch.float32)
+        ZG = torch.empty(BH, P, MP, device=dev, dtype=torch.float32)
+        # Pointers never read (no mask, no stabilizer, no weights) are given x.
+        mask = x if mask is None else mask
+        stab = x if stab is None else stab
+        zw = x if zw is None else zw
+        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG)
+        _run(self, "segment", SG, ZG)
+        return SL, ZL, SG, ZG
+
+
+def _stages(feat_f32: bool) -> int:
+    # The feature loop's loads (ω tile, state tiles SL/SG) are multi-buffered: 3 stages of bf16
+    # tiles or 2 of fp32 ones stay near 100 KB of shared memory at BMT = 64, D = E = 64.
+    return 2 if feat_f32 else 3
+
+
+class ChunkedForwardPlan:
+    """The launches of one forward call signature of the chunked kernels.
+
+    Same constructor as triton.py's ``_ForwardPlan``: (q, k, v, omega, key_mask, kernel_fn,
+    causal, scale, chunk_size, fast, trace), shapes as :func:`chunked_performer_attention`;
+    called as ``plan(q, k, v, omega, mptr) -> out`` (B, H, N, E) in v's dtype, with mptr the bool
+    key mask or, without one, q (never read). Causal: the key scan (:class:`ChunkScan`), then
+    ``_fwd_chunk_kernel``. Non-causal: triton.py's key pass and reduce (the whole-sequence state),
+    then ``_fwd_chunk_kernel`` as the output pass.
+
+    Raises:
+        ValueError: as triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask), and
+            for shapes :func:`chunked_supports` rejects.
+    """
+
+    def __init__(
+        self,
+        q,
+        k,
+        v,
+        omega,
+        key_mask,
+        kernel_fn,
+        causal,
+        scale,
+        chunk_size,
+        fast: bool,
+        trace: bool,
+    ):
+        c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+        if c.ND != 1 or c.BE > MAX_TILE:
+            raise ValueError(
+                f"the chunked kernels need the whole head dim in one tile and E <= {MAX_TILE}, got D={c.D}, "
+                f"E={c.E} for {q.dtype} (see chunked_supports)"
+            )
+        BN = CHUNK if chunk_size is None else chunk_size
+        BMT = _feature_tile(c.m, M_TILE)
+        self.causal = causal
+        if causal:
+            self.scan = ChunkScan(
+                k, v, omega, kernel_fn=kernel_fn, scale=scale, chunk=BN, m_tile=BMT, mask_strides=c.mask_strides,
+                has_mask=key_mask is not None, feat_f32=c.feat_f32, prec=c.meta["PREC"], fast=fast, trace=trace,
+            )  # fmt: skip
+            NC, P, CPS, MP = self.scan.NC, self.scan.P, self.scan.CPS, self.scan.MP
+        else:
+            self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "fwd")
+            NC = max(1, triton.cdiv(c.N, BN))
+            P, CPS, MP = (
+                1,
+                NC,
+                c.BM,
+            )  # SL/ZL: the (BH, BM, BE) / (BH, BM) whole-sequence state
+        self.out_shape = (c.B, c.H, c.N, c.E)
+        meta = {
+            "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "CAUSAL": causal,
+            "HAS_MASK": key_mask is not None, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
+        }  # fmt: skip
+        self.fwd = _Launch(
+            _fwd_chunk_kernel, (NC, c.BH), 10,
+            (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
+             *_contiguous_strides(*self.out_shape), *c.scal, CPS, NC, P, MP),
+            meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32)}, fast, trace,
+        )  # fmt: skip
+
+    def __call__(self, q, k, v, omega, mask) -> Tensor:
+        if self.causal:
+            SL, ZL, SG, ZG = self.scan(k, v, omega, mask, None, None)
+        else:
+            SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask)
+            SG = ZG = ZL  # not read
+        out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
+        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out)
+        return out
+
+
+def chunked_performer_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    omega: Tensor,
+    key_mask: Tensor | None,
+    kernel_fn: str,
+    causal: bool,
+    scale: float,
+    chunk_size: int | None = None,
+) -> Tensor:
+    """Performer attention output (B, H, N, E) in v's dtype through the chunked kernels; the
+    contract of :func:`.reference.performer_attention` (q (B, H, N, D), k (B, H, Nk, D),
+    v (B, H, Nk, E), omega (H, m, D), key_mask (B, Nk) or None).
+
+    ``chunk_size`` (a power of two ≥ 16) overrides ``CHUNK``. Plans are cached with triton.py's
+    (:func:`.triton.performer_attention` picks these kernels by its ``PATH``).
+
+    Raises:
+        ValueError: bad kernel_fn, shapes, dtypes or chunk_size (as :mod:`.triton`), or shapes
+            that :func:`chunked_supports` rejects.
+    """
+    if not chunked_supports(q, v, omega):
+        raise ValueError(
+            f"the chunked kernels do not support head dim {q.shape[-1]} / value dim {v.shape[-1]} for {q.dtype} "
+            "(see chunked_supports)"
+        )
+    return _tri._forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, True)

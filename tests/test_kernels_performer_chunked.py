@@ -1,0 +1,459 @@
+"""Chunk-parallel Performer kernels (kernels/performer/chunked.py): the scan and the forward.
+
+Without CUDA the kernels run under ``TRITON_INTERPRET=1`` (set by conftest): tiny odd shapes with
+chunks of 16 and feature tiles of 16, so N = 45 spans three chunks (the last cut short), m = 40
+three feature tiles (the last partial), and with more interpreter programs the scan cuts the
+chunks into two segments (the last one short). References run in float64 on the same rounded
+inputs. Every test runs with fresh allocations poisoned (NaN).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import triton
+import triton.language as tl
+from panther.kernels.performer import reference as ref
+
+chunked = pytest.importorskip("panther.kernels.performer.chunked")
+from panther.kernels.performer import chunked_bwd
+from panther.kernels.performer import triton as triton_kernels
+from panther_testing import RTOL, assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CHUNK = 16
+TILE = 16
+LOG2E = 1.4426950408889634
+
+
+@pytest.fixture
+def small(monkeypatch):
+    """Feature tiles of 16 rows, and enough interpreter programs that the scan of the usual
+    shape (B·H = 4, three feature tiles, three chunks) runs two segments of two chunks."""
+    monkeypatch.setattr(chunked, "M_TILE", TILE)
+    monkeypatch.setattr(triton_kernels, "_target_programs", lambda device: 16)  # the same segments on CPU and GPU
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+
+
+def _inputs(B, H, N, Nk, D, E, m, dtype, mask):
+    q = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, H, Nk, D, device=DEVICE).to(dtype)
+    v = torch.randn(B, H, Nk, E, device=DEVICE).to(dtype)
+    omega = torch.randn(H, m, D, device=DEVICE).to(dtype)
+    key_mask = None
+    if mask:
+        key_mask = torch.rand(B, Nk, device=DEVICE) > 0.3
+        key_mask[:, 0] = True
+    return q, k, v, omega, key_mask
+
+
+def _check(q, k, v, omega, key_mask, kernel_fn, causal, chunk=CHUNK, scale=None):
+    """The chunked forward against the reference in float64 on the same rounded inputs."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    out = chunked.chunked_performer_attention(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size=chunk)
+    exp = ref.performer_attention(*(t.double() for t in (q, k, v, omega)), key_mask, kernel_fn, causal, scale)
+    assert out.dtype == v.dtype and out.shape == exp.shape
+    assert_close(out, exp, name="out")
+    return out
+
+
+def _last_plan():
+    return list(triton_kernels._PLANS.values())[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# forward
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_fp32_forward_matches_reference(poison, small, causal, kernel_fn):
+    """B2 H2 N45 D20 E12 m40 with a key mask: three chunks, three feature tiles (the last holds 8
+    features), two scan segments."""
+    _check(*_inputs(2, 2, 45, 45, 20, 12, 40, torch.float32, True), kernel_fn, causal)
+    plan = _last_plan()
+    assert plan.fwd.meta["BMT"] == TILE and plan.fwd.grid[:2] == (3, 4)
+    if causal:
+        assert (plan.scan.NC, plan.scan.P, plan.scan.CPS, plan.scan.MP) == (3, 2, 2, 48)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_low_precision_forward_matches_reference(poison, small, dtype, causal):
+    _check(*_inputs(2, 2, 45, 45, 20, 12, 40, dtype, True), "softmax", causal)
+    if causal:  # the scan's state dtype: bf16 for bf16 inputs (the operand dtype), else fp32
+        assert _last_plan().scan.state_dtype == (torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
+
+
+# (B, H, N, Nk, D, E, m): ids read as shapes.
+SHAPES = {
+    "B2H2-N1-Nk9-D16-E16-m16": (2, 2, 1, 9, 16, 16, 16),  # one query (causal: one key)
+    "B1H2-N45-Nk30-D20-E12-m24": (
+        1,
+        2,
+        45,
+        30,
+        20,
+        12,
+        24,
+    ),  # cross attention (causal: Nk = N)
+    "B1H3-N33-D32-E20-m12": (1, 3, 33, 33, 32, 20, 12),  # m under one tile
+}
+
+
+@pytest.mark.parametrize("shape", list(SHAPES), ids=list(SHAPES))
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_forward_shapes(poison, small, shape, causal):
+    B, H, N, Nk, D, E, m = SHAPES[shape]
+    Nk = N if causal else Nk
+    _check(*_inputs(B, H, N, Nk, D, E, m, torch.float32, N > 1), "softmax", causal)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_strided_inputs_and_default_knobs(poison, causal):
+    """(B, N, H, D) tensors viewed as (B, H, N, D), default chunk (64) and tile (64): m = 80 is two
+    feature tiles, the second holding 16 features."""
+    B, H, N, D, m = 2, 2, 45, 16, 80
+    q, k, v = (torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2) for _ in range(3))
+    omega = torch.randn(H, m, D, device=DEVICE)
+    assert not q.is_contiguous()
+    _check(q, k, v, omega, None, "softmax", causal, chunk=None, scale=0.3)
+    plan = _last_plan()
+    assert plan.fwd.meta["BN"] == chunked.CHUNK == 64 and plan.fwd.meta["BMT"] == chunked.M_TILE == 64
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_all_keys_masked_gives_zero(poison, small, causal):
+    q, k, v, omega, mask = _inputs(2, 2, 17, 17, 16, 16, 16, torch.float32, True)
+    mask[-1] = False
+    out = _check(q, k, v, omega, mask, "softmax", causal)
+    assert torch.all(out[-1] == 0)
+
+
+def test_causal_output_ignores_later_keys(poison, small):
+    q, k, v, omega, _ = _inputs(1, 2, 45, 45, 16, 16, 40, torch.float32, False)
+    out = chunked.chunked_performer_attention(q, k, v, omega, None, "softmax", True, 0.25, chunk_size=CHUNK)
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, 30:] *= 3.0
+    v2[:, :, 30:] = -v2[:, :, 30:]
+    out2 = chunked.chunked_performer_attention(q, k2, v2, omega, None, "softmax", True, 0.25, chunk_size=CHUNK)
+    torch.testing.assert_close(out2[:, :, :30], out[:, :, :30], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(out2[:, :, 30:], out[:, :, 30:])
+
+
+# ---------------------------------------------------------------------------------------------
+# _chunk_attend's contract (the backward recomputes the forward with it): num, den and mq
+# ---------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _attend_probe(
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, NUM, DEN, MQ,
+    N, D, E, M, H, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
+    rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
+    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den and mq (BH, N)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    c2 = 0.0
+    if SOFTMAX:
+        c2 = chunked._causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
+    num, den, mq = chunked._chunk_attend(
+        Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
+        b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
+        rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+        BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, FEAT_F32, PREC, INTERP,
+    )  # fmt: skip
+    rows = c * BN + tl.arange(0, BN)
+    offs_e = tl.arange(0, BE)
+    tl.store(
+        NUM + bh * N * BE + rows[:, None] * BE + offs_e[None, :],
+        num,
+        mask=rows[:, None] < N,
+    )
+    tl.store(DEN + bh * N + rows, den, mask=rows < N)
+    tl.store(MQ + bh * N + rows, mq, mask=rows < N)
+
+
+def _logits2(x, omega, scale):
+    """(ω·xs − ‖xs‖²/2)·log2 e in float64, (B, H, N, m)."""
+    xs = x.double() * math.sqrt(scale)
+    proj = torch.einsum("bhnd,hmd->bhnm", xs, omega.double())
+    return (proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) * LOG2E
+
+
+def _c2(omega):
+    """The causal key stabilizer in log2 units with log2 √m, as the kernels compute it (fp32)."""
+    w = omega.float()
+    c = 0.5 * (w * w).sum(-1).amax(-1) - ref.CAUSAL_SHIFT
+    return (c * LOG2E + 0.5 * math.log2(omega.shape[1])).double()
+
+
+def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
+    """φ in float64 (B, H, N, m): softmax 2^(lg − stab) with stab (B, H, N, 1) or (1, H, 1, 1)
+    in log2 units; relu max(ω·xs, 0)/√m + eps. Masked keys 0."""
+    if kernel_fn == "softmax":
+        phi = torch.exp2(_logits2(x, omega, scale) - stab)
+    else:
+        proj = torch.einsum("bhnd,hmd->bhnm", x.double() * math.sqrt(scale), omega.double())
+        phi = torch.relu(proj) / math.sqrt(omega.shape[1]) + ref.RELU_EPS
+    if mask is not None:
+        phi = phi * mask[:, None, :, None].double()
+    return phi
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn):
+    """num, den and mq of _chunk_attend (causal) in the units the backward relies on: mq is the
+    row max of the logits over all m features plus log2 √m (0 for relu), and
+    [num, den]ᵢ = Σ_{j ≤ i} (φq_i·φk_j)[v_j, 1] with φq = 2^(lg − mq), φk = 2^(lg − c2)."""
+    B, H, N, D, E, m = 2, 2, 45, 20, 12, 40
+    q, k, v, omega, mask = _inputs(B, H, N, N, D, E, m, torch.float32, True)
+    scale = D**-0.5
+    plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, True, scale, CHUNK, False, False)
+    SL, ZL, SG, ZG = plan.scan(k, v, omega, mask, None, None)
+    cfg, sc = plan.cfg, plan.scan
+    BH, BE = B * H, cfg.BE
+    num = torch.empty(BH, N, BE, device=DEVICE)
+    den = torch.empty(BH, N, device=DEVICE)
+    mq = torch.empty(BH, N, device=DEVICE)
+    _attend_probe[(sc.NC, BH)](
+        q, k, v, omega, mask, SL, ZL, SG, ZG, num, den, mq,
+        N, D, E, m, H, *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides, *cfg.scal,
+        sc.CPS, sc.NC, sc.P, sc.MP,
+        BN=CHUNK, BD=cfg.BD, BE=BE, BMT=sc.BMT, SOFTMAX=kernel_fn == "softmax", HAS_MASK=True,
+        FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
+    )  # fmt: skip
+    if kernel_fn == "softmax":
+        want_mq = _logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(m)
+        assert_close(mq, want_mq.reshape(BH, N), name="mq")
+        stab_q = mq.double().reshape(B, H, N, 1)
+    else:
+        assert torch.all(mq == 0)
+        stab_q = None
+    phq = _phi64(q, omega, kernel_fn, scale, stab_q)
+    phk = _phi64(k, omega, kernel_fn, scale, _c2(omega).view(1, H, 1, 1), mask)
+    a = (phq @ phk.transpose(-1, -2)).tril()
+    assert_close(num[:, :, :E], (a @ v.double()).reshape(BH, N, E), name="num")
+    assert torch.all(num[:, :, E:] == 0)
+    assert_close(den, a.sum(-1).reshape(BH, N), name="den")
+
+
+# ---------------------------------------------------------------------------------------------
+# the scan alone: SL[c] + SG[c // CPS] against a float64 cumsum of per-chunk states
+# ---------------------------------------------------------------------------------------------
+
+# id: (query, reverse, weighted, kernel_fn, dtype)
+SCANS = {
+    "keys-prefix-softmax-mask-fp32": (False, False, False, "softmax", torch.float32),
+    "keys-suffix-relu-mask-fp32": (False, True, False, "relu", torch.float32),
+    "keys-prefix-softmax-mask-bf16": (False, False, False, "softmax", torch.bfloat16),
+    "queries-suffix-softmax-weighted-fp32": (
+        True,
+        True,
+        True,
+        "softmax",
+        torch.float32,
+    ),
+    "queries-prefix-relu-weighted-fp32": (True, False, True, "relu", torch.float32),
+    "queries-suffix-softmax-weighted-bf16": (
+        True,
+        True,
+        True,
+        "softmax",
+        torch.bfloat16,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(SCANS), ids=list(SCANS))
+def test_scan_matches_cumsum(poison, small, case):
+    """Keys scan v (strided (B, H, N, E)) with the causal stabilizer and the key mask; queries
+    scan a (B·H, N, BE) fp32 buffer whose columns past E are NaN (never read) with a given
+    per-row stabilizer and weighted z, as the backward's gs / gd."""
+    query, reverse, weighted, kernel_fn, dtype = SCANS[case]
+    B, H, N, D, E, m = 2, 2, 45, 20, 12, 40
+    BH, BE, scale = B * H, 16, 0.3
+    x = torch.randn(B, N, H, D, device=DEVICE).to(dtype).transpose(1, 2)  # strided
+    omega = torch.randn(H, m, D, device=DEVICE).to(dtype)
+    feat_f32 = dtype != torch.bfloat16
+    mask = stab = zw = None
+    if query:
+        vals = torch.full((BH, N, BE), float("nan"), device=DEVICE)
+        vals[:, :, :E] = torch.randn(BH, N, E, device=DEVICE)
+        vals64 = vals[:, :, :E].double().reshape(B, H, N, E)
+        zw = torch.randn(BH, N, device=DEVICE)
+        if kernel_fn == "softmax":
+            stab = (_logits2(x, omega, scale).amax(-1) + 0.5 * math.log2(m)).float().reshape(BH, N)
+        phi = _phi64(
+            x,
+            omega,
+            kernel_fn,
+            scale,
+            None if stab is None else stab.double().reshape(B, H, N, 1),
+        )
+    else:
+        vals = torch.randn(B, N, H, E, device=DEVICE).to(dtype).transpose(1, 2)
+        vals64 = vals.double()
+        mask = torch.rand(B, N, device=DEVICE) > 0.3
+        phi = _phi64(x, omega, kernel_fn, scale, _c2(omega).view(1, H, 1, 1), mask)
+    scan = chunked.ChunkScan(
+        x, vals, omega, kernel_fn=kernel_fn, scale=scale, chunk=CHUNK, m_tile=TILE, e=E,
+        mask_strides=mask.stride() if mask is not None else (0, 0), has_mask=mask is not None, query=query,
+        weighted=weighted, reverse=reverse, feat_f32=feat_f32, prec="ieee" if dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    NC, P, CPS, MP = scan.NC, scan.P, scan.CPS, scan.MP
+    assert (NC, P, CPS, MP, scan.BE) == (3, 2, 2, 48, BE)
+    SL, ZL, SG, ZG = scan(x, vals, omega, mask, stab, zw)
+    assert SL.dtype == (torch.float32 if feat_f32 else torch.bfloat16) and SL.shape == (
+        BH,
+        NC,
+        MP,
+        BE,
+    )
+    assert ZL.shape == (BH, NC, MP) and SG.shape == (BH, P, MP, BE) and ZG.shape == (BH, P, MP)
+    # Per-chunk states in float64, then their exclusive prefix (suffix) over chunks.
+    pad = NC * CHUNK - N
+    phic = torch.nn.functional.pad(phi, (0, 0, 0, pad)).reshape(BH, NC, CHUNK, m)
+    valc = torch.nn.functional.pad(vals64, (0, 0, 0, pad)).reshape(BH, NC, CHUNK, E)
+    wz = zw.double() if weighted else torch.ones(BH, N, dtype=torch.float64, device=DEVICE)
+    wzc = torch.nn.functional.pad(wz, (0, pad)).reshape(BH, NC, CHUNK, 1)
+    st = phic.transpose(-1, -2) @ valc  # (BH, NC, m, E)
+    zt = (phic * wzc).sum(2)  # (BH, NC, m)
+    if reverse:
+        st, zt = st.flip(1), zt.flip(1)
+    want_s = torch.cumsum(st, 1) - st
+    want_z = torch.cumsum(zt, 1) - zt
+    if reverse:
+        want_s, want_z = want_s.flip(1), want_z.flip(1)
+    seg = torch.arange(NC, device=DEVICE) // CPS
+    got_s = SL.double() + SG.double()[:, seg]
+    got_z = ZL.double() + ZG.double()[:, seg]
+    tol = RTOL[torch.float32] if feat_f32 else RTOL[torch.bfloat16]
+    assert_close(got_s[:, :, :m, :E], want_s, rtol=tol, name="S")
+    assert_close(got_z[:, :, :m], want_z, rtol=tol, name="z")
+    # Padded features and columns hold exact zeros; each segment's first chunk (last, reversed)
+    # holds a zero local state, its SG the other segments' sum.
+    assert torch.all(got_s[:, :, m:] == 0) and torch.all(got_s[:, :, :, E:] == 0) and torch.all(got_z[:, :, m:] == 0)
+    first = [min(s * CPS + CPS, NC) - 1 if reverse else s * CPS for s in range(P)]
+    assert torch.all(SL[:, first] == 0) and torch.all(ZL[:, first] == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# plans, knobs, shapes
+# ---------------------------------------------------------------------------------------------
+
+
+def test_plans_are_cached_and_knobs_take_effect(poison, monkeypatch):
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+    q, k, v, omega, mask = _inputs(1, 2, 33, 33, 16, 12, 24, torch.float32, True)
+    args = (omega, mask, "softmax", True, 0.3)
+    exp = ref.performer_attention(*(t.double() for t in (q, k, v, omega)), *args[1:])
+    for _ in range(2):
+        assert_close(
+            chunked.chunked_performer_attention(q, k, v, *args, chunk_size=CHUNK),
+            exp,
+            name="out",
+        )
+    assert len(triton_kernels._PLANS) == 1
+    plan = _last_plan()
+    assert isinstance(plan, chunked.ChunkedForwardPlan) and plan.fwd.opts["num_warps"] == chunked.WARPS
+    assert plan.fwd.meta["BMT"] == 32  # M_TILE = 64 clamped to the padded m
+    monkeypatch.setattr(chunked, "M_TILE", 16)
+    monkeypatch.setattr(chunked, "CHUNK", 32)
+    monkeypatch.setattr(chunked, "WARPS", 2)
+    monkeypatch.setattr(chunked, "SCAN_WARPS", 1)
+    assert_close(chunked.chunked_performer_attention(q, k, v, *args), exp, name="out (knobs)")
+    plan = _last_plan()
+    assert len(triton_kernels._PLANS) == 1 and plan.fwd.meta["BMT"] == 16 and plan.fwd.meta["BN"] == 32
+    assert plan.fwd.opts["num_warps"] == 2 and plan.scan.scan.opts["num_warps"] == 1
+
+
+@pytest.mark.parametrize(
+    "D,E,dtype,ok",
+    [
+        (64, 64, torch.bfloat16, True),
+        (128, 128, torch.bfloat16, True),
+        (100, 60, torch.bfloat16, True),
+        (64, 64, torch.float32, True),
+        (100, 64, torch.float32, False),  # fp32 features: whole head dims up to 64
+        (128, 64, torch.float16, False),
+        (200, 64, torch.bfloat16, False),
+        (64, 256, torch.bfloat16, False),
+    ],
+    ids=lambda v: str(v).replace("torch.", ""),
+)
+def test_chunked_supports(D, E, dtype, ok):
+    q, v, omega = (
+        torch.empty(1, 1, 2, D, dtype=dtype),
+        torch.empty(1, 1, 2, E, dtype=dtype),
+        torch.empty(1, 512, D),
+    )
+    assert chunked.chunked_supports(q, v, omega) is ok
+
+
+def test_rejects_bad_arguments():
+    q, k, v, omega, _ = _inputs(1, 2, 17, 17, 16, 16, 16, torch.float32, False)
+    with pytest.raises(ValueError, match="kernel_fn"):
+        chunked.chunked_performer_attention(q, k, v, omega, None, "gelu", True, 0.25)
+    with pytest.raises(ValueError, match="chunk_size"):
+        chunked.chunked_performer_attention(q, k, v, omega, None, "softmax", True, 0.25, chunk_size=24)
+    wide = torch.randn(1, 2, 17, 100)
+    with pytest.raises(ValueError, match="head dim 100"):
+        chunked.chunked_performer_attention(wide, wide, v, torch.randn(2, 16, 100), None, "softmax", True, 0.25)
+    with pytest.raises(ValueError, match="m_tile"):
+        chunked.ChunkScan(
+            k,
+            v,
+            omega,
+            kernel_fn="softmax",
+            scale=0.25,
+            chunk=16,
+            m_tile=24,
+            feat_f32=True,
+            prec="ieee",
+        )
+
+
+def test_dispatch_between_kernel_families(poison, monkeypatch):
+    """triton.py's PATH: "auto" runs causal calls of up to CHUNKED_MAX_N positions and every
+    non-causal forward on the chunked kernels, the rest (longer causal calls, the non-causal
+    backward, heads wider than one tile) on the segment kernels; "segments"/"chunked" force a family
+    where it applies. Every path matches the reference."""
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+    monkeypatch.setattr(triton_kernels, "CHUNKED_MAX_N", 40)
+    seg_f, seg_b = triton_kernels._ForwardPlan, triton_kernels._BackwardPlan
+    chk_f, chk_b = chunked.ChunkedForwardPlan, chunked_bwd.ChunkedBackwardPlan
+
+    def run(N, causal, D=16):
+        q, k, v, omega, mask = _inputs(1, 2, N, N, D, 12, 24, torch.float32, True)
+        args = (omega, mask, "softmax", causal, 0.3)
+        up = [t.double() for t in (q, k, v, omega)]
+        assert_close(
+            triton_kernels.performer_attention(q, k, v, *args, chunk_size=CHUNK),
+            ref.performer_attention(*up, *args[1:]),
+            name="out",
+        )
+        fwd = type(_last_plan())
+        grad = torch.randn(1, 2, N, 12)
+        got = triton_kernels.performer_attention_backward(grad, q, k, v, *args, chunk_size=CHUNK)
+        want = ref.performer_attention_backward(grad.double(), *up, *args[1:])
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert_close(a, b, name=name)
+        return fwd, type(_last_plan())
+
+    assert run(33, True) == (chk_f, chk_b)
+    assert run(45, True) == (seg_f, seg_b)  # past CHUNKED_MAX_N
+    assert run(45, False) == (chk_f, seg_b)
+    assert run(33, True, D=80) == (seg_f, seg_b)  # fp32 features: one tile holds D ≤ 64
+    monkeypatch.setattr(triton_kernels, "PATH", "segments")
+    assert run(33, True) == (seg_f, seg_b) and run(33, False) == (seg_f, seg_b)
+    monkeypatch.setattr(triton_kernels, "PATH", "chunked")
+    assert run(45, True) == (chk_f, chk_b) and run(45, False) == (chk_f, seg_b)

@@ -1,0 +1,335 @@
+"""Causal backward of the chunk-parallel Performer kernels (kernels/performer/chunked_bwd.py).
+
+Kernel-level tests feed the chunk kernels states built in float64 PyTorch from the reference
+feature map (several segments, so both parts of the state layout are read); end-to-end tests run
+``ChunkedBackwardPlan`` (scans included). Everything is compared with the reference backward in
+float64 on the same rounded inputs. Without CUDA the kernels run under ``TRITON_INTERPRET=1``
+(conftest), so shapes are tiny: chunks and feature tiles of 16, m = 40 (three tiles, the last
+partial), N = 45 (three chunks, the last cut short). Every test runs with fresh allocations
+poisoned.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from panther.kernels.performer import reference as ref
+
+triton_kernels = pytest.importorskip("panther.kernels.performer.triton")
+chunked_bwd = pytest.importorskip("panther.kernels.performer.chunked_bwd")
+
+from panther_testing import RTOL, assert_close
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CHUNK = 16
+TILE = 16
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _inputs(B, H, N, D, E, m, dtype, mask, all_off=False, seed_shift=0):
+    q = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
+    k = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
+    v = torch.randn(B, H, N, E, device=DEVICE).to(dtype)
+    omega = torch.randn(H, m, D, device=DEVICE).to(dtype)
+    key_mask = None
+    if mask:
+        key_mask = torch.rand(B, N, device=DEVICE) > 0.3
+        key_mask[:, 0] = True
+        if all_off:
+            key_mask[-1] = False  # every key of the last batch masked: every gradient is 0 there
+    grad = torch.randn(B, H, N, E, device=DEVICE).to(dtype)
+    return grad, q, k, v, omega, key_mask
+
+
+def _expected(grad, q, k, v, omega, key_mask, kernel_fn, scale):
+    up = [t.double() for t in (grad, q, k, v, omega)]
+    return ref.performer_attention_backward(*up, key_mask, kernel_fn, True, scale)
+
+
+def _assert_grads(got, want, inputs, zero=(), gmax=1.0):
+    """Gradients named in zero are 0 in exact arithmetic (both sides hold rounding noise only):
+    checked to be tiny against the largest upstream gradient gmax instead."""
+    for name, g, w, x in zip(("dq", "dk", "dv"), got, want, inputs):
+        assert g.dtype == x.dtype and g.shape == x.shape, name
+        if name in zero:
+            assert torch.isfinite(g).all() and g.abs().max() <= 1e-5 * gmax, name
+        else:
+            assert_close(g, w, name=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# states in float64 PyTorch, in the layout of kernels/performer/chunked.py
+# ---------------------------------------------------------------------------------------------
+
+
+def _per_chunk(phi, vals, zw, C):
+    """Per-chunk φᵀ·vals (BH, NC, m, E) and Σ φ·zw (BH, NC, m) for φ (B, H, N, m)."""
+    B, H, N, m = phi.shape
+    NC = -(-N // C)
+    pad = NC * C - N
+    f = torch.nn.functional.pad(phi, (0, 0, 0, pad)).reshape(B * H, NC, C, m)
+    x = torch.nn.functional.pad(vals, (0, 0, 0, pad)).reshape(B * H, NC, C, -1)
+    w = torch.nn.functional.pad(zw, (0, pad)).reshape(B * H, NC, C)
+    return f.transpose(-1, -2) @ x, (f * w[..., None]).sum(2)
+
+
+def _segmented(x, CPS, reverse):
+    """(local, glob) of per-chunk x (BH, NC, ...): the exclusive prefix (suffix) within each segment
+    of CPS chunks (BH, NC, ...) and the segments' exclusive prefix (suffix) (BH, P, ...)."""
+    BH, NC = x.shape[:2]
+    P = -(-NC // CPS)
+    x = torch.cat([x, x.new_zeros(BH, P * CPS - NC, *x.shape[2:])], 1).reshape(BH, P, CPS, *x.shape[2:])
+    if reverse:
+        x = x.flip(1, 2)
+    local = x.cumsum(2) - x
+    tot = x.sum(2)
+    glob = tot.cumsum(1) - tot
+    if reverse:
+        local, glob = local.flip(1, 2), glob.flip(1)
+    return local.reshape(BH, P * CPS, *x.shape[3:])[:, :NC], glob
+
+
+def _layout(S, z, CPS, reverse, MP, BE, sdt):
+    """SL (BH, NC, MP, BE) sdt, ZL (BH, NC, MP), SG (BH, P, MP, BE), ZG (BH, P, MP) fp32."""
+    SL, SG = _segmented(S, CPS, reverse)
+    ZL, ZG = _segmented(z, CPS, reverse)
+    m, E = S.shape[-2:]
+
+    def pad(t, last2):
+        return torch.nn.functional.pad(t, (0, BE - E, 0, MP - m) if last2 else (0, MP - m)).contiguous()
+
+    return (
+        pad(SL, True).to(sdt),
+        pad(ZL, False).float(),
+        pad(SG, True).float(),
+        pad(ZG, False).float(),
+    )
+
+
+def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
+    """Run one chunk kernel on states built in float64 from the reference (CPS chunks per
+    segment): which = "q" gives dq, "k" gives (dk, dv)."""
+    cfg = triton_kernels._Cfg(q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK, False, False)
+    B, H, N, m = cfg.B, cfg.H, cfg.N, cfg.m
+    NC = -(-N // CHUNK)
+    P = -(-NC // CPS)
+    MP = -(-m // TILE) * TILE
+    bwd_q, bwd_k = chunked_bwd._chunk_launches(cfg, grad, q, k, v, CHUNK, TILE, 4, NC, CPS, P, MP)
+    sdt = torch.float32 if cfg.feat_f32 else torch.bfloat16
+    mptr = key_mask if key_mask is not None else q
+    up = [t.double() for t in (q, k, v, omega)]
+    phiq, phik, _, out, den = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
+    if which == "q":
+        S, z = _per_chunk(phik, up[2], torch.ones_like(phik[..., 0]), CHUNK)
+        st = _layout(S, z, CPS, False, MP, cfg.BE, sdt)
+        f32 = {"device": DEVICE, "dtype": torch.float32}
+        gs, gd, mq = (
+            torch.empty(B * H, N, cfg.BE, **f32),
+            torch.empty(B * H, N, **f32),
+            torch.empty(B * H, N, **f32),
+        )
+        dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq)
+        return dq, (gs, gd, mq)
+    g = grad.double()
+    gs = g / den
+    gd = -(g * out).sum(-1) / den[..., 0]
+    S, z = _per_chunk(phiq, gs, gd, CHUNK)
+    st = _layout(S, z, CPS, True, MP, cfg.BE, sdt)
+    # The query stabilizer in log2 units, log2 √m folded in: φq = exp2(lg − mq).
+    xs = up[0] * math.sqrt(scale)
+    lg = (torch.einsum("bhnd,hmd->bhnm", xs, up[3]) - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.log(2)
+    mq = lg.amax(-1) + 0.5 * math.log2(m) if kernel_fn == "softmax" else torch.zeros_like(lg[..., 0])
+    gs_t = torch.nn.functional.pad(gs, (0, cfg.BE - cfg.E)).reshape(B * H, N, cfg.BE).float().contiguous()
+    dk = torch.empty_like(k, memory_format=torch.contiguous_format)
+    dv = torch.empty_like(v, memory_format=torch.contiguous_format)
+    bwd_k(
+        q,
+        k,
+        v,
+        omega,
+        mptr,
+        *st,
+        gs_t,
+        gd.reshape(B * H, N).float(),
+        mq.reshape(B * H, N).float(),
+        dk,
+        dv,
+    )
+    return dk, dv
+
+
+# Kernel-level cases: (kernel_fn, dtype, (B, H, N, D, E, m), mask); ids read as shapes.
+KERNEL_CASES = {
+    "softmax-fp32-N45-D20-E12-m40": ("softmax", "fp32", (2, 2, 45, 20, 12, 40), True),
+    "relu-fp32-N45-D20-E12-m40": ("relu", "fp32", (2, 2, 45, 20, 12, 40), True),
+    "softmax-bf16-N45-D20-E20-m40": ("softmax", "bf16", (2, 2, 45, 20, 20, 40), True),
+    "softmax-fp16-N33-D16-E16-m24-nomask": (
+        "softmax",
+        "fp16",
+        (1, 2, 33, 16, 16, 24),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES), ids=list(KERNEL_CASES))
+def test_bwd_k_kernel_on_reference_states(poison, case):
+    """dk and dv from exact suffix states (two segments: CPS = 2 over three chunks)."""
+    kernel_fn, dtype, shape, mask = KERNEL_CASES[case]
+    args = _inputs(*shape, DTYPES[dtype], mask=mask)
+    scale = shape[3] ** -0.5
+    dk, dv = _kernel_run(*args, kernel_fn, scale, 2, "k")
+    _, dk_want, dv_want = _expected(*args, kernel_fn, scale)
+    assert_close(dk, dk_want, name="dk")
+    assert_close(dv, dv_want, name="dv")
+
+
+@pytest.mark.parametrize("case", list(KERNEL_CASES), ids=list(KERNEL_CASES))
+def test_bwd_q_kernel_on_reference_states(poison, case):
+    """dq, and the G' and stabilizer it stores, from exact prefix states (two segments)."""
+    kernel_fn, dtype, shape, mask = KERNEL_CASES[case]
+    args = _inputs(*shape, DTYPES[dtype], mask=mask)
+    grad, q, k, v, omega, key_mask = args
+    scale = shape[3] ** -0.5
+    dq, (gs, gd, mq) = _kernel_run(*args, kernel_fn, scale, 2, "q")
+    dq_want = _expected(*args, kernel_fn, scale)[0]
+    assert_close(dq, dq_want, name="dq")
+    B, H, N, E = v.shape
+    up = [t.double() for t in (q, k, v, omega)]
+    _, _, _, out, den = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
+    g = grad.double()
+    gs_want = (g / den).reshape(B * H, N, E)
+    gd_want = (-(g * out).sum(-1) / den[..., 0]).reshape(B * H, N)
+    tol = RTOL[q.dtype]  # fp32 numbers, but from products of the inputs' operand precision
+    assert_close(gs[..., :E], gs_want, rtol=tol, name="gs")
+    assert torch.all(gs[..., E:] == 0)
+    assert_close(gd, gd_want, rtol=tol, name="gd")
+    if kernel_fn == "softmax":
+        xs = up[0] * math.sqrt(scale)
+        lg = (torch.einsum("bhnd,hmd->bhnm", xs, up[3]) - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.log(2)
+        assert_close(
+            mq,
+            (lg.amax(-1) + 0.5 * math.log2(omega.shape[1])).reshape(B * H, N),
+            rtol=1e-6,
+            name="mq",
+        )
+    else:
+        assert torch.all(mq == 0)
+
+
+# ---------------------------------------------------------------------------------------------
+# end to end: ChunkedBackwardPlan (key scan, dq pass, reverse query scan, dk/dv pass)
+# ---------------------------------------------------------------------------------------------
+
+chunked = pytest.importorskip("panther.kernels.performer.chunked")
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Feature tiles of 16 (m = 40: three, the last partial) and enough interpreter programs that
+    the scans cut N = 45 (three chunks of 16) into two segments."""
+    monkeypatch.setattr(chunked, "M_TILE", TILE)
+    monkeypatch.setattr(triton_kernels, "_target_programs", lambda device: 24)  # the same segments on CPU and GPU
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+
+
+def _last_plan():
+    return list(triton_kernels._PLANS.values())[-1]
+
+
+def _run_backward(grad, q, k, v, omega, key_mask, kernel_fn, scale, chunk=CHUNK, zero=()):
+    got = chunked_bwd.chunked_performer_attention_backward(
+        grad, q, k, v, omega, key_mask, kernel_fn, True, scale, chunk
+    )
+    want = _expected(grad, q, k, v, omega, key_mask, kernel_fn, scale)
+    _assert_grads(got, want, (q, k, v), zero, float(grad.abs().max()))
+    return got
+
+
+# (kernel_fn, dtype, (B, H, N, D, E, m), mask); ids read as shapes.
+E2E_CASES = {
+    "softmax-fp32-N45-D20-E12-m40": ("softmax", "fp32", (2, 2, 45, 20, 12, 40), True),
+    "relu-fp32-N45-D20-E12-m40": ("relu", "fp32", (2, 2, 45, 20, 12, 40), True),
+    "softmax-bf16-N45-D20-E20-m40": ("softmax", "bf16", (2, 2, 45, 20, 20, 40), True),
+    "relu-bf16-N45-D16-E16-m40-nomask": ("relu", "bf16", (2, 2, 45, 16, 16, 40), False),
+    "softmax-fp16-N45-D20-E12-m40-nomask": (
+        "softmax",
+        "fp16",
+        (2, 2, 45, 20, 12, 40),
+        False,
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(E2E_CASES), ids=list(E2E_CASES))
+def test_backward_matches_reference(poison, small_tiles, case):
+    kernel_fn, dtype, shape, mask = E2E_CASES[case]
+    _run_backward(*_inputs(*shape, DTYPES[dtype], mask=mask), kernel_fn, shape[3] ** -0.5)
+    plan = _last_plan()
+    assert isinstance(plan, chunked_bwd.ChunkedBackwardPlan)
+    # Several chunks, segments and feature tiles (the last partial) were exercised.
+    scan = plan.key_scan
+    assert (scan.NC, scan.CPS, scan.P, scan.BMT, scan.MP) == (3, 2, 2, TILE, 48)
+
+
+def test_all_keys_masked_gives_zero(poison, small_tiles):
+    """Every key of the last batch masked: its out is 0 and so is every gradient, exactly."""
+    args = _inputs(2, 2, 45, 16, 16, 40, torch.float32, mask=True, all_off=True)
+    dq, dk, dv = _run_backward(*args, "softmax", 0.25)
+    assert torch.all(dq[-1] == 0) and torch.all(dk[-1] == 0) and torch.all(dv[-1] == 0)
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_single_position(poison, small_tiles, kernel_fn):
+    """N = 1: a lone query over a lone key gives out = v, so dq = dk = 0."""
+    _run_backward(
+        *_inputs(2, 2, 1, 16, 16, 40, torch.float32, mask=False),
+        kernel_fn,
+        0.25,
+        zero=("dq", "dk"),
+    )
+
+
+def test_strided_inputs_and_default_knobs(poison, monkeypatch):
+    """(B, N, H, D) tensors viewed as (B, H, N, D), as a module's projections give them, with the
+    default chunk (one chunk of 64 over N = 45) and feature tile (clamped to the padded m)."""
+    monkeypatch.setattr(triton_kernels, "_PLANS", {})
+    B, H, N, D, m = 2, 2, 45, 16, 24
+    q, k, v, grad = (torch.randn(B, N, H, D, device=DEVICE).transpose(1, 2) for _ in range(4))
+    omega = torch.randn(H, m, D, device=DEVICE)
+    assert not q.is_contiguous() and not grad.is_contiguous()
+    _run_backward(grad, q, k, v, omega, None, "softmax", 0.3, chunk=None)
+    scan = _last_plan().key_scan
+    assert (scan.BN, scan.NC, scan.BMT) == (chunked.CHUNK, 1, 32)
+
+
+def test_plan_is_cached_and_follows_the_knobs(poison, small_tiles, monkeypatch):
+    """A second call of the signature reuses its plan; changing chunked.M_TILE starts over."""
+    args = _inputs(1, 2, 45, 16, 16, 40, torch.float32, mask=True)
+    _run_backward(*args, "softmax", 0.25)
+    plan = _last_plan()
+    _run_backward(*args, "softmax", 0.25)
+    assert len(triton_kernels._PLANS) == 1 and _last_plan() is plan
+    monkeypatch.setattr(chunked, "M_TILE", 32)
+    _run_backward(*args, "softmax", 0.25)
+    assert len(triton_kernels._PLANS) == 1 and _last_plan().key_scan.BMT == 32
+
+
+def test_rejects_bad_arguments():
+    grad, q, k, v, omega, _ = _inputs(1, 2, 17, 16, 16, 16, torch.float32, mask=False)
+    with pytest.raises(ValueError, match="causal=False"):
+        chunked_bwd.ChunkedBackwardPlan(grad, q, k, v, omega, None, "softmax", False, 0.25, None, False, False)
+    with pytest.raises(ValueError, match="causal=False"):
+        chunked_bwd.chunked_performer_attention_backward(grad, q, k, v, omega, None, "softmax", False, 0.25)
+    with pytest.raises(ValueError, match="kernel_fn"):
+        chunked_bwd.chunked_performer_attention_backward(grad, q, k, v, omega, None, "gelu", True, 0.25)
+    with pytest.raises(ValueError, match="grad"):
+        chunked_bwd.chunked_performer_attention_backward(grad[..., :8], q, k, v, omega, None, "softmax", True, 0.25)
+    with pytest.raises(ValueError, match="head dim"):  # fp32 features: whole head dims up to 64
+        wide = torch.randn(1, 2, 17, 80)
+        chunked_bwd.chunked_performer_attention_backward(
+            grad, wide, wide, v, torch.randn(2, 16, 80), None, "softmax", True, 0.25
+        )
