@@ -232,7 +232,7 @@ def small_tiles(monkeypatch):
     """Feature tiles of 16 (m = 40: three, the last partial) and enough interpreter programs that
     the scans cut N = 45 (three chunks of 16) into two segments."""
     monkeypatch.setattr(chunked, "M_TILE", TILE)
-    monkeypatch.setattr(triton_kernels, "_target_programs", lambda device: 24)  # the same segments on CPU and GPU
+    monkeypatch.setattr(triton_kernels, "_target_programs", lambda device, per_sm=None: 24)  # the same segments on CPU and GPU
     monkeypatch.setattr(triton_kernels, "_PLANS", {})
 
 
@@ -251,14 +251,14 @@ def _run_backward(grad, q, k, v, omega, key_mask, kernel_fn, scale, chunk=CHUNK,
 
 # (kernel_fn, dtype, (B, H, N, D, E, m), mask); ids read as shapes.
 E2E_CASES = {
-    "softmax-fp32-N45-D20-E12-m40": ("softmax", "fp32", (2, 2, 45, 20, 12, 40), True),
-    "relu-fp32-N45-D20-E12-m40": ("relu", "fp32", (2, 2, 45, 20, 12, 40), True),
+    "softmax-fp32-N45-D20-E28-m40": ("softmax", "fp32", (2, 2, 45, 20, 28, 40), True),
+    "relu-fp32-N45-D20-E28-m40": ("relu", "fp32", (2, 2, 45, 20, 28, 40), True),
     "softmax-bf16-N45-D20-E20-m40": ("softmax", "bf16", (2, 2, 45, 20, 20, 40), True),
     "relu-bf16-N45-D16-E16-m40-nomask": ("relu", "bf16", (2, 2, 45, 16, 16, 40), False),
-    "softmax-fp16-N45-D20-E12-m40-nomask": (
+    "softmax-fp16-N45-D20-E28-m40-nomask": (
         "softmax",
         "fp16",
-        (2, 2, 45, 20, 12, 40),
+        (2, 2, 45, 20, 28, 40),
         False,
     ),
 }

@@ -74,17 +74,29 @@ M_TILE = 64
 # Warps of the chunk kernels and of the scan (per program: one (BMT × E) fp32 accumulator).
 WARPS = 4
 SCAN_WARPS = 4
+# Scan programs to aim for per SM (they set the segments: fewer, longer segments write fewer
+# segment totals). On the H200 (bf16, B=4, H=12, N=4096, d=64, m=256, causal) 2 per SM took
+# 0.255 ms forward and 0.797 ms backward, against 0.300 / 0.896 at 4, 0.324 / 0.932 at 8 and
+# 0.405 / 1.083 at 16 (8 scan warps were slower at each).
+SCAN_PROGRAMS_PER_SM = 2
 # (The plans are cached per call signature with these knobs and triton.py's: changing any of them
 # between calls takes effect at the next call.)
 
 
 def chunked_supports(q: Tensor, v: Tensor, omega: Tensor) -> bool:
     """Whether the chunked kernels handle the shapes: the padded head dim D is one tile (≤ 128 for
-    bf16 inputs, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32, whose features are fp32) and the padded
-    value dim E ≤ 128. Any number of features m (they are tiled). Wider heads go to the segment
-    kernels of :mod:`.triton` (or the reference)."""
+    bf16 inputs, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32, whose features are fp32), and the padded
+    value dim E is at least the padded D and ≤ 128. Any number of features m (they are tiled).
+    Other shapes go to the segment kernels of :mod:`.triton` (or the reference).
+
+    E below D is left out because on the H200 (triton 3.6), at the default chunk and tile of 64,
+    the causal kernels gave wrong results there (D = 64, E = 32: forward and backward; D = 32,
+    E = 16: backward with 8 warps), while every shape with E ≥ D that was run matched the float64
+    reference (D = E = 32, 48, 64, 128; D = 32, E = 64). The cause was not found; the interpreter
+    computes those shapes correctly."""
     whole = MAX_TILE if q.dtype == torch.bfloat16 else WHOLE_D_F32
-    return _pow2(q.shape[-1]) <= whole and _pow2(v.shape[-1]) <= MAX_TILE
+    bd, be = _pow2(q.shape[-1]), _pow2(v.shape[-1])
+    return bd <= whole and bd <= be <= MAX_TILE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -467,7 +479,7 @@ class ChunkScan:
         self.NC = max(1, triton.cdiv(N, chunk))
         want = min(
             self.NC,
-            max(1, triton.cdiv(_tri._target_programs(x.device), self.BH * self.NT)),
+            max(1, triton.cdiv(_tri._target_programs(x.device, SCAN_PROGRAMS_PER_SM), self.BH * self.NT)),
         )
         self.CPS = triton.cdiv(self.NC, want)
         self.P = triton.cdiv(self.NC, self.CPS)
@@ -508,9 +520,15 @@ class ChunkScan:
         return SL, ZL, SG, ZG
 
 
-def _stages(feat_f32: bool) -> int:
-    # The feature loop's loads (ω tile, state tiles SL/SG) are multi-buffered: 3 stages of bf16
-    # tiles or 2 of fp32 ones stay near 100 KB of shared memory at BMT = 64, D = E = 64.
+def _stages(feat_f32: bool, BE: int) -> int:
+    """Software-pipelining depth of the chunk kernels' feature loop, whose loads (ω tile, state
+    tiles SL/SG) are multi-buffered: 3 stages of bf16 tiles or 2 of fp32 ones stay near 100 KB of
+    shared memory at BMT = 64, D = E = 64. Value dims padded below 64 get 1: on the H200 (triton
+    3.6) the causal forward at chunk 64, tile 64 and 3 stages wrote garbage at D = E = 32 and
+    faulted (illegal address) at D = 64, E = 32, while 1 stage, or other chunk/tile/warp settings,
+    matched the reference."""
+    if BE < 64:
+        return 1
     return 2 if feat_f32 else 3
 
 
@@ -575,7 +593,7 @@ class ChunkedForwardPlan:
             _fwd_chunk_kernel, (NC, c.BH), 10,
             (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
              *_contiguous_strides(*self.out_shape), *c.scal, CPS, NC, P, MP),
-            meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32)}, fast, trace,
+            meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
         )  # fmt: skip
 
     def __call__(self, q, k, v, omega, mask) -> Tensor:

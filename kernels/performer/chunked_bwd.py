@@ -385,7 +385,7 @@ def _chunk_launches(
         "BN": BN, "BD": cfg.BD, "BE": cfg.BE, "BMT": BMT, "SOFTMAX": cfg.softmax, "HAS_MASK": cfg.meta["HAS_MASK"],
         "FEAT_F32": cfg.feat_f32, "PREC": cfg.meta["PREC"], "INTERP": cfg.interp,
     }  # fmt: skip
-    opts = {"num_warps": warps, "num_stages": chunked._stages(cfg.feat_f32)}
+    opts = {"num_warps": warps, "num_stages": chunked._stages(cfg.feat_f32, cfg.BE)}
     dims = (cfg.N, cfg.D, cfg.E, cfg.m, cfg.H, NC, CPS, P, MP)
     strides = (*q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides)
     grid = (NC, cfg.BH)

@@ -672,13 +672,15 @@ def _pow2(n: int) -> int:
 _SM_COUNT: dict[int, int] = {}
 
 
-def _target_programs(device: torch.device) -> int:
+def _target_programs(device: torch.device, per_sm: int | None = None) -> int:
+    """Programs to aim for per launch: per_sm (default PROGRAMS_PER_SM) times the SM count; a
+    fixed INTERPRETER_PROGRAMS off the GPU."""
     if device.type != "cuda":
         return INTERPRETER_PROGRAMS
     idx = device.index if device.index is not None else torch.cuda.current_device()
     if idx not in _SM_COUNT:
         _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
-    return PROGRAMS_PER_SM * _SM_COUNT[idx]
+    return (PROGRAMS_PER_SM if per_sm is None else per_sm) * _SM_COUNT[idx]
 
 
 def _segments(n: int, bn: int, bh: int, device: torch.device) -> tuple[int, int]:
@@ -915,6 +917,7 @@ def _knobs() -> tuple:
     return (
         NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
         tuple(SAFE.items()), PATH, CHUNKED_MAX_N, _CHUNKED.chunked.CHUNK, _CHUNKED.chunked.M_TILE, _CHUNKED.chunked.WARPS, _CHUNKED.chunked.SCAN_WARPS,
+        _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM,
     )  # fmt: skip
 
 
