@@ -105,17 +105,7 @@ def chunked_supports(q: Tensor, v: Tensor, omega: Tensor) -> bool:
 
 
 @triton.jit
-def _omega_tile(
-    W,
-    h,
-    D,
-    M,
-    m0,
-    BD: tl.constexpr,
-    BMT: tl.constexpr,
-    DT: tl.constexpr,
-    INTERP: tl.constexpr,
-):
+def _omega_tile(W, h, D, M, m0, BD: tl.constexpr, BMT: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
     """Rows [m0, m0 + BMT) of head h's ω (contiguous (H, M, D)), all BD padded columns: a
     (BMT, BD) tile in DT, zero outside (M, D)."""
     offs_m = m0 + tl.arange(0, BMT)
@@ -520,6 +510,16 @@ class ChunkScan:
         return SL, ZL, SG, ZG
 
 
+def _check_tiles(c: _Cfg, dtype: torch.dtype) -> None:
+    """ValueError unless the chunk kernels' tiles hold the shapes of ``c``: the whole head dim in
+    one tile and E ≤ MAX_TILE (what both chunked plans need; chunked_supports also gates E < D)."""
+    if c.ND != 1 or c.BE > MAX_TILE:
+        raise ValueError(
+            f"the chunked kernels need the whole head dim in one tile and E <= {MAX_TILE}, got D={c.D}, "
+            f"E={c.E} for {dtype} (see chunked_supports)"
+        )
+
+
 def _stages(feat_f32: bool, BE: int) -> int:
     """Software-pipelining depth of the chunk kernels' feature loop, whose loads (ω tile, state
     tiles SL/SG) are multi-buffered: 3 stages of bf16 tiles or 2 of fp32 ones stay near 100 KB of
@@ -547,26 +547,9 @@ class ChunkedForwardPlan:
             for shapes :func:`chunked_supports` rejects.
     """
 
-    def __init__(
-        self,
-        q,
-        k,
-        v,
-        omega,
-        key_mask,
-        kernel_fn,
-        causal,
-        scale,
-        chunk_size,
-        fast: bool,
-        trace: bool,
-    ):
+    def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool):
         c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
-        if c.ND != 1 or c.BE > MAX_TILE:
-            raise ValueError(
-                f"the chunked kernels need the whole head dim in one tile and E <= {MAX_TILE}, got D={c.D}, "
-                f"E={c.E} for {q.dtype} (see chunked_supports)"
-            )
+        _check_tiles(c, q.dtype)
         BN = CHUNK if chunk_size is None else chunk_size
         BMT = _feature_tile(c.m, M_TILE)
         self.causal = causal
@@ -579,11 +562,7 @@ class ChunkedForwardPlan:
         else:
             self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "fwd")
             NC = max(1, triton.cdiv(c.N, BN))
-            P, CPS, MP = (
-                1,
-                NC,
-                c.BM,
-            )  # SL/ZL: the (BH, BM, BE) / (BH, BM) whole-sequence state
+            P, CPS, MP = 1, NC, c.BM  # SL/ZL: the (BH, BM, BE) / (BH, BM) whole-sequence state
         self.out_shape = (c.B, c.H, c.N, c.E)
         meta = {
             "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "CAUSAL": causal,

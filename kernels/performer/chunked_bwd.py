@@ -36,7 +36,6 @@ from . import chunked
 from . import triton as _tri
 from .chunked import _causal_c2_tiles, _chunk_attend, _omega_tile, _state_tile
 from .triton import (
-    MAX_TILE,
     _cast,
     _Cfg,
     _dot,
@@ -103,61 +102,11 @@ def _sq_rows(x):
 
 @triton.jit
 def _chunk_bwd_q_kernel(
-    G,
-    Q,
-    K,
-    V,
-    W,
-    MASK,
-    SL,
-    ZL,
-    SG,
-    ZG,
-    DQ,
-    GS,
-    GD,
-    MQ,
-    N,
-    D,
-    E,
-    M,
-    H,
-    NC,
-    CPS,
-    P,
-    MP,
-    sgb,
-    sgh,
-    sgn,
-    sge,
-    sqb,
-    sqh,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    sve,
-    smb,
-    smn,
-    rs,
-    log2_sqrt_m,
-    inv_sqrt_m,
-    eps,
-    BN: tl.constexpr,
-    BD: tl.constexpr,
-    BE: tl.constexpr,
-    BMT: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr,
-    PREC: tl.constexpr,
-    INTERP: tl.constexpr,
-):
+    G, Q, K, V, W, MASK, SL, ZL, SG, ZG, DQ, GS, GD, MQ, N, D, E, M, H, NC, CPS, P, MP, sgb, sgh, sgn, sge,
+    sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
+    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
     """dq of chunk c, and G' = [gs, gd] (GS (BH, N, BE), GD (BH, N)) and the query stabilizer
     (MQ (BH, N)) for the reverse query scan and the key pass. S, z: the key scan's exclusive
     prefix (layout in :mod:`.chunked`); DQ (B, H, N, D) contiguous."""
@@ -232,57 +181,11 @@ def _chunk_bwd_q_kernel(
 
 @triton.jit
 def _chunk_bwd_k_kernel(
-    Q,
-    K,
-    V,
-    W,
-    MASK,
-    RL,
-    RZL,
-    RG,
-    RZG,
-    GS,
-    GD,
-    MQ,
-    DK,
-    DV,
-    N,
-    D,
-    E,
-    M,
-    H,
-    NC,
-    CPS,
-    P,
-    MP,
-    sqb,
-    sqh,
-    sqn,
-    sqd,
-    skb,
-    skh,
-    skn,
-    skd,
-    svb,
-    svh,
-    svn,
-    sve,
-    smb,
-    smn,
-    rs,
-    log2_sqrt_m,
-    inv_sqrt_m,
-    eps,
-    BN: tl.constexpr,
-    BD: tl.constexpr,
-    BE: tl.constexpr,
-    BMT: tl.constexpr,
-    SOFTMAX: tl.constexpr,
-    HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr,
-    PREC: tl.constexpr,
-    INTERP: tl.constexpr,
-):
+    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
+    skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
+    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
     """dk and dv of chunk c. R, rz: the reverse query scan's exclusive suffix over later chunks
     (the state layout of :mod:`.chunked`); GS, GD, MQ as the dq pass stored them; DK (B, H, N, D)
     and DV (B, H, N, E) contiguous."""
@@ -455,11 +358,7 @@ class ChunkedBackwardPlan:
         c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
         if grad.shape != (c.B, c.H, c.N, c.E):
             raise ValueError(f"grad must have shape {(c.B, c.H, c.N, c.E)}, got {tuple(grad.shape)}")
-        if c.ND != 1 or c.BE > MAX_TILE:
-            raise ValueError(
-                f"the chunked kernels need the whole head dim in one tile and E <= {MAX_TILE}, got D={c.D}, "
-                f"E={c.E} for {q.dtype} (see chunked_supports)"
-            )
+        chunked._check_tiles(c, q.dtype)
         BN = chunked.CHUNK if chunk_size is None else chunk_size
         BMT = chunked._feature_tile(c.m, chunked.M_TILE)
         common = {
