@@ -104,6 +104,40 @@ def test_op_opcheck_and_gradcheck(kernel_fn, causal, masked):
     )
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_train_op_opcheck_and_gradcheck(causal):
+    """The training op: opcheck, the same output as performer_attention, and its own autograd
+    (through (out, stats) to the backward op) against finite differences."""
+    q, k, v, omega, mask = op_inputs(causal, True)
+    args = (q, k, v, omega, mask, "softmax", causal, 0.5)
+    torch.library.opcheck(torch.ops.panther.performer_attention_train.default, args, test_utils=OPCHECK_NO_DYNAMIC)
+    out, stats = torch.ops.panther.performer_attention_train(*args)
+    assert torch.equal(out, torch.ops.panther.performer_attention(*args))
+    assert stats.dtype == torch.float32 and not stats.requires_grad
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: torch.ops.panther.performer_attention_train(q, k, v, omega, mask, "softmax", causal, 0.5)[0],
+        (q, k, v),
+        fast_mode=causal,
+    )
+
+
+def test_layer_trains_through_the_train_op_and_infers_through_the_plain_one(monkeypatch):
+    """RandMultiHeadAttention (performer_attention_apply; on CPU the ops) calls
+    performer_attention_train when a gradient is needed and performer_attention otherwise (no
+    stats kept for inference); both give the same output."""
+    layer = RandMultiHeadAttention(8, 2, 6, iscausal=True, generator=gen(0)).double()
+    x = torch.randn(2, 5, 8, generator=gen(1), dtype=F64)
+    calls = []
+    for name in ("performer_attention", "performer_attention_train"):
+        op = getattr(torch.ops.panther, name)
+        monkeypatch.setattr(torch.ops.panther, name, lambda *a, _op=op, _n=name: calls.append(_n) or _op(*a))
+    y_train = layer(x, x, x)[0]
+    with torch.no_grad():
+        y_infer = layer(x, x, x)[0]
+    assert calls == ["performer_attention_train", "performer_attention"]
+    assert torch.equal(y_train.detach(), y_infer)
+
+
 def test_op_dispatch():
     from panther.ops import attention as ops_attention
 
@@ -119,6 +153,9 @@ def test_backward_op_opcheck():
     grad = torch.randn(2, 2, 6, 2, dtype=F64)
     args = (grad, q.detach(), k.detach(), v.detach(), omega, mask, "softmax", True, 0.5)
     torch.library.opcheck(torch.ops.panther.performer_attention_backward.default, args, test_utils=OPCHECK_NO_DYNAMIC)
+    out, stats = torch.ops.panther.performer_attention_train(*args[1:])
+    saved = (*args, out.detach(), stats)
+    torch.library.opcheck(torch.ops.panther.performer_attention_backward.default, saved, test_utils=OPCHECK_NO_DYNAMIC)
 
 
 @pytest.mark.parametrize("kernel_fn", KERNELS)

@@ -44,10 +44,15 @@ def _check(B, H, N, Nk, D, m, dtype, causal, kernel_fn, mask, backward=True, E=N
     assert_close(out, exp, name="out")
     if backward:
         grad = torch.randn_like(out)
-        got = tk.performer_attention_backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale)
         want = ref.performer_attention_backward(grad.double(), *up, key_mask, kernel_fn, causal, scale)
-        for name, a, b in zip(("dq", "dk", "dv"), got, want):
-            assert_close(a, b, name=name)
+        # The training pair too: out and stats from the forward, reused by the backward.
+        out2, stats = tk.performer_attention_train(q, k, v, omega, key_mask, kernel_fn, causal, scale)
+        assert_close(out2, exp, name="train out")
+        saved = {"out": out2, "stats": stats}
+        for kw in ({}, saved):
+            got = tk.performer_attention_backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, **kw)
+            for name, a, b in zip(("dq", "dk", "dv"), got, want):
+                assert_close(a, b, name=f"{name} ({'saved' if kw else 'recomputed'})")
 
 
 @pytest.fixture(params=["chunked", "segments"])
@@ -88,22 +93,30 @@ def test_long_sequence_forward(poison, path):
     _check(1, 12, 65536, 65536, 64, 256, torch.bfloat16, True, "softmax", mask=False, backward=False)
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["op", "train_op"])
 @pytest.mark.parametrize("D", [64, 256], ids=["d64", "d256"])
-def test_op_under_compile(poison, D):
-    """torch.ops.panther.performer_attention on CUDA under torch.compile (triton_op + wrap_triton;
-    D = 256: the head dim in blocks, ω at half scale as in test_wide_head_dim_full_size)."""
+def test_op_under_compile(poison, D, train):
+    """torch.ops.panther.performer_attention (and the training op) on CUDA under torch.compile
+    (triton_op + wrap_triton; D = 256: the head dim in blocks, ω at half scale as in
+    test_wide_head_dim_full_size)."""
     ops = pytest.importorskip("panther.ops.attention")
     q, k, v, omega, key_mask = _inputs(2, 4, 1000, 1000, D, 256, torch.bfloat16, True, E=64, omega_scale=0.5 if D > 128 else 1.0)
     q, k, v = (t.requires_grad_() for t in (q, k, v))
 
     def f(q, k, v):
+        if train:
+            return ops.performer_attention_train(q, k, v, omega, key_mask, "softmax", True, 0.125)[0]
         return ops.performer_attention(q, k, v, omega, key_mask, "softmax", True, 0.125)
 
     out = torch.compile(f, fullgraph=True)(q, k, v)
-    exp = ref.performer_attention(q.double(), k.double(), v.double(), omega.double(), key_mask, "softmax", True, 0.125)
+    up = [t.detach().double() for t in (q, k, v, omega)]
+    exp = ref.performer_attention(*up, key_mask, "softmax", True, 0.125)
     assert_close(out, exp, name="compiled out")
-    out.float().square().sum().backward()
-    assert all(t.grad is not None and torch.isfinite(t.grad).all() for t in (q, k, v))
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (q, k, v), grad)
+    want = ref.performer_attention_backward(grad.double(), *up, key_mask, "softmax", True, 0.125)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, name=f"compiled {name}")
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
@@ -156,3 +169,25 @@ def test_repeated_calls_launch_directly(poison, D, causal):
         parts += [x for s in parts if hasattr(s, "segment") for x in (s.scan, s.segment)]
         launches = [x for x in parts if isinstance(x, _launch.Launch)]
         assert launches and all(lc.compiled is not None for lc in launches)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
+def test_apply_in_eager_mode_matches_reference(poison, causal):
+    """performer_attention_apply (what RandMultiHeadAttention calls) in eager CUDA: the training
+    kernels without the custom-op dispatch (its autograd node is _EagerPerformer's), output and
+    gradients against float64; without grad (the plain kernels) the output matches too."""
+    ops = pytest.importorskip("panther.ops.attention")
+    q, k, v, omega, key_mask = _inputs(2, 4, 1000, 1000, 64, 256, torch.bfloat16, True)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    out = ops.performer_attention_apply(qg, kg, vg, omega, key_mask, "softmax", causal, 0.125)
+    assert type(out.grad_fn).__name__ == "_EagerPerformerBackward"
+    up = [t.double() for t in (q, k, v, omega)]
+    assert_close(out, ref.performer_attention(*up, key_mask, "softmax", causal, 0.125), name="out")
+    with torch.no_grad():
+        plain = ops.performer_attention_apply(q, k, v, omega, key_mask, "softmax", causal, 0.125)
+    assert_close(plain, ref.performer_attention(*up, key_mask, "softmax", causal, 0.125), name="out (no grad)")
+    grad = torch.randn_like(out)
+    got = torch.autograd.grad(out, (qg, kg, vg), grad)
+    want = ref.performer_attention_backward(grad.double(), *up, key_mask, "softmax", causal, 0.125)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert_close(a, b, name=name)

@@ -210,7 +210,7 @@ def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn):
     q, k, v, omega, mask = _inputs(B, H, N, N, D, E, m, torch.float32, True)
     scale = D**-0.5
     plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, True, scale, CHUNK, False, False)
-    SL, ZL, SG, ZG = plan.scan(k, v, omega, mask, None, None)
+    SL, ZL, SG, ZG, _ = plan.scan(k, v, omega, mask, None, None)
     cfg, sc = plan.cfg, plan.scan
     BH, BE = B * H, cfg.BE
     num = torch.empty(BH, N, BE, device=DEVICE)
@@ -303,7 +303,12 @@ def test_scan_matches_cumsum(poison, small, case):
     )  # fmt: skip
     NC, P, CPS, MP = scan.NC, scan.P, scan.CPS, scan.MP
     assert (NC, P, CPS, MP, scan.BE) == (3, 2, 2, 48, BE)
-    SL, ZL, SG, ZG = scan(x, vals, omega, mask, stab, zw)
+    SL, ZL, SG, ZG, c2 = scan(x, vals, omega, mask, stab, zw)
+    if not query and kernel_fn == "softmax":  # the key scan's per-head stabilizer, for the chunk kernels
+        assert c2.shape == (H,) and c2.dtype == torch.float32
+        assert_close(c2, _c2(omega), rtol=1e-6, name="c2")
+    else:
+        assert c2 is None
     assert SL.dtype == (torch.float32 if feat_f32 else torch.bfloat16) and SL.shape == (
         BH,
         NC,
@@ -336,6 +341,41 @@ def test_scan_matches_cumsum(poison, small, case):
     assert torch.all(got_s[:, :, m:] == 0) and torch.all(got_s[:, :, :, E:] == 0) and torch.all(got_z[:, :, m:] == 0)
     first = [min(s * CPS + CPS, NC) - 1 if reverse else s * CPS for s in range(P)]
     assert torch.all(SL[:, first] == 0) and torch.all(ZL[:, first] == 0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+def test_key_pass_state_matches_reference(poison, monkeypatch, kernel_fn, dtype):
+    """The non-causal key pass and its reduce: S = Σ φ(k)ᵀv and z = Σ φ(k) over the unmasked keys,
+    in three segments (one chunk each) and four feature tiles (m = 40: the third partial, the
+    fourth all padding). Softmax keys come out scaled by 2^−C with C the largest logit (log2
+    units) of their (batch, head), however the programs' own maxima differed. Batch 1 keeps keys
+    in its first chunk only, so two of its segments see no key at all."""
+    monkeypatch.setattr(chunked, "M_TILE", TILE)
+    monkeypatch.setattr(triton_kernels, "_target_programs", lambda device, per_sm=None: 48)
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    q, k, v, omega, mask = _inputs(2, 2, 45, 45, 20, 28, 40, dt, True)
+    mask[1, 16:] = False
+    scale = 20**-0.5
+    plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, False, scale, CHUNK, False, False)
+    assert (plan.P_key, plan.NT_key) == (3, 4)
+    S, z = plan._key_state(k, v, omega, mask)
+    assert S.shape == (4, 64, 32) and S.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
+    kd, vd, od = (t.double() for t in (k, v, omega))
+    xs = kd * math.sqrt(scale)
+    proj = torch.einsum("bhnd,hmd->bhnm", xs, od)
+    valid = mask[:, None, :, None]
+    if kernel_fn == "softmax":
+        lg = (proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) * LOG2E
+        lg = lg.masked_fill(~valid, float("-inf"))
+        phi = torch.exp2(lg - lg.amax((-1, -2), keepdim=True))
+    else:
+        phi = (torch.relu(proj) / math.sqrt(40) + ref.RELU_EPS) * valid
+    S_want = (phi.transpose(-1, -2) @ vd).reshape(4, 40, 28)
+    z_want = phi.sum(-2).reshape(4, 40)
+    assert_close(S[:, :40, :28], S_want, rtol=RTOL[dt], name="S")
+    assert_close(z[:, :40], z_want, rtol=RTOL[dt], name="z")
+    assert torch.all(S[:, 40:] == 0) and torch.all(S[..., 28:] == 0) and torch.all(z[:, 40:] == 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -108,6 +108,13 @@ def _layout(S, z, CPS, reverse, MP, BE, sdt):
     )
 
 
+def _c2(omega):
+    """Each head's causal key stabilizer (H,) fp32, as the key scan stores it for the chunk kernels
+    ((maxⱼ‖ωⱼ‖²/2 − 40)·log2 e + log2 √m; test_kernels_performer_chunked checks the scan's)."""
+    w = omega.float()
+    return (0.5 * (w * w).sum(-1).amax(-1) - ref.CAUSAL_SHIFT) * 1.4426950408889634 + 0.5 * math.log2(omega.shape[1])
+
+
 def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     """Run one chunk kernel on states built in float64 from the reference (CPS chunks per
     segment): which = "q" gives dq, "k" gives (dk, dv)."""
@@ -116,7 +123,7 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     NC = -(-N // CHUNK)
     P = -(-NC // CPS)
     MP = -(-m // TILE) * TILE
-    bwd_q, bwd_k = chunked_bwd._chunk_launches(cfg, grad, q, k, v, CHUNK, TILE, 4, NC, CPS, P, MP)
+    bwd_q, bwd_k = chunked_bwd._chunk_launches(cfg, grad, None, q, k, v, CHUNK, TILE, 4, NC, CPS, P, MP)
     sdt = torch.float32 if cfg.feat_f32 else torch.bfloat16
     mptr = key_mask if key_mask is not None else q
     up = [t.double() for t in (q, k, v, omega)]
@@ -131,7 +138,7 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
             torch.empty(B * H, N, **f32),
         )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq)
+        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq, grad, grad, _c2(omega))  # O, STATS: not read
         return dq, (gs, gd, mq)
     g = grad.double()
     gs = g / den
@@ -157,6 +164,7 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
         mq.reshape(B * H, N).float(),
         dk,
         dv,
+        _c2(omega),
     )
     return dk, dv
 
@@ -333,3 +341,88 @@ def test_rejects_bad_arguments():
         chunked_bwd.chunked_performer_attention_backward(
             grad, wide, wide, v, torch.randn(2, 16, 80), None, "softmax", True, 0.25
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# the forward's saved stats (performer_attention_train), reused by the dq pass
+# ---------------------------------------------------------------------------------------------
+
+
+def _stats_want(q, k, omega, key_mask, kernel_fn, scale):
+    """(mq, den) (B, H, N) in float64 as the kernels define them: φq = exp2(lg_q − mq) with mq the
+    row max of lg_q plus log2 √m, φk = exp2(lg_k − c2) with the causal constant c2 (softmax), or
+    relu features and mq = 0; den = Σ_{j ≤ i} φq_i·φk_j over unmasked keys."""
+    q, k, omega = (t.double() for t in (q, k, omega))
+    m = omega.shape[1]
+    rs = math.sqrt(scale)
+    proj = [torch.einsum("bhnd,hmd->bhnm", x * rs, omega) for x in (q, k)]
+    if kernel_fn == "softmax":
+        lg = [(p - 0.5 * ((x * rs) ** 2).sum(-1, keepdim=True)) / math.log(2) for p, x in zip(proj, (q, k))]
+        mq = lg[0].amax(-1) + 0.5 * math.log2(m)
+        c2 = (0.5 * (omega * omega).sum(-1).amax(-1) - 40.0) / math.log(2) + 0.5 * math.log2(m)  # (H,)
+        phq = torch.exp2(lg[0] - mq[..., None])
+        phk = torch.exp2(lg[1] - c2[None, :, None, None])
+    else:
+        mq = torch.zeros(proj[0].shape[:3], dtype=torch.float64, device=q.device)
+        phq, phk = (torch.relu(p) / math.sqrt(m) + ref.RELU_EPS for p in proj)
+    if key_mask is not None:
+        phk = phk * key_mask[:, None, :, None]
+    den = torch.tril(phq @ phk.transpose(-1, -2)).sum(-1)
+    return mq, den
+
+
+@pytest.mark.parametrize("case", list(E2E_CASES), ids=list(E2E_CASES))
+def test_backward_from_saved_stats(poison, small_tiles, case):
+    """performer_attention_train's out and stats (mq, den against float64), then the backward
+    given them: the dq pass reads them instead of recomputing (SAVED), and the gradients match
+    the float64 reference."""
+    kernel_fn, dtype, shape, mask = E2E_CASES[case]
+    grad, q, k, v, omega, key_mask = _inputs(*shape, DTYPES[dtype], mask=mask)
+    scale = shape[3] ** -0.5
+    out, stats = triton_kernels.performer_attention_train(q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK)
+    B, H, N = q.shape[:3]
+    assert stats.shape == (B, H, 2, N) and stats.dtype == torch.float32
+    up = [t.double() for t in (q, k, v, omega)]
+    assert_close(out, ref.performer_attention(*up, key_mask, kernel_fn, True, scale), name="out")
+    mq, den = _stats_want(q, k, omega, key_mask, kernel_fn, scale)
+    assert_close(stats[:, :, 0], mq, rtol=1e-6, name="mq")
+    assert_close(stats[:, :, 1], den, rtol=RTOL[q.dtype], name="den")
+    got = triton_kernels.performer_attention_backward(
+        grad, q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK, out=out, stats=stats
+    )
+    plan = _last_plan()
+    assert isinstance(plan, chunked_bwd.ChunkedBackwardPlan) and plan.bwd_q.meta["SAVED"]
+    _assert_grads(got, _expected(grad, q, k, v, omega, key_mask, kernel_fn, scale), (q, k, v))
+
+
+def test_train_without_chunked_kernels_saves_nothing(poison, small_tiles):
+    """Non-causal calls (and causal ones on the segment kernels) return empty stats, and the
+    backward given them recomputes (the same gradients)."""
+    grad, q, k, v, omega, _ = _inputs(1, 2, 45, 16, 16, 40, torch.float32, mask=False)
+    for causal in (False, True):
+        ctx = pytest.MonkeyPatch.context()
+        with ctx as mp:
+            if causal:
+                mp.setattr(triton_kernels, "PATH", "segments")
+            out, stats = triton_kernels.performer_attention_train(q, k, v, omega, None, "softmax", causal, 0.25)
+            assert stats.numel() == 0
+            want = triton_kernels.performer_attention_backward(grad, q, k, v, omega, None, "softmax", causal, 0.25)
+            got = triton_kernels.performer_attention_backward(
+                grad, q, k, v, omega, None, "softmax", causal, 0.25, out=out, stats=stats
+            )
+        for g, w in zip(got, want):
+            assert torch.equal(g, w)
+
+
+def test_rejects_bad_stats(small_tiles):
+    grad, q, k, v, omega, _ = _inputs(1, 2, 17, 16, 16, 16, torch.float32, mask=False)
+    out, stats = triton_kernels.performer_attention_train(q, k, v, omega, None, "softmax", True, 0.25)
+    args = (grad, q, k, v, omega, None, "softmax", True, 0.25)
+    with pytest.raises(ValueError, match=r"stats must be .* \(1, 2, 2, 17\)"):
+        triton_kernels.performer_attention_backward(*args, out=out, stats=stats[:, :, :1])
+    with pytest.raises(ValueError, match="stats must be"):
+        triton_kernels.performer_attention_backward(*args, out=out, stats=stats.double())
+    with pytest.raises(ValueError, match="out must be"):
+        triton_kernels.performer_attention_backward(*args, out=None, stats=stats)
+    with pytest.raises(ValueError, match="stats=True needs causal"):
+        chunked.ChunkedForwardPlan(q, k, v, omega, None, "softmax", False, 0.25, None, False, False, stats=True)

@@ -22,11 +22,13 @@ The state of chunk c is SL[c] + SG[c // CPS] (:func:`_state_tile`).
 
 Passes: :class:`ChunkScan` (``_scan_kernel``, grid (feature tiles, segments, B·H), then
 ``_segment_scan_kernel`` for SG/ZG); the forward :class:`ChunkedForwardPlan` runs the key scan and
-``_fwd_chunk_kernel`` (grid (chunks, B·H)) when causal, and triton.py's key pass and reduce then
-``_fwd_chunk_kernel`` as the output pass when not. Shapes (:func:`chunked_supports`): the whole
+``_fwd_chunk_kernel`` (grid (chunks, B·H)) when causal, and when not the key pass
+``_key_pass_kernel`` (segment totals only, grid (feature tiles, segments, B·H)), triton.py's
+``_reduce_kernel``, then ``_fwd_chunk_kernel`` as the output pass. Shapes (:func:`chunked_supports`): the whole
 padded head dim in one tile (≤ 128 for bf16, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32), padded E ≤
 128, any m. Causal softmax keys use triton.py's stabilizer c2 (maxⱼ‖ωⱼ‖²/2 − 40, log2 units, log2
-√m folded in), computed here tile by tile (:func:`_causal_c2_tiles`).
+√m folded in), computed tile by tile (:func:`_causal_c2_tiles`) by the key scan, which stores it
+once per head for the chunk kernels.
 """
 
 from __future__ import annotations
@@ -79,6 +81,11 @@ SCAN_WARPS = 4
 # 0.255 ms forward and 0.797 ms backward, against 0.300 / 0.896 at 4, 0.324 / 0.932 at 8 and
 # 0.405 / 1.083 at 16 (8 scan warps were slower at each).
 SCAN_PROGRAMS_PER_SM = 2
+# Programs per SM of the non-causal key pass (_key_pass_kernel), which stores only its segment's
+# totals. H200, bf16, H=12, d=64, m=256, non-causal forward (ms) at 2 / 4 / 8 per SM: B=4 N=2048
+# 0.068 / 0.077 / 0.075; N=4096 0.118 / 0.133 / 0.128; N=16384 0.422 / 0.450 / 0.429; B=1 N=65536
+# 0.494 / 0.420 / 0.424.
+KEY_PROGRAMS_PER_SM = 2
 # (The plans are cached per call signature with these knobs and triton.py's: changing any of them
 # between calls takes effect at the next call.)
 
@@ -240,7 +247,7 @@ def _chunk_attend(
 
 @triton.jit
 def _scan_kernel(
-    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG,
+    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG, C2,
     N, D, E, M, H,
     sxb, sxh, sxn, sxd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, MP,
@@ -252,7 +259,8 @@ def _scan_kernel(
     segment s (backward with REVERSE) for feature rows [t·BMT, (t+1)·BMT): before each chunk it
     stores the running sums into SL/ZL (the exclusive prefix/suffix within the segment), then adds
     the chunk's φᵀ·vals and Σ φ (·zw); the segment totals go to SG/ZG (made exclusive over
-    segments by _segment_scan_kernel)."""
+    segments by _segment_scan_kernel). The key scan of softmax features also stores each head's
+    causal stabilizer c2 in C2 (H,) fp32, for the chunk kernels."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -272,6 +280,8 @@ def _scan_kernel(
     c2 = 0.0
     if SOFTMAX and not QUERY:
         c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
+        # Once per head, so that the chunk programs load it rather than recompute it from ω.
+        tl.store(C2 + h, c2, mask=(t == 0) & (s == 0) & (b == 0))
     # One feature tile per program: its ω tile is loop-invariant (and small), loaded once.
     w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
     tile = mrows[:, None] * BE + offs_e[None, :]
@@ -318,6 +328,77 @@ def _scan_kernel(
 
 
 @triton.jit
+def _key_pass_kernel(
+    K, V, W, MASK, S_OUT, Z_OUT, C_OUT,
+    N, D, E, M, H,
+    skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
+    rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, BM,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Non-causal key pass, grid (BM / BMT feature tiles, P segments, B·H). Program (t, s, bh)
+    sums, over the keys of segment s (chunks [s·CPS, (s+1)·CPS)) and feature rows [t·BMT,
+    (t+1)·BMT), S = Σ φ(k)ᵀv into S_OUT (BH, P, BM, BE) fp32 and z = Σ φ(k) into Z_OUT (BH, P, BM).
+
+    Softmax keys are stabilized by the running max of their logits over the program's own keys and
+    features (log2 units; S and z rescaled when it grows), stored in C_OUT (BH, P, BM / BMT): the
+    reduce (triton.py's ``_reduce_kernel``, MODE 1 with one stabilizer per tile) rescales every
+    partial to the largest. Relu: max(ω·xs, 0)/√m + eps, C_OUT not written. Masked keys, rows
+    ≥ N and padded features add nothing."""
+    t = tl.program_id(0)
+    s = tl.program_id(1)
+    bh = tl.program_id(2)
+    P = tl.num_programs(1)
+    NT = tl.num_programs(0)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
+    b = bh // H
+    h = bh % H
+    m0 = t * BMT
+    offs_n = tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    mrows = m0 + tl.arange(0, BMT)
+    fvalid = mrows < M
+    Kb = K + b * skb + h * skh
+    Vb = V + b * svb + h * svh
+    DT = K.dtype.element_ty
+    w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+    acc = tl.zeros((BMT, BE), tl.float32)
+    accz = tl.zeros((BMT,), tl.float32)
+    run = tl.max(tl.full((BMT,), -1e30, tl.float32), 0)
+    c_lo = s * CPS
+    c_hi = tl.minimum(c_lo + CPS, NC)
+    for ci in range(c_lo, c_hi):
+        rows = ci * BN + offs_n
+        # Features transposed, (BMT, BN), as in _scan_kernel: φᵀ is the A operand of φᵀ·v.
+        x = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
+        projT = _dot(w, tl.trans(x), PREC, INTERP)
+        rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
+        valid = fvalid[:, None] & rvalid[None, :]
+        if SOFTMAX:
+            xf = x.to(tl.float32)
+            sq = tl.sum(xf * xf, 1)
+            lgT = projT * (rs * 1.4426950408889634) - ((0.5 * rs * rs * 1.4426950408889634) * sq)[None, :]
+            lgT = tl.where(valid, lgT, float("-inf"))
+            new = tl.maximum(run, tl.max(tl.max(lgT, 1), 0))
+            alpha = tl.exp2(run - new)
+            acc = acc * alpha
+            accz = accz * alpha
+            run = new
+            phiT = tl.exp2(lgT - new)
+        else:
+            phiT = tl.where(valid, tl.maximum(projT * rs, 0.0) * inv_sqrt_m + eps, 0.0)
+        vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
+        acc += _mm(phiT, vt, FEAT_F32, PREC, INTERP)
+        accz += tl.sum(phiT, 1)
+    seg = bh * P + s
+    tl.store(S_OUT + (seg * BM + mrows[:, None]) * BE + offs_e[None, :], acc)
+    tl.store(Z_OUT + seg * BM + mrows, accz)
+    if SOFTMAX:
+        tl.store(C_OUT + seg * NT + t, run)
+
+
+@triton.jit
 def _segment_scan_kernel(SG, ZG, P, MP, BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr):
     """Grid (MP / BMT, B·H): the P segment totals of one (batch·head, feature tile) replaced, in
     place, by their exclusive prefix (suffix with REVERSE) sums."""
@@ -339,16 +420,19 @@ def _segment_scan_kernel(SG, ZG, P, MP, BMT: tl.constexpr, BE: tl.constexpr, REV
 
 @triton.jit
 def _fwd_chunk_kernel(
-    Q, K, V, W, MASK, SL, ZL, SG, ZG, O,
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, O, STATS, C2,
     N, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     sob, soh, son, soe,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
-    SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend)."""
+    """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
+    the rows' query stabilizer mq and normalizer den into STATS (B·H, 2, N) fp32 (row 0 mq, row 1
+    den), which the backward reads instead of recomputing the forward. C2 (H,): the key scan's
+    causal stabilizers (read for causal softmax only)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
@@ -356,8 +440,8 @@ def _fwd_chunk_kernel(
     h = bh % H
     c2 = 0.0
     if SOFTMAX and CAUSAL:
-        c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
-    num, den, _ = _chunk_attend(
+        c2 = tl.load(C2 + h)
+    num, den, mq = _chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
         rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
@@ -366,6 +450,9 @@ def _fwd_chunk_kernel(
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
     rows = c * BN + tl.arange(0, BN)
     offs_e = tl.arange(0, BE)
+    if WRITE_STATS:
+        tl.store(STATS + bh * 2 * N + rows, mq, mask=rows < N)
+        tl.store(STATS + bh * 2 * N + N + rows, den, mask=rows < N)
     tl.store(
         O + b * sob + h * soh + rows[:, None] * son + offs_e[None, :] * soe,
         _cast(out, O.dtype.element_ty, INTERP),
@@ -426,7 +513,9 @@ class ChunkScan:
 
     Returns (layout in the module docstring; chunk c's state is SL[c] + SG[c // CPS]):
         SL (BH, NC, MP, BE) state dtype, ZL (BH, NC, MP) fp32: within-segment exclusive sums;
-        SG (BH, P, MP, BE) fp32, ZG (BH, P, MP) fp32: exclusive sums over segments.
+        SG (BH, P, MP, BE) fp32, ZG (BH, P, MP) fp32: exclusive sums over segments;
+        c2 (H,) fp32: each head's causal key stabilizer (:func:`_causal_c2_tiles`) for a key scan
+        of softmax features, which the chunk kernels read; else None.
 
     Attributes: NC (chunks), P (segments), CPS (chunks per segment), MP (padded feature rows, a
     multiple of BMT), BMT, BE, BN, state_dtype. P is chosen so that the grid holds about
@@ -485,7 +574,7 @@ class ChunkScan:
         }  # fmt: skip
         self.meta = meta
         self.scan = _Launch(
-            _scan_kernel, (self.NT, self.P, self.BH), 10,
+            _scan_kernel, (self.NT, self.P, self.BH), 11,
             (N, D, E, m, H, *x.stride(), *sv, *mask_strides, *scal, self.CPS, self.NC, self.MP),
             meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
         )  # fmt: skip
@@ -494,20 +583,23 @@ class ChunkScan:
             {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse}, {"num_warps": 4}, fast, trace,
         )  # fmt: skip
 
-    def __call__(self, x, vals, omega, mask, stab, zw) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def __call__(self, x, vals, omega, mask, stab, zw) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
         BH, NC, P, MP, BE = self.BH, self.NC, self.P, self.MP, self.BE
         dev = self.device
         SL = torch.empty(BH, NC, MP, BE, device=dev, dtype=self.state_dtype)
         ZL = torch.empty(BH, NC, MP, device=dev, dtype=torch.float32)
         SG = torch.empty(BH, P, MP, BE, device=dev, dtype=torch.float32)
         ZG = torch.empty(BH, P, MP, device=dev, dtype=torch.float32)
-        # Pointers never read (no mask, no stabilizer, no weights) are given x.
+        c2 = None
+        if self.meta["SOFTMAX"] and not self.meta["QUERY"]:
+            c2 = torch.empty(omega.shape[0], device=dev, dtype=torch.float32)
+        # Pointers never read (no mask, no stabilizer, no weights, no c2) are given x.
         mask = x if mask is None else mask
         stab = x if stab is None else stab
         zw = x if zw is None else zw
-        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG)
+        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG, x if c2 is None else c2)
         _run(self, "segment", SG, ZG)
-        return SL, ZL, SG, ZG
+        return SL, ZL, SG, ZG, c2
 
 
 def _check_tiles(c: _Cfg, dtype: torch.dtype) -> None:
@@ -539,17 +631,26 @@ class ChunkedForwardPlan:
     causal, scale, chunk_size, fast, trace), shapes as :func:`chunked_performer_attention`;
     called as ``plan(q, k, v, omega, mptr) -> out`` (B, H, N, E) in v's dtype, with mptr the bool
     key mask or, without one, q (never read). Causal: the key scan (:class:`ChunkScan`), then
-    ``_fwd_chunk_kernel``. Non-causal: triton.py's key pass and reduce (the whole-sequence state),
-    then ``_fwd_chunk_kernel`` as the output pass.
+    ``_fwd_chunk_kernel``. Non-causal: ``_key_pass_kernel`` and triton.py's reduce (the
+    whole-sequence state), then ``_fwd_chunk_kernel`` as the output pass.
+
+    With ``stats=True`` (causal only) the call returns ``(out, stats)``: stats (B, H, 2, N) fp32
+    holds each query row's stabilizer mq and normalizer den, which
+    :class:`.chunked_bwd.ChunkedBackwardPlan` takes instead of recomputing the forward.
 
     Raises:
-        ValueError: as triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask), and
-            for shapes :func:`chunked_supports` rejects.
+        ValueError: as triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask), for
+            shapes :func:`chunked_supports` rejects, and stats=True with causal=False.
     """
 
-    def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool):
+    def __init__(
+        self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool, stats: bool = False
+    ):  # fmt: skip
+        if stats and not causal:
+            raise ValueError("stats=True needs causal=True: the non-causal backward recomputes on triton.py's kernels")
         c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
         _check_tiles(c, q.dtype)
+        self.stats = stats
         BN = CHUNK if chunk_size is None else chunk_size
         BMT = _feature_tile(c.m, M_TILE)
         self.causal = causal
@@ -560,30 +661,62 @@ class ChunkedForwardPlan:
             )  # fmt: skip
             NC, P, CPS, MP = self.scan.NC, self.scan.P, self.scan.CPS, self.scan.MP
         else:
-            self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "fwd")
+            # The key pass in feature tiles of BMT rows (BMT divides the padded m, BM: both powers
+            # of two, BMT clamped to BM), then the reduce over its segments.
+            NCK = max(1, triton.cdiv(c.Nk, BN))
+            NT = c.BM // BMT
+            want = min(NCK, max(1, triton.cdiv(_tri._target_programs(q.device, KEY_PROGRAMS_PER_SM), c.BH * NT)))
+            cps = triton.cdiv(NCK, want)
+            self.P_key, self.NT_key = triton.cdiv(NCK, cps), NT
+            key_meta = {
+                "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "HAS_MASK": key_mask is not None,
+                "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
+            }  # fmt: skip
+            self.key = _Launch(
+                _key_pass_kernel, (NT, self.P_key, c.BH), 7,
+                (c.Nk, c.D, c.E, c.m, c.H, *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps, NCK, c.BM),
+                key_meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
+            )  # fmt: skip
+            self.key_reduce = c.reduce_launch(self.P_key, 1 if c.softmax else 0, NT)
             NC = max(1, triton.cdiv(c.N, BN))
             P, CPS, MP = 1, NC, c.BM  # SL/ZL: the (BH, BM, BE) / (BH, BM) whole-sequence state
         self.out_shape = (c.B, c.H, c.N, c.E)
         meta = {
             "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "CAUSAL": causal,
-            "HAS_MASK": key_mask is not None, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
+            "HAS_MASK": key_mask is not None, "WRITE_STATS": stats, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"],
+            "INTERP": c.interp,
         }  # fmt: skip
         self.fwd = _Launch(
-            _fwd_chunk_kernel, (NC, c.BH), 10,
+            _fwd_chunk_kernel, (NC, c.BH), 12,
             (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
              *_contiguous_strides(*self.out_shape), *c.scal, CPS, NC, P, MP),
             meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
         )  # fmt: skip
 
-    def __call__(self, q, k, v, omega, mask) -> Tensor:
+    def __call__(self, q, k, v, omega, mask) -> Tensor | tuple[Tensor, Tensor]:
         if self.causal:
-            SL, ZL, SG, ZG = self.scan(k, v, omega, mask, None, None)
+            SL, ZL, SG, ZG, c2 = self.scan(k, v, omega, mask, None, None)
         else:
-            SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask)
+            SL, ZL = self._key_state(k, v, omega, mask)
             SG = ZG = ZL  # not read
+            c2 = None
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
-        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out)
-        return out
+        c = self.cfg
+        stats = torch.empty(c.B, c.H, 2, c.N, device=q.device, dtype=torch.float32) if self.stats else out
+        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, ZL if c2 is None else c2)
+        return (out, stats) if self.stats else out
+
+    def _key_state(self, k, v, omega, mask) -> tuple[Tensor, Tensor]:
+        """Non-causal: the whole-sequence state S (BH, BM, BE) in the state dtype and z (BH, BM)
+        fp32 (softmax keys scaled by one stabilizer per (batch, head), which cancels in out)."""
+        c = self.cfg
+        BH, P, BM, dev = c.BH, self.P_key, c.BM, k.device
+        S, z, cs = c.f32(BH, P, BM, c.BE), c.f32(BH, P, BM), c.f32(BH, P, self.NT_key)
+        _run(self, "key", k, v, omega, mask, S, z, cs)
+        S_out = torch.empty(BH, BM, c.BE, device=dev, dtype=torch.float32 if c.feat_f32 else torch.bfloat16)
+        z_out, ckey = c.f32(BH, BM), c.f32(BH)
+        _run(self, "key_reduce", S, z, cs, S_out, z_out, ckey)
+        return S_out, z_out
 
 
 def chunked_performer_attention(

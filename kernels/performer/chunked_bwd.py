@@ -21,7 +21,8 @@ per chunk, and walk the feature tiles of BMT rows: on chip are a few (C × BMT),
 The query stabilizer mq (row max of the logits over all m features, log2 √m folded in) is a
 constant in the gradient (it cancels in num/den), but φq must be the same numbers in every pass:
 the recompute stores it and the later passes read it. The causal key stabilizer c2 depends on ω
-only. Extra memory: G' and mq, B·H·N·(BE + 2) fp32, besides the scans' states.
+only: the backward's key scan stores it per head (C2 (H,) fp32) and both chunk kernels read it.
+Extra memory: G' and mq, B·H·N·(BE + 2) fp32, besides the scans' states.
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from torch import Tensor
 from .._launch import Launch as _Launch
 from . import chunked
 from . import triton as _tri
-from .chunked import _causal_c2_tiles, _chunk_attend, _omega_tile, _state_tile
+from .chunked import _chunk_attend, _omega_tile, _state_tile
 from .triton import (
     _cast,
     _Cfg,
@@ -102,14 +103,19 @@ def _sq_rows(x):
 
 @triton.jit
 def _chunk_bwd_q_kernel(
-    G, Q, K, V, W, MASK, SL, ZL, SG, ZG, DQ, GS, GD, MQ, N, D, E, M, H, NC, CPS, P, MP, sgb, sgh, sgn, sge,
+    G, Q, K, V, W, MASK, SL, ZL, SG, ZG, DQ, GS, GD, MQ, O, STATS, C2, N, D, E, M, H, NC, CPS, P, MP,
+    sgb, sgh, sgn, sge, sob, soh, son, soe,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
-    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MASK: tl.constexpr, SAVED: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """dq of chunk c, and G' = [gs, gd] (GS (BH, N, BE), GD (BH, N)) and the query stabilizer
     (MQ (BH, N)) for the reverse query scan and the key pass. S, z: the key scan's exclusive
-    prefix (layout in :mod:`.chunked`); DQ (B, H, N, D) contiguous."""
+    prefix (layout in :mod:`.chunked`); DQ (B, H, N, D) contiguous.
+
+    SAVED: the forward's output O (B, H, N, E), strides (sob, soh, son, soe), and its STATS
+    (B·H, 2, N) fp32 (mq, den; :class:`.chunked.ChunkedForwardPlan` with stats) give gs = g/den
+    and gd = −Σ gs·out, and the chunk's forward is not recomputed. Else O and STATS are not read."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
@@ -125,19 +131,27 @@ def _chunk_bwd_q_kernel(
     DT = Q.dtype.element_ty
     c2 = 0.0
     if SOFTMAX:
-        c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
-    # The chunk's forward, recomputed: num (BN, BE), den (BN,) and the stabilizer its φq used.
-    num, den, mq = _chunk_attend(
-        Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
-        sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
-        BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, FEAT_F32, PREC, INTERP,
-    )  # fmt: skip
+        c2 = tl.load(C2 + h)
     rows = c * BN + offs_n
     qvalid = rows < N
-    inv = 1.0 / tl.where(den == 0.0, 1.0, den)
     g = _load_rows(Gb, rows, offs_e, N, E, sgn, sge).to(tl.float32)
-    gs = g * inv[:, None]
-    gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
+    if SAVED:
+        mq = tl.load(STATS + bh * 2 * N + rows, mask=qvalid, other=0.0)
+        den = tl.load(STATS + bh * 2 * N + N + rows, mask=qvalid, other=0.0)
+        inv = 1.0 / tl.where(den == 0.0, 1.0, den)
+        gs = g * inv[:, None]
+        out = _load_rows(O + b * sob + h * soh, rows, offs_e, N, E, son, soe).to(tl.float32)
+        gd = -tl.sum(gs * out, 1)  # −Σ g·out / den
+    else:
+        # The chunk's forward, recomputed: num (BN, BE), den (BN,) and the stabilizer its φq used.
+        num, den, mq = _chunk_attend(
+            Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
+            sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+            BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, FEAT_F32, PREC, INTERP,
+        )  # fmt: skip
+        inv = 1.0 / tl.where(den == 0.0, 1.0, den)
+        gs = g * inv[:, None]
+        gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
     # Rows past N are 0 in gs and gd (g loads 0 there): they add nothing below.
     tl.store(
         GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :],
@@ -181,7 +195,7 @@ def _chunk_bwd_q_kernel(
 
 @triton.jit
 def _chunk_bwd_k_kernel(
-    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
+    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, C2, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
     HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -203,7 +217,7 @@ def _chunk_bwd_k_kernel(
     DT = K.dtype.element_ty
     c2 = 0.0
     if SOFTMAX:
-        c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
+        c2 = tl.load(C2 + h)
     rows = c * BN + offs_n
     kvalid = rows < N
     rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
@@ -268,22 +282,10 @@ def _chunk_bwd_k_kernel(
 # ---------------------------------------------------------------------------------------------
 
 
-def _chunk_launches(
-    cfg: _Cfg,
-    grad,
-    q,
-    k,
-    v,
-    BN: int,
-    BMT: int,
-    warps: int,
-    NC: int,
-    CPS: int,
-    P: int,
-    MP: int,
-):
+def _chunk_launches(cfg: _Cfg, grad, out, q, k, v, BN: int, BMT: int, warps: int, NC: int, CPS: int, P: int, MP: int):
     """(bwd_q, bwd_k) launches, grid (NC, B·H), for states of NC chunks of BN positions in P
-    segments of CPS chunks, MP feature rows in tiles of BMT (the layout of :mod:`.chunked`)."""
+    segments of CPS chunks, MP feature rows in tiles of BMT (the layout of :mod:`.chunked`).
+    ``out``: the forward's output (its strides; the dq pass reads it and the stats), or None."""
     meta = {
         "BN": BN, "BD": cfg.BD, "BE": cfg.BE, "BMT": BMT, "SOFTMAX": cfg.softmax, "HAS_MASK": cfg.meta["HAS_MASK"],
         "FEAT_F32": cfg.feat_f32, "PREC": cfg.meta["PREC"], "INTERP": cfg.interp,
@@ -292,26 +294,12 @@ def _chunk_launches(
     dims = (cfg.N, cfg.D, cfg.E, cfg.m, cfg.H, NC, CPS, P, MP)
     strides = (*q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides)
     grid = (NC, cfg.BH)
+    so = tuple(out.stride()) if out is not None else (0, 0, 0, 0)
     bwd_q = _Launch(
-        _chunk_bwd_q_kernel,
-        grid,
-        14,
-        (*dims, *grad.stride(), *strides, *cfg.scal),
-        meta,
-        opts,
-        cfg.fast,
-        cfg.trace,
-    )
-    bwd_k = _Launch(
-        _chunk_bwd_k_kernel,
-        grid,
-        14,
-        (*dims, *strides, *cfg.scal),
-        meta,
-        opts,
-        cfg.fast,
-        cfg.trace,
-    )
+        _chunk_bwd_q_kernel, grid, 17, (*dims, *grad.stride(), *so, *strides, *cfg.scal),
+        {**meta, "SAVED": out is not None}, opts, cfg.fast, cfg.trace,
+    )  # fmt: skip
+    bwd_k = _Launch(_chunk_bwd_k_kernel, grid, 15, (*dims, *strides, *cfg.scal), meta, opts, cfg.fast, cfg.trace)
     return bwd_q, bwd_k
 
 
@@ -324,6 +312,11 @@ class ChunkedBackwardPlan:
     ``plan(grad, q, k, v, omega, mptr) -> (dq, dk, dv)`` in the inputs' shapes and dtypes, with mptr
     the bool key mask or, without one, q (never read).
 
+    Built with ``out`` (the forward's output, (B, H, N, E) in v's dtype: its strides are part of
+    the plan), it is called as ``plan(grad, q, k, v, omega, mptr, out, stats)`` with stats (B, H,
+    2, N) fp32 contiguous from :class:`.chunked.ChunkedForwardPlan` (stats=True), and the dq pass
+    takes gs, gd and mq from them instead of recomputing the chunk's forward.
+
     Passes: the key scan (S_{<c}, z_{<c}), ``_chunk_bwd_q_kernel`` (dq, and G' and mq stored), the
     reverse query scan over G' (R_{>c}, rz_{>c}), ``_chunk_bwd_k_kernel`` (dk, dv). Chunk
     ``chunk_size`` (default :data:`.chunked.CHUNK`), feature tile :data:`.chunked.M_TILE`, warps
@@ -331,25 +324,13 @@ class ChunkedBackwardPlan:
 
     Raises:
         ValueError: causal=False (the non-causal backward runs on triton.py's kernels); as
-            triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask); grad of
+            triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask); grad or out of
             another shape; shapes :func:`.chunked.chunked_supports` rejects.
     """
 
     def __init__(
-        self,
-        grad,
-        q,
-        k,
-        v,
-        omega,
-        key_mask,
-        kernel_fn,
-        causal,
-        scale,
-        chunk_size,
-        fast: bool,
-        trace: bool,
-    ):
+        self, grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool, out=None
+    ):  # fmt: skip
         if not causal:
             raise ValueError(
                 "ChunkedBackwardPlan computes the causal backward only (causal=True), got causal=False: "
@@ -358,6 +339,8 @@ class ChunkedBackwardPlan:
         c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
         if grad.shape != (c.B, c.H, c.N, c.E):
             raise ValueError(f"grad must have shape {(c.B, c.H, c.N, c.E)}, got {tuple(grad.shape)}")
+        if out is not None and out.shape != grad.shape:
+            raise ValueError(f"out must have shape {(c.B, c.H, c.N, c.E)}, got {tuple(out.shape)}")
         chunked._check_tiles(c, q.dtype)
         BN = chunked.CHUNK if chunk_size is None else chunk_size
         BMT = chunked._feature_tile(c.m, chunked.M_TILE)
@@ -366,12 +349,7 @@ class ChunkedBackwardPlan:
             "prec": c.meta["PREC"], "fast": fast, "trace": trace,
         }  # fmt: skip
         self.key_scan = chunked.ChunkScan(
-            k,
-            v,
-            omega,
-            mask_strides=c.mask_strides,
-            has_mask=key_mask is not None,
-            **common,
+            k, v, omega, mask_strides=c.mask_strides, has_mask=key_mask is not None, **common
         )
         # G' = [gs, gd] as the dq pass stores them: gs (BH, N, BE) fp32, gd (BH, N) the z weights.
         # (shape and strides only: a meta tensor).
@@ -379,26 +357,26 @@ class ChunkedBackwardPlan:
         self.query_scan = chunked.ChunkScan(q, gs, omega, e=c.E, query=True, weighted=True, reverse=True, **common)
         ks, qs = self.key_scan, self.query_scan
         # The chunk kernels read both states with one set of layout numbers.
-        assert (ks.NC, ks.CPS, ks.P, ks.MP) == (
-            qs.NC,
-            qs.CPS,
-            qs.P,
-            qs.MP,
-        ) and qs.BE == c.BE
-        self.bwd_q, self.bwd_k = _chunk_launches(c, grad, q, k, v, BN, BMT, chunked.WARPS, ks.NC, ks.CPS, ks.P, ks.MP)
+        assert (ks.NC, ks.CPS, ks.P, ks.MP, qs.BE) == (qs.NC, qs.CPS, qs.P, qs.MP, c.BE)
+        self.bwd_q, self.bwd_k = _chunk_launches(
+            c, grad, out, q, k, v, BN, BMT, chunked.WARPS, ks.NC, ks.CPS, ks.P, ks.MP
+        )
 
-    def __call__(self, grad, q, k, v, omega, mptr) -> tuple[Tensor, Tensor, Tensor]:
+    def __call__(self, grad, q, k, v, omega, mptr, out=None, stats=None) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
         B, H, N, D, E, BH = c.B, c.H, c.N, c.D, c.E, c.BH
         mask = mptr if c.meta["HAS_MASK"] else None
-        SL, ZL, SG, ZG = self.key_scan(k, v, omega, mask, None, None)
+        SL, ZL, SG, ZG, c2 = self.key_scan(k, v, omega, mask, None, None)
+        c2 = ZL if c2 is None else c2  # relu: not read
         gs, gd, mq = c.f32(BH, N, c.BE), c.f32(BH, N), c.f32(BH, N)
         dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        _run(self, "bwd_q", grad, q, k, v, omega, mptr, SL, ZL, SG, ZG, dq, gs, gd, mq)
-        RL, RZL, RG, RZG = self.query_scan(q, gs, omega, None, mq if c.softmax else None, gd)
+        if out is None:  # O and STATS are not read
+            out = stats = grad
+        _run(self, "bwd_q", grad, q, k, v, omega, mptr, SL, ZL, SG, ZG, dq, gs, gd, mq, out, stats, c2)
+        RL, RZL, RG, RZG, _ = self.query_scan(q, gs, omega, None, mq if c.softmax else None, gd)
         dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)
         dv = torch.empty(B, H, N, E, device=q.device, dtype=v.dtype)
-        _run(self, "bwd_k", q, k, v, omega, mptr, RL, RZL, RG, RZG, gs, gd, mq, dk, dv)
+        _run(self, "bwd_k", q, k, v, omega, mptr, RL, RZL, RG, RZG, gs, gd, mq, dk, dv, c2)
         return dq, dk, dv
 
 

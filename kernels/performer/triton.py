@@ -107,7 +107,15 @@ REDUCE_ROWS = 32
 # (The plans below are cached per call signature, these knobs included: changing any of them
 # between calls takes effect at the next call.)
 
-__all__ = ["MAX_FEATURES", "MAX_HEAD_DIM", "MAX_TILE", "performer_attention", "performer_attention_backward", "supports"]
+__all__ = [
+    "MAX_FEATURES",
+    "MAX_HEAD_DIM",
+    "MAX_TILE",
+    "performer_attention",
+    "performer_attention_backward",
+    "performer_attention_train",
+    "supports",
+]
 
 # Widest padded value dim E (and widest head dim D held whole, without blocks): each program keeps
 # an (m × E) fp32 state on chip, which past 128 overflows Hopper's 227 KB of shared memory at m = 256.
@@ -620,23 +628,31 @@ def _bwd_k_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    S, Z, C, S_OUT, Z_OUT, C_OUT, P, log2_sqrt_m,
-    BM: tl.constexpr, BE: tl.constexpr, RT: tl.constexpr, BP: tl.constexpr, MODE: tl.constexpr, INTERP: tl.constexpr,
-):
+    S, Z, C, S_OUT, Z_OUT, C_OUT, P, NTC, RPC, log2_sqrt_m,
+    BM: tl.constexpr, BE: tl.constexpr, RT: tl.constexpr, BP: tl.constexpr, BNT: tl.constexpr, MODE: tl.constexpr,
+    INTERP: tl.constexpr,
+):  # fmt: skip
     """Combine the P segment states (S, z) of one (batch, head), grid (B·H, BM / RT): each program
     owns RT feature rows (a whole-BM tile per (batch, head) left most SMs idle: 12.6 µs per call
     at B·H = 48 on the H200).
-    MODE 0: sum; 1: sum rescaled to the largest segment max C (also written, as the key
-    stabilizer with log2 √m folded in, by the first row block); 2/3: exclusive prefix / suffix
-    sums, in place. Modes 0/1 write S in S_OUT's dtype (bf16 for bf16 inputs: the operand dtype of
-    its products)."""
+    MODE 0: sum; 1: sum rescaled to the largest stabilizer C (also written, as the key stabilizer
+    with log2 √m folded in, by the first row block); 2/3: exclusive prefix / suffix sums, in place.
+    Modes 0/1 write S in S_OUT's dtype (bf16 for bf16 inputs: the operand dtype of its products).
+    C (B·H, P, NTC): one stabilizer per segment and block of RPC feature rows (NTC = 1, RPC = BM:
+    one per segment; BNT = NTC padded to a power of two)."""
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * RT + tl.arange(0, RT)
     tile = offs_m[:, None] * BE + tl.arange(0, BE)[None, :]
     cmax = 0.0
     if MODE == 1:
         offs_p = tl.arange(0, BP)
-        cmax = tl.max(tl.load(C + bh * P + offs_p, mask=offs_p < P, other=-1e30), 0)
+        offs_t = tl.arange(0, BNT)
+        cs = tl.load(
+            C + (bh * P + offs_p[:, None]) * NTC + offs_t[None, :],
+            mask=(offs_p[:, None] < P) & (offs_t[None, :] < NTC),
+            other=-1e30,
+        )
+        cmax = tl.max(tl.max(cs, 1), 0)
         cmax = tl.where(cmax > -1e29, cmax, 0.0)  # every key masked: c = 0
     acc = tl.zeros((RT, BE), tl.float32)
     accz = tl.zeros((RT,), tl.float32)
@@ -648,8 +664,8 @@ def _reduce_kernel(
             tl.store(S + p * BM * BE + tile, acc)
             tl.store(Z + p * BM + offs_m, accz)
         if MODE == 1:
-            wgt = tl.exp2(tl.load(C + p) - cmax)
-            s = s * wgt
+            wgt = tl.exp2(tl.load(C + p * NTC + offs_m // RPC) - cmax)
+            s = s * wgt[:, None]
             z = z * wgt
         acc += s
         accz += z
@@ -788,12 +804,17 @@ class _Cfg:
         opts = {"num_warps": warps, "num_stages": self.num_stages}
         return _Launch(kernel, grid, n_ptr, scalars, {"BN": bn, **self.meta}, opts, self.fast, self.trace)
 
-    def reduce_launch(self, P: int, mode: int) -> _Launch:
-        """_reduce_kernel over P segments per (batch, head); see its docstring."""
+    def reduce_launch(self, P: int, mode: int, ntc: int = 1) -> _Launch:
+        """_reduce_kernel over P segments per (batch, head), with ntc stabilizers per segment (one
+        per block of BM / ntc feature rows; ntc divides BM); see its docstring."""
         rt = min(self.BM, REDUCE_ROWS)
-        meta = {"BM": self.BM, "BE": self.BE, "RT": rt, "BP": triton.next_power_of_2(P), "MODE": mode, "INTERP": self.interp}
+        meta = {
+            "BM": self.BM, "BE": self.BE, "RT": rt, "BP": triton.next_power_of_2(P), "BNT": triton.next_power_of_2(ntc),
+            "MODE": mode, "INTERP": self.interp,
+        }  # fmt: skip
         opts = {"num_warps": 4}
-        return _Launch(_reduce_kernel, (self.BH, self.BM // rt), 6, (P, self.scal[1]), meta, opts, self.fast, self.trace)
+        scalars = (P, ntc, self.BM // ntc, self.scal[1])
+        return _Launch(_reduce_kernel, (self.BH, self.BM // rt), 6, scalars, meta, opts, self.fast, self.trace)
 
     def state_launch(self, k: Tensor, v: Tensor, group: str) -> tuple[_Launch, _Launch, int]:
         """Key pass and its reduce: (state launch, reduce launch, segments). Non-causal: the
@@ -917,7 +938,7 @@ def _knobs() -> tuple:
     return (
         NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
         tuple(SAFE.items()), PATH, CHUNKED_MAX_N, _CHUNKED.chunked.CHUNK, _CHUNKED.chunked.M_TILE, _CHUNKED.chunked.WARPS, _CHUNKED.chunked.SCAN_WARPS,
-        _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM,
+        _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM, _CHUNKED.chunked.KEY_PROGRAMS_PER_SM,
     )  # fmt: skip
 
 
@@ -987,20 +1008,47 @@ def performer_attention(
     return _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, _use_chunked(q, v, omega, causal, False))
 
 
-def _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, chunked: bool) -> Tensor:
-    """performer_attention through the chunked kernels or the segment kernels, plans cached."""
+def performer_attention_train(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    omega: Tensor,
+    key_mask: Tensor | None,
+    kernel_fn: str,
+    causal: bool,
+    scale: float,
+    chunk_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """(out, stats): :func:`performer_attention`'s output and what its backward can reuse.
+
+    Where the call runs on the causal chunked kernels, stats (B, H, 2, N) fp32 holds each query
+    row's stabilizer and normalizer (:class:`.chunked.ChunkedForwardPlan`), and
+    :func:`performer_attention_backward` given (out, stats) skips recomputing the forward in its
+    dq pass. Elsewhere stats is an empty fp32 tensor, and the backward recomputes.
+    """
+    if causal and not _fp16_wide(q) and _use_chunked(q, v, omega, causal, False):
+        return _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, True, stats=True)
+    out = performer_attention(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
+    return out, q.new_empty(0, dtype=torch.float32)
+
+
+def _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, chunked: bool, stats: bool = False):
+    """performer_attention (and its stats, with ``stats``: chunked causal only) through the
+    chunked kernels or the segment kernels, plans cached."""
     omega = omega.contiguous()
     mask = _bool_mask(key_mask)
     mptr = mask if mask is not None else q
-    cls = _CHUNKED.chunked.ChunkedForwardPlan if chunked else _ForwardPlan
+    args = (q, k, v, omega, mask, kernel_fn, causal, scale, chunk_size)
 
     def make(fast: bool, trace: bool):
-        return cls(q, k, v, omega, mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+        if chunked:
+            return _CHUNKED.chunked.ChunkedForwardPlan(*args, fast, trace, stats=stats)
+        return _ForwardPlan(*args, fast, trace)
 
     if _traced(q):
         return make(False, True)(q, k, v, omega, mptr)
     aligned = _aligned(q, k, v, omega, mask)
-    key = ("fwd", _key(q, k, v, omega, mask), q.device, kernel_fn, causal, scale, chunk_size, aligned, chunked)
+    key = ("fwd", _key(q, k, v, omega, mask), q.device, kernel_fn, causal, scale, chunk_size, aligned, chunked, stats)
     return _plan(key, lambda: make(aligned, False))(q, k, v, omega, mptr)
 
 
@@ -1015,33 +1063,59 @@ def performer_attention_backward(
     causal: bool,
     scale: float,
     chunk_size: int | None = None,
+    out: Tensor | None = None,
+    stats: Tensor | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out; omega gets no gradient.
-    Causal calls may run on the chunked kernels (``PATH``), non-causal ones on the segment kernels."""
+    Causal calls may run on the chunked kernels (``PATH``), non-causal ones on the segment kernels.
+
+    ``out`` and ``stats``: what :func:`performer_attention_train` returned for these inputs (or
+    None). A non-empty stats, on a call that runs on the chunked kernels, spares the dq pass its
+    recompute of the forward; otherwise both are ignored.
+
+    Raises:
+        ValueError: a non-empty stats that is not (B, H, 2, N) fp32 contiguous, or stats without
+            out, or out not the shape of grad (besides the forward's errors).
+    """
+    saved = stats is not None and stats.numel() > 0
+    if saved:
+        B, H, N = q.shape[:3]
+        if stats.shape != (B, H, 2, N) or stats.dtype != torch.float32 or not stats.is_contiguous():
+            raise ValueError(
+                f"stats must be a contiguous float32 tensor of shape {(B, H, 2, N)} (from performer_attention_train), "
+                f"got {tuple(stats.shape)} {stats.dtype}"
+            )
+        if out is None or out.shape != grad.shape:
+            raise ValueError(f"out must be the forward's output, of grad's shape {tuple(grad.shape)}, with stats")
     if _fp16_wide(q):
         args = (omega, key_mask, kernel_fn, causal, scale, chunk_size)
         dq, dk, dv = performer_attention_backward(grad.float(), q.float(), k.float(), v.float(), *args)
         return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
-    return _backward(
-        grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, _use_chunked(q, v, omega, causal, True)
-    )
+    chunked = _use_chunked(q, v, omega, causal, True)
+    if not (saved and chunked):
+        out = stats = None
+    return _backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, chunked, out, stats)
 
 
-def _backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, chunked: bool):
-    """performer_attention_backward through the chunked kernels or the segment kernels."""
+def _backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, chunked: bool, out=None, stats=None):
+    """performer_attention_backward through the chunked kernels (with the forward's out and stats,
+    if given) or the segment kernels."""
     omega = omega.contiguous()
     mask = _bool_mask(key_mask)
     mptr = mask if mask is not None else q
-    cls = _CHUNKED.bwd.ChunkedBackwardPlan if chunked else _BackwardPlan
+    args = (grad, q, k, v, omega, mask, kernel_fn, causal, scale, chunk_size)
+    saved = () if out is None else (out, stats)
 
     def make(fast: bool, trace: bool):
-        return cls(grad, q, k, v, omega, mask, kernel_fn, causal, scale, chunk_size, fast, trace)
+        if chunked:
+            return _CHUNKED.bwd.ChunkedBackwardPlan(*args, fast, trace, out=out)
+        return _BackwardPlan(*args, fast, trace)
 
     if _traced(q):
-        return make(False, True)(grad, q, k, v, omega, mptr)
-    aligned = _aligned(grad, q, k, v, omega, mask)
-    key = ("bwd", _key(grad, q, k, v, omega, mask), q.device, kernel_fn, causal, scale, chunk_size, aligned, chunked)
-    return _plan(key, lambda: make(aligned, False))(grad, q, k, v, omega, mptr)
+        return make(False, True)(grad, q, k, v, omega, mptr, *saved)
+    aligned = _aligned(grad, q, k, v, omega, mask, *saved)
+    key = ("bwd", _key(grad, q, k, v, omega, mask, out), q.device, kernel_fn, causal, scale, chunk_size, aligned, chunked)
+    return _plan(key, lambda: make(aligned, False))(grad, q, k, v, omega, mptr, *saved)
 
 
 class _ChunkedModules:

@@ -7,7 +7,10 @@ For each shape (B, H, N, head dim d, random features m), causal and not, it time
 * ``mha``      ``nn.MultiheadAttention(H·d, H, batch_first=True)`` with ``need_weights=False``
   (its in/out projections included: that is the layer a user swaps out);
 * ``eager``    the plain-PyTorch Performer (``panther.kernels.performer.reference``);
-* ``panther``  ``torch.ops.panther.performer_attention`` (the Triton kernels on CUDA),
+* ``panther``  ``panther.ops.attention.performer_attention_apply``, what RandMultiHeadAttention
+  calls: the Triton kernels on CUDA, in eager mode without the custom-op dispatch; its
+  forward+backward trains as ``performer_attention_train`` (the backward reuses per-row numbers
+  of the forward),
 
 forward and forward+backward, with the roofline floor of the Performer: max(bytes / copy
 bandwidth, FLOPs / matmul rate), both ceilings measured at the start of the run. Forward: 8·N·m·d
@@ -117,18 +120,12 @@ def _omega(H, m, d, dtype):
 
 
 def _performer_fns():
-    """(panther op, eager reference) with the signature (q, k, v, omega, mask, kernel_fn, causal, scale)."""
+    """(panther, eager reference), each with the signature (q, k, v, omega, mask, kernel_fn,
+    causal, scale): panther is ``performer_attention_apply``, what RandMultiHeadAttention calls."""
     from panther.kernels.performer import reference as ref
+    from panther.ops.attention import performer_attention_apply
 
-    try:
-        import panther.ops.attention  # noqa: F401
-
-        op = torch.ops.panther.performer_attention
-    except (ImportError, AttributeError):  # pragma: no cover: op not there yet, time the kernels
-        from panther.kernels.performer import triton as tk
-
-        op = tk.performer_attention
-    return op, ref.performer_attention
+    return performer_attention_apply, ref.performer_attention
 
 
 def _peak(fn) -> int:

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 
 from panther._validation import check_choice, check_dtype, check_float, check_input, check_int, check_tensor
 from panther.features import orthogonal_random_features
+from panther.ops.attention import performer_attention_apply
 
 from .pawXimpl import sinSRPE
 
@@ -308,9 +309,7 @@ class RandMultiHeadAttention(nn.Module):
             v = v * F.dropout(torch.ones_like(v[..., :1]), self.dropout, training=True)
         if mask is not None:
             mask = mask.reshape(B, Nk)
-        out = torch.ops.panther.performer_attention(
-            q, k, v, self.omega, mask, self.kernel_fn, self.iscausal, self.scale
-        )
+        out = performer_attention_apply(q, k, v, self.omega, mask, self.kernel_fn, self.iscausal, self.scale)
         out = out.transpose(1, 2).reshape(*lead, Nq, self.embed_dim)
         return self.out_proj(out), None
 
