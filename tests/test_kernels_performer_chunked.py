@@ -183,9 +183,7 @@ def _logits2(x, omega, scale):
 
 def _c2(omega):
     """The causal key stabilizer in log2 units with log2 √m, as the kernels compute it (fp32)."""
-    w = omega.float()
-    c = 0.5 * (w * w).sum(-1).amax(-1) - ref.CAUSAL_SHIFT
-    return (c * LOG2E + 0.5 * math.log2(omega.shape[1])).double()
+    return (ref.causal_key_shift(omega) * LOG2E + 0.5 * math.log2(omega.shape[1])).double()
 
 
 def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
@@ -358,8 +356,8 @@ def test_key_pass_state_matches_reference(poison, monkeypatch, kernel_fn, dtype)
     mask[1, 16:] = False
     scale = 20**-0.5
     plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, False, scale, CHUNK, False, False)
-    assert (plan.P_key, plan.NT_key) == (3, 4)
-    S, z = plan._key_state(k, v, omega, mask)
+    assert (plan.P_state, plan.NT_state) == (3, 4)
+    S, z, _ = plan.cfg.run_state(plan, k, v, omega, mask, plan.NT_state)
     assert S.shape == (4, 64, 32) and S.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
     kd, vd, od = (t.double() for t in (k, v, omega))
     xs = kd * math.sqrt(scale)

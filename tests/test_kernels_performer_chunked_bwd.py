@@ -111,8 +111,7 @@ def _layout(S, z, CPS, reverse, MP, BE, sdt):
 def _c2(omega):
     """Each head's causal key stabilizer (H,) fp32, as the key scan stores it for the chunk kernels
     ((maxⱼ‖ωⱼ‖²/2 − 40)·log2 e + log2 √m; test_kernels_performer_chunked checks the scan's)."""
-    w = omega.float()
-    return (0.5 * (w * w).sum(-1).amax(-1) - ref.CAUSAL_SHIFT) * 1.4426950408889634 + 0.5 * math.log2(omega.shape[1])
+    return ref.causal_key_shift(omega) * 1.4426950408889634 + 0.5 * math.log2(omega.shape[1])
 
 
 def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):

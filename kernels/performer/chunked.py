@@ -667,17 +667,17 @@ class ChunkedForwardPlan:
             NT = c.BM // BMT
             want = min(NCK, max(1, triton.cdiv(_tri._target_programs(q.device, KEY_PROGRAMS_PER_SM), c.BH * NT)))
             cps = triton.cdiv(NCK, want)
-            self.P_key, self.NT_key = triton.cdiv(NCK, cps), NT
+            self.P_state, self.NT_state = triton.cdiv(NCK, cps), NT
             key_meta = {
                 "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "HAS_MASK": key_mask is not None,
                 "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
             }  # fmt: skip
-            self.key = _Launch(
-                _key_pass_kernel, (NT, self.P_key, c.BH), 7,
+            self.state = _Launch(
+                _key_pass_kernel, (NT, self.P_state, c.BH), 7,
                 (c.Nk, c.D, c.E, c.m, c.H, *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps, NCK, c.BM),
                 key_meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
             )  # fmt: skip
-            self.key_reduce = c.reduce_launch(self.P_key, 1 if c.softmax else 0, NT)
+            self.state_reduce = c.reduce_launch(self.P_state, 1 if c.softmax else 0, NT)
             NC = max(1, triton.cdiv(c.N, BN))
             P, CPS, MP = 1, NC, c.BM  # SL/ZL: the (BH, BM, BE) / (BH, BM) whole-sequence state
         self.out_shape = (c.B, c.H, c.N, c.E)
@@ -697,7 +697,7 @@ class ChunkedForwardPlan:
         if self.causal:
             SL, ZL, SG, ZG, c2 = self.scan(k, v, omega, mask, None, None)
         else:
-            SL, ZL = self._key_state(k, v, omega, mask)
+            SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask, self.NT_state)
             SG = ZG = ZL  # not read
             c2 = None
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
@@ -705,18 +705,6 @@ class ChunkedForwardPlan:
         stats = torch.empty(c.B, c.H, 2, c.N, device=q.device, dtype=torch.float32) if self.stats else out
         _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, ZL if c2 is None else c2)
         return (out, stats) if self.stats else out
-
-    def _key_state(self, k, v, omega, mask) -> tuple[Tensor, Tensor]:
-        """Non-causal: the whole-sequence state S (BH, BM, BE) in the state dtype and z (BH, BM)
-        fp32 (softmax keys scaled by one stabilizer per (batch, head), which cancels in out)."""
-        c = self.cfg
-        BH, P, BM, dev = c.BH, self.P_key, c.BM, k.device
-        S, z, cs = c.f32(BH, P, BM, c.BE), c.f32(BH, P, BM), c.f32(BH, P, self.NT_key)
-        _run(self, "key", k, v, omega, mask, S, z, cs)
-        S_out = torch.empty(BH, BM, c.BE, device=dev, dtype=torch.float32 if c.feat_f32 else torch.bfloat16)
-        z_out, ckey = c.f32(BH, BM), c.f32(BH)
-        _run(self, "key_reduce", S, z, cs, S_out, z_out, ckey)
-        return S_out, z_out
 
 
 def chunked_performer_attention(

@@ -832,10 +832,12 @@ class _Cfg:
     def f32(self, *shape: int) -> Tensor:
         return torch.empty(shape, device=self.device, dtype=torch.float32)
 
-    def run_state(self, plan, k, v, omega, mask):
-        """Run the plan's key pass: (S, z, c_key) as the later passes read them."""
+    def run_state(self, plan, k, v, omega, mask, ntc: int = 1):
+        """Run the plan's key pass (launches ``state`` and ``state_reduce``, ``P_state``
+        segments, ntc stabilizers per segment as in reduce_launch): (S, z, c_key) as the later
+        passes read them."""
         BH, P = self.BH, plan.P_state
-        S, z, c = self.f32(BH, P, self.BM, self.BE), self.f32(BH, P, self.BM), self.f32(BH, P)
+        S, z, c = self.f32(BH, P, self.BM, self.BE), self.f32(BH, P, self.BM), self.f32(BH, P, ntc)
         _run(plan, "state", k, v, omega, mask, S, z, c)
         if self.causal:  # exclusive prefix sums, in place
             _run(plan, "state_reduce", S, z, z, S, z, z)
