@@ -158,6 +158,75 @@ def test_persistent_hq(case, dtype, splits, poison, monkeypatch):
         assert_close(a, w, name=name)
 
 
+# (T, in, out, L, k) for the TMA h·B: out a multiple of 8 (16-byte rows), L·k a multiple of 16; T
+# and out not multiples of the 16 × 32 interpreter tile (stores clipped at both edges), 3 rank
+# slices per factor in one case.
+TMA_CASES = [(70, 33, 40, 2, 8), (129, 24, 72, 1, 32), (65, 17, 8, 3, 16)]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("case", TMA_CASES, ids=_id)
+def test_tma_hq(case, dtype, poison, monkeypatch):
+    # _hq_tma_kernel (on the GPU the tuner's candidate for 16-bit h·B from T = 1024; forced here at
+    # any T): both B factors through its one descriptor, in either order in memory; one factor
+    # (lowrank); y and the kept h against float64.
+    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)  # (row blocks fill the "GPU": x·A unsplit)
+    i = TMA_CASES.index(case)
+    x, S1s, S2s, U1s, U2s, b = _layer(case, dtype, bias=i != 1, x_layout="strided" if i == 2 else "contiguous")
+    if i == 1:  # S2s below U1s in memory: the descriptor's base is the second factor
+        S2s, U1s = torch.stack([S2s, U1s]).unbind(0)
+    args = (x, S1s, S2s, U1s, U2s, b)
+    y, h = tk.sklinear_forward(*args, want_h=True, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq_alt is not None
+    y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
+    assert_close(y, y_ref, name="y")
+    assert_close(h, h_ref, name="h")
+    _, n_in, n_out, L, k = case
+    A = (torch.randn(n_in, 2 * L * k, device=DEV) * n_in**-0.5).to(dtype)
+    B = (torch.randn(2 * L * k, n_out, device=DEV) * (L * k) ** -0.5).to(dtype)
+    y = tk.lowrank_forward(x, A, B, b, 0.5, path="split")
+    assert any(isinstance(p, tk._ForwardPlan) and p.hq.fn is tk._hq_tma_kernel and p is not plan for p in tk._PLANS.values())
+    assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="y (lowrank)")
+
+
+def test_tma_hq_falls_back_per_call(poison, monkeypatch):
+    # A plan that chose the TMA h·B, called with B factors its descriptor cannot span (the same
+    # memory under two tensors: distance 0), runs the other h·B: still the reference's y.
+    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
+    x, S1s, S2s, U1s, U2s, b = _layer(TMA_CASES[0], torch.bfloat16)
+    tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq_alt.fn is not tk._hq_tma_kernel
+    alias = U1s.view(U1s.shape)
+    assert not tk._tma_pair_ok(U1s, alias) and tk._tma_pair_ok(U1s, U1s) and tk._tma_pair_ok(U1s, S2s)
+    y = tk.sklinear_forward(x, S1s, alias, U1s, U2s, b, path="split")
+    assert len(tk._PLANS) == 1  # the same plan
+    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
+
+
+def test_tma_hq_only_where_it_applies(monkeypatch):
+    # Eligibility: 16-bit operands, out rows of 16 bytes, rows of B back to back with unit column
+    # stride, a rank slice of 16 dividing both ranks; traced plans never take it (_tuned_among).
+    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
+    _, _, S2s, U1s, _, _ = _layer(TMA_CASES[0], torch.float32)
+    bf = [tk._stacked_long_last(U1s), tk._stacked_long_last(S2s)]
+    assert tk._tma_layout(bf, 40, torch.float32) is None
+    assert tk._tma_layout(bf, 40, torch.bfloat16) == (40, 16)
+    assert tk._tma_layout(bf, 36, torch.bfloat16) is None
+    assert tk._tma_layout([tk._stacked_long_last(U1s[:, :6])], 40, torch.bfloat16) is None  # rank 12
+    assert tk._tma_layout([tk._stacked_long_last(U1s.transpose(1, 2).contiguous().transpose(1, 2))], 40, torch.bfloat16) is None
+    key = ("hq_f", 1, "layer")
+    cands = [tk._HqCfg(64, 128, 4, 3), tk._HqCfg(64, 64, 4, 3)]
+    tma = tk._HqTCfg(128, 256, 64, 8, 4, 1, 2)
+    monkeypatch.setitem(tk._TUNED, key, tma)
+    monkeypatch.setitem(tk.TUNE_LOG, key, {tma: 0.01, cands[0]: 0.03, cands[1]: 0.02})
+    assert tk._tuned_among(key, cands) == cands[1]
+    assert tk._tuned_among(key, cands + [tma]) == tma
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("want_h", [False, True], ids=["y", "y_h"])
 def test_partials_summed_before_hq(dtype, want_h, poison, monkeypatch):

@@ -23,6 +23,10 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
   (the training ops) the first column range also stores the summed h for the backward.
 * ``_hq_persistent_kernel``  the same Y as a GEMM over the rank in slices, one or two programs an
   SM walking output tiles: a tuning candidate for ranks ≥ 64 (chosen for fp32 at rank 256).
+* ``_hq_tma_kernel``  that persistent GEMM with TMA copies for every load and store (descriptors
+  built on the device; both B factors through one 3-D descriptor): the tuned candidate for 16-bit
+  operands from T = 1024 on Hopper, in eager calls, where h is unsplit (chosen at ranks 128 and
+  256, and at T = 16384 of the headline layer).
 * ``_fused_kernel``  both in one pass: each program keeps its rows of h in registers, so x is read
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
 * ``_wgrad_kernel``  D = scale·Xᵀ·h (N × R) for dS1/dS2 (dA/dB), optionally the column sums of X
@@ -365,6 +369,67 @@ def _hq_persistent_kernel(
 
 
 @triton.jit(do_not_specialize=["M"])
+def _hq_tma_kernel(
+    h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
+    M, N, R1, R2, NUM_PROGS,
+    s_hm, s_q, s_b,
+    scale,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
+):
+    # The same y = scale·h·[Q1; Q2] + bias as _hq_persistent_kernel, with every load and store a TMA
+    # copy (descriptors built on the device): h (M × R1+R2, unsplit) in (BLOCK_M × BLOCK_K) slices,
+    # y in EPI stores of (BLOCK_M × BLOCK_N/EPI), and both B factors (rows s_q apart, unit column
+    # stride) through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is the distance
+    # between the two tensors, the lower one its base. A branch between two descriptors inside the
+    # rank loop keeps Triton's pipeliner from prefetching the loads (measured on the H200, rank 256:
+    # 2× slower), and pointer loads of B cost 40% (62 against 44 µs at 8192², L = 2, k = 64,
+    # T = 4096). The host launches this kernel only where that distance is a positive multiple of
+    # 16 bytes below 2**40 (TMA's stride rules; _tma_pair_ok). hout_ptr: unused (h is the unsplit
+    # one the plan keeps).
+    ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
+    d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
+    swap = d < 0
+    base = tl.where(swap, q2_ptr, q1_ptr)
+    # One factor (q2 is q1): any valid outer stride; the second slot is never read.
+    dist = tl.where(d == 0, R1 * s_q, tl.abs(d) // ES)
+    qd = tl.make_tensor_descriptor(base, shape=[2, tl.maximum(R1, R2), N], strides=[dist, s_q, 1],
+                                   block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
+    hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // EPI])
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    n_tiles = tl.cdiv(M, BLOCK_M) * n_pid_n
+    KT1 = R1 // BLOCK_K
+    KT = KT1 + R2 // BLOCK_K
+    n_mine = tl.cdiv(n_tiles - pid, NUM_PROGS)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    # One flat loop over (tile, rank slice): the next tile's loads are issued under this one's epilogue.
+    for it in tl.range(0, n_mine * KT, flatten=True):
+        tile = pid + (it // KT) * NUM_PROGS
+        kk = it % KT
+        pm = tile // n_pid_n
+        pn = tile % n_pid_n
+        second = kk >= KT1
+        h = hd.load([pm * BLOCK_M, kk * BLOCK_K])
+        q = qd.load([(second != swap).to(tl.int32), tl.where(second, kk - KT1, kk) * BLOCK_K, pn * BLOCK_N])
+        acc = _dot(h, q.reshape(BLOCK_K, BLOCK_N), acc, PREC)
+        if kk == KT - 1:
+            out = acc * scale
+            if HAS_BIAS:
+                offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+                out += tl.load(bias_ptr + offs_n * s_b, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            out = out.to(y_ptr.dtype.element_ty)
+            if EPI == 1:
+                yd.store([pm * BLOCK_M, pn * BLOCK_N], out)
+            else:  # two stores of half the columns: half the epilogue's shared memory
+                o0, o1 = tl.split(tl.permute(tl.reshape(out, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+                yd.store([pm * BLOCK_M, pn * BLOCK_N], o0)
+                yd.store([pm * BLOCK_M, pn * BLOCK_N + BLOCK_N // 2], o1)
+            acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
 def _fused_kernel(
     x_ptr, y_ptr, p1_ptr, p2_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
     M, K, N, R1, R2,
@@ -558,6 +623,75 @@ def _num_sms(device: torch.device) -> int:
     return n
 
 
+# TMA h·B (_hq_tma_kernel): Hopper and later, 16-bit operands, eager calls only. Descriptors built
+# on the device take their workspace from triton's allocator, a per-thread setting (a ContextVar)
+# that is unset by default; under torch.compile the kernels run from Inductor's launchers, which
+# this module cannot give one, so traced plans keep to the other kernels.
+try:
+    from triton.runtime import _allocation
+except ImportError:  # pragma: no cover - triton without device-side tensor descriptors
+    _allocation = None
+# Tests set this to make every eligible forward plan use _hq_tma_kernel (at any T, untimed).
+_HQ_TMA_FORCE = False
+_TMA_DEVICES: dict = {}
+
+
+def _tma_device(device: torch.device) -> bool:
+    """Whether _hq_tma_kernel can run on ``device`` (the interpreter runs it on the CPU)."""
+    if _allocation is None:
+        return False
+    if _INTERPRET:
+        return True
+    ok = _TMA_DEVICES.get(device)
+    if ok is None:
+        ok = _TMA_DEVICES[device] = device.type == "cuda" and torch.cuda.get_device_capability(device)[0] >= 9
+    return ok
+
+
+def _workspace(size: int, alignment: int, stream) -> Tensor:
+    # (The caching allocator's blocks are 512-byte aligned, above the 128 bytes a descriptor needs.)
+    return torch.empty(size, dtype=torch.int8, device="cpu" if _INTERPRET else "cuda")
+
+
+def _ensure_allocator() -> None:
+    """Give triton an allocator for device-built descriptors in this thread, if it has none (a new
+    thread, autograd's included, starts without one)."""
+    if isinstance(_allocation._allocator.get(), _allocation.NullAllocator):
+        triton.set_allocator(_workspace)
+
+
+def _tma_rows(f: Factor) -> int | None:
+    """Row stride of the B factor f read as a plain (R × long) row-major matrix through a TMA
+    descriptor, or None where it is not one: terms not back to back, long dim not of unit stride,
+    or rows not 16-byte aligned (16-bit elements)."""
+    s_l, s_long, s_c = f.strides()
+    if s_long != 1 or (2 * s_c) % 16:
+        return None
+    if f.dim_l is not None and f.t.shape[f.dim_l] > 1 and s_l != f.KT * s_c:
+        return None
+    return s_c
+
+
+def _tma_layout(b: list[Factor], N: int, dtype: torch.dtype) -> tuple[int, int] | None:
+    """(row stride of the B factors, largest rank slice dividing both ranks) where _hq_tma_kernel
+    can read them, else None."""
+    if dtype not in (torch.bfloat16, torch.float16) or (2 * N) % 16:
+        return None
+    rows = {_tma_rows(f) for f in b}
+    if None in rows or len(rows) != 1:
+        return None
+    bk = next((bk for bk in (64, 32, 16) if all(f.R % bk == 0 for f in b)), None)
+    return None if bk is None else (rows.pop(), bk)
+
+
+def _tma_pair_ok(q1: Tensor, q2: Tensor) -> bool:
+    """Whether _hq_tma_kernel's one descriptor over both B factors is valid for these tensors: both
+    16-byte aligned, their distance nonzero (or one tensor passed twice: one factor) and below 2**40."""
+    p1, p2 = q1.data_ptr(), q2.data_ptr()
+    d = abs(p2 - p1)
+    return (p1 | p2) & 15 == 0 and d < 1 << 40 and (d > 0 or q1 is q2)
+
+
 # tl.dot input precision of an fp32 product when torch allows no TF32: 2, "tf32x3" (each operand
 # split into a TF32 high part and a TF32 remainder, three tensor-core products, fp32 accumulation),
 # whose error measured at or below that of fp32 FMAs ("ieee", 0) and of cuBLAS's fp32 GEMM on the
@@ -630,6 +764,19 @@ class _HqPCfg(NamedTuple):
     warps: int
     stages: int
     per_sm: int = 1
+
+
+class _HqTCfg(NamedTuple):
+    """A config of _hq_tma_kernel: output tile, rank slice, warps, stages, programs per SM, and
+    the number of TMA stores the epilogue splits a tile's columns into."""
+
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    warps: int
+    stages: int
+    per_sm: int = 1
+    epi: int = 1
 
 
 class _FusedCfg(NamedTuple):
@@ -739,6 +886,18 @@ def _hq_candidates(M, rp: int, es: int) -> list[_HqCfg]:
     return list(dict.fromkeys(out))
 
 
+def _hq_tma_candidates(bk: int) -> list[_HqTCfg]:
+    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit)."""
+    if _INTERPRET:
+        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2)]
+    if bk == 64:
+        # From sweeps on the H200 (8192², L = 2, k = 64; 4096², k = 64; 768→3072, k = 64; T = 4096
+        # and 16384): the 128 × 256 tile in 8 warps with two half-width stores won every time, by
+        # 3-25% over 128 × 128 tiles two programs an SM; 3 or 4 stages within 3% of each other.
+        return [_HqTCfg(128, 256, 64, 8, 4, 1, 2), _HqTCfg(128, 256, 64, 8, 3, 1, 2)]
+    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2), _HqTCfg(128, 128, bk, 4, 4, 2, 2)]
+
+
 def _fused_candidates(rp: int, es: int) -> list[_FusedCfg]:
     if _INTERPRET:
         return [_FusedCfg(16, 32, 32, 4, 1)]
@@ -791,7 +950,7 @@ def _pick(key, cands: list, make_run, allowed: bool):
     if len(cands) == 1:
         return cands[0]
     if key[-1] is None or not allowed:  # (the last entry is the T bucket: None for a symbolic T)
-        return _TUNED.get(key, cands[0])
+        return _tuned_among(key, cands)
     if key in _TUNED:
         return _TUNED[key]
     times = {}
@@ -808,6 +967,17 @@ def _pick(key, cands: list, make_run, allowed: bool):
     _TUNED[key] = best
     TUNE_LOG[key] = times
     return best
+
+
+def _tuned_among(key, cands: list):
+    """The config timed fastest for ``key`` among ``cands`` (a traced plan's candidates leave out
+    the TMA kernel, which the timing may have picked), else the first."""
+    best = _TUNED.get(key)
+    if best in cands:
+        return best
+    times = TUNE_LOG.get(key, {})
+    timed = [c for c in cands if c in times]
+    return min(timed, key=times.get) if timed else cands[0]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -880,12 +1050,23 @@ class _Xa:
 
 
 def _hq_launch(
-    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace, write_h=False
+    M, N, xa: _Xa, b: list[Factor], s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace, write_h=False, s_q=0
 ) -> _Launch:
     """out (M × N, strides s_y) = scale·h·[Q1; Q2] + bias for the h ``xa`` writes (and, with
     ``write_h``, h summed over its partials into an (M × R) tensor of the operand dtype).
-    ``cfg``: an _HqCfg (_hq_kernel) or an _HqPCfg (_hq_persistent_kernel); same tensor arguments."""
+    ``cfg``: an _HqCfg (_hq_kernel), an _HqPCfg (_hq_persistent_kernel) or an _HqTCfg
+    (_hq_tma_kernel: h unsplit, out contiguous, B factors of row stride ``s_q``, no write_h);
+    same tensor arguments."""
     f1, f2, has2 = _pair(b)
+    if isinstance(cfg, _HqTCfg):
+        tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N)
+        progs = max(1, min(tiles, cfg.per_sm * n_sm))
+        return _Launch(
+            _hq_tma_kernel, (progs,), 6, (M, N, f1.R, f2.R, progs, xa.s_hm, s_q, s_b, float(scale)),
+            {"HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
+                 "EPI": cfg.epi},
+            {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
+        )  # fmt: skip
     if isinstance(cfg, _HqPCfg):
         tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N) if isinstance(M, int) else cfg.per_sm * n_sm
         progs = max(1, min(tiles, cfg.per_sm * n_sm))
@@ -909,6 +1090,12 @@ def _hq_launch(
              "PREC": prec, "SPLIT_H": xa.split, "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N},
         {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
     )  # fmt: skip
+
+
+def _ensure_tma(launch: _Launch) -> None:
+    """Before a (timing) run of ``launch``: the allocator a TMA kernel needs."""
+    if launch.fn is _hq_tma_kernel:
+        _ensure_allocator()
 
 
 def _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg: _FusedCfg, fast, trace, write_h=False) -> _Launch:
@@ -961,10 +1148,20 @@ class _ForwardPlan:
         def xa_for(cfg):
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace)
 
+        # The TMA h·B: eager, on Hopper, for B factors it can read, and for these factor tensors
+        # (whose distance the kernel's one descriptor spans; a call with tensors where it cannot
+        # takes hq_alt, the fastest other h·B).
+        tma = None
+        if not trace and _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
+            tma = _tma_layout(b, N, dtype)
+            if tma is not None and not _tma_pair_ok(*_ptrs(b)):
+                tma = None
+
         def hq_for(xa, cfg):
             # (Unsplit, the h that _xa writes is already the one to keep.)
             write_h = want_h and xa.split > 1
-            return _hq_launch(M, N, xa, b, s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace, write_h)
+            s_q = tma[0] if tma is not None else 0
+            return _hq_launch(M, N, xa, b, s_y, has_bias, s_b, scale, prec, n_sm, cfg, fast, trace, write_h, s_q)
 
         def fused_for(cfg):
             return _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg, fast, trace, want_h)
@@ -978,11 +1175,13 @@ class _ForwardPlan:
             h = xa.new_h(x.device)
             xa.launch(x, h, *pa)
             hq = hq_for(xa, cfg)
+            _ensure_tma(hq)
             h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
             return lambda: hq(h, y_t, *pb, b_t, h_o)
 
         def run_pair(xa, hq):
             h = xa.new_h(x.device)
+            _ensure_tma(hq)
             h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
             return lambda: (xa.launch(x, h, *pa), hq(h, y_t, *pb, b_t, h_o))
 
@@ -993,7 +1192,7 @@ class _ForwardPlan:
 
         if path is None and rp > _FUSED_MAX_RANK[dtype]:
             path = "split"
-        self.fused = self.xa = self.hq = self.red = None
+        self.fused = self.xa = self.hq = self.red = self.hq_alt = None
         if path != "split":
             self.fused_cfg = _pick(("fused",) + dims, _fused_candidates(rp, es), run_fused, tune)
             self.fused = fused_for(self.fused_cfg)
@@ -1007,10 +1206,17 @@ class _ForwardPlan:
             pairs = {}
             for sp in groups:
                 xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
-                hq_cfg = _pick(("hq_f", xa.split) + dims, hq_c, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
-                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg)
+                cands = hq_c
+                if tma is not None and xa.split == 1:  # (the TMA kernel reads h unsplit)
+                    cands = _hq_tma_candidates(tma[1]) if _HQ_TMA_FORCE else hq_c + _hq_tma_candidates(tma[1])
+                key = ("hq_f", xa.split) + dims
+                hq_cfg = _pick(key, cands, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
+                alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) else None
+                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, alt)
             sp = _pick(("xa_hq",) + dims, groups, lambda sp: run_pair(*pairs[sp][:2]), tune)
-            self.xa, self.hq, hq_cfg = pairs[sp]
+            self.xa, self.hq, hq_cfg, alt = pairs[sp]
+            if alt is not None:
+                self.hq_alt = hq_for(self.xa, alt)
             if isinstance(M, int) and M < _TUNE_MIN_M and self.xa.split * self.R * 4 >= _REDUCE_H_BYTES:
                 # Many wide partials (large rank, split x·A at small T): every h·B program would
                 # sum all of them (at T = 1, rank 256: 14.9 of 20 µs). Sum them once instead, into
@@ -1030,6 +1236,7 @@ class _ForwardPlan:
                     return run_fused(self.fused_cfg)
                 h = self.xa.new_h(x.device)
                 h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
+                _ensure_tma(self.hq)
                 return lambda: (self.xa.launch(x, h, *pa), self.hq(h, y_t, *pb, b_t, h_o))
 
             big = isinstance(M, int) and M >= _TUNE_MIN_M
@@ -1056,7 +1263,13 @@ class _ForwardPlan:
                 return (y, h_o) if self.want_h else y
             if self.want_h:
                 h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
-            self.hq(h, y, *pb, b, h_o if h_o is not None else y)
+            hq = self.hq
+            if self.hq_alt is not None:  # the TMA h·B, where its descriptor can span these factors
+                if _tma_pair_ok(*pb):
+                    _ensure_allocator()
+                else:
+                    hq = self.hq_alt
+            hq(h, y, *pb, b, h_o if h_o is not None else y)
         return (y, h_o) if self.want_h else y
 
 
