@@ -382,9 +382,8 @@ def _hq_tma_kernel(
     # y in EPI stores of (BLOCK_M × BLOCK_N/EPI), and both B factors (rows s_q apart, unit column
     # stride) through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is the distance
     # between the two tensors, the lower one its base. A branch between two descriptors inside the
-    # rank loop keeps Triton's pipeliner from prefetching the loads (measured on the H200, rank 256:
-    # 2× slower), and pointer loads of B cost 40% (62 against 44 µs at 8192², L = 2, k = 64,
-    # T = 4096). The host launches this kernel only where that distance is a positive multiple of
+    # rank loop keeps Triton's pipeliner from prefetching the loads, and pointer loads of B cost
+    # more too (H200, 8192², L = 2, k = 64, T = 16384: 280 and 192 µs against 142). The host launches this kernel only where that distance is a positive multiple of
     # 16 bytes below 2**40 (TMA's stride rules; _tma_pair_ok). hout_ptr: unused (h is the unsplit
     # one the plan keeps).
     ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
