@@ -383,9 +383,9 @@ def _hq_tma_kernel(
     # stride) through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is the distance
     # between the two tensors, the lower one its base. A branch between two descriptors inside the
     # rank loop keeps Triton's pipeliner from prefetching the loads, and pointer loads of B cost
-    # more too (H200, 8192², L = 2, k = 64, T = 16384: 280 and 192 µs against 142). The host launches this kernel only where that distance is a positive multiple of
-    # 16 bytes below 2**40 (TMA's stride rules; _tma_pair_ok). hout_ptr: unused (h is the unsplit
-    # one the plan keeps).
+    # more too (H200, 8192², L = 2, k = 64, T = 16384: 280 and 192 µs against 142). The host
+    # launches this kernel only where that distance is a positive multiple of 16 bytes below 2**40
+    # (TMA's stride rules; _tma_pair_ok). hout_ptr: unused (h is the unsplit one the plan keeps).
     ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
     d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
     swap = d < 0
