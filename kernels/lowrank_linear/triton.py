@@ -201,12 +201,19 @@ def _hq_tile(
 
 
 @triton.jit
-def _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr):
-    # Epilogue: y = scale·acc + bias, rounded once to y's dtype.
+def _scale_bias(acc, scale, bias_ptr, s_b, offs_n, N, HAS_BIAS: tl.constexpr):
+    # scale·acc + bias[offs_n] in fp32 (the h·B epilogues, before rounding to y's dtype).
     acc = acc * scale
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * s_b, mask=offs_n < N, other=0.0)
         acc = acc + b.to(tl.float32)[None, :]
+    return acc
+
+
+@triton.jit
+def _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS: tl.constexpr):
+    # Epilogue: y = scale·acc + bias, rounded once to y's dtype.
+    acc = _scale_bias(acc, scale, bias_ptr, s_b, offs_n, N, HAS_BIAS)
     ptrs = y_ptr + offs_m.to(tl.int64)[:, None] * s_ym + offs_n[None, :] * s_yn
     tl.store(ptrs, acc.to(y_ptr.dtype.element_ty), mask=(offs_m[:, None] < M) & (offs_n[None, :] < N))
 
@@ -414,11 +421,8 @@ def _hq_tma_kernel(
         q = qd.load([(second != swap).to(tl.int32), tl.where(second, kk - KT1, kk) * BLOCK_K, pn * BLOCK_N])
         acc = _dot(h, q.reshape(BLOCK_K, BLOCK_N), acc, PREC)
         if kk == KT - 1:
-            out = acc * scale
-            if HAS_BIAS:
-                offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
-                out += tl.load(bias_ptr + offs_n * s_b, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
-            out = out.to(y_ptr.dtype.element_ty)
+            offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
+            out = _scale_bias(acc, scale, bias_ptr, s_b, offs_n, N, HAS_BIAS).to(y_ptr.dtype.element_ty)
             if EPI == 1:
                 yd.store([pm * BLOCK_M, pn * BLOCK_N], out)
             else:  # two stores of half the columns: half the epilogue's shared memory
@@ -689,9 +693,8 @@ def _tma_layout(b: list[Factor], N: int, dtype: torch.dtype) -> tuple[int, int] 
 def _tma_pair_ok(q1: Tensor, q2: Tensor) -> bool:
     """Whether _hq_tma_kernel's one descriptor over both B factors is valid for these tensors: both
     16-byte aligned, their distance nonzero (or one tensor passed twice: one factor) and below 2**40."""
-    p1, p2 = q1.data_ptr(), q2.data_ptr()
-    d = abs(p2 - p1)
-    return (p1 | p2) & 15 == 0 and d < 1 << 40 and (d > 0 or q1 is q2)
+    d = abs(q2.data_ptr() - q1.data_ptr())
+    return _aligned(q1, q2) and d < 1 << 40 and (d > 0 or q1 is q2)
 
 
 # tl.dot input precision of an fp32 product when torch allows no TF32: 2, "tf32x3" (each operand
