@@ -231,11 +231,14 @@ def test_tma_hq_only_where_it_applies(monkeypatch):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("want_h", [False, True], ids=["y", "y_h"])
-def test_partials_summed_before_hq(dtype, want_h, poison, monkeypatch):
+@pytest.mark.parametrize("sb", [32, 2], ids=["sb32", "sb2"])
+def test_partials_summed_before_hq(dtype, want_h, sb, poison, monkeypatch):
     # Small T with wide split partials: one _reduce launch sums them into h before the h·B (on the
-    # GPU from 32 KB of partials per row; here from any). Forward and kept h against float64.
+    # GPU from 16 KB of partials per row of h; here from any). Forward and kept h against float64;
+    # sb = 2 partials a load takes the reduce through its loop over the 3 splits.
     monkeypatch.setattr(tk, "_K_GRANULE", 16)
-    monkeypatch.setattr(tk, "_REDUCE_H_BYTES", 1)
+    monkeypatch.setattr(tk, "_REDUCE_FWD_ROW_BYTES", 1)
+    monkeypatch.setattr(tk, "_REDUCE_SB", sb)
     case = (5, 40, 33, 2, 8)
     args = _layer(case, dtype)
     out = tk.sklinear_forward(*args, want_h=want_h, path="split")
@@ -246,6 +249,28 @@ def test_partials_summed_before_hq(dtype, want_h, poison, monkeypatch):
     if want_h:
         assert out[1].dtype == dtype and out[1].shape == (case[0], 2 * case[3] * case[4])
         assert_close(out[1], h_ref, name="h")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
+def test_backward_sums_gh_partials_first(dtype, need_dx, poison, monkeypatch):
+    # Small T, g·Bᵀ split over `out`: its partials are summed once into gh before dx = gh·Aᵀ and
+    # dS1 = xᵀ·gh read it (on the GPU from 32 KB of partials a consumer program would read; here
+    # from any). Every gradient against float64.
+    monkeypatch.setattr(tk, "_K_GRANULE", 16)
+    monkeypatch.setattr(tk, "_REDUCE_BWD_BYTES", 1)
+    monkeypatch.setattr(tk, "_REDUCE_SB", 2)
+    T, n_in, n_out, L, k = 5, 33, 40, 2, 8
+    args = _layer((T, n_in, n_out, L, k), dtype)[:5]
+    g = torch.randn(T, n_out, device=DEV).to(dtype)
+    got = tk.sklinear_backward(g, *args, need_dx, True, True)
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._BackwardPlan))
+    assert plan.gh_red is not None and plan.gh.split > 1
+    want = ref.sklinear_backward(*_f64([g, *args]), need_dx, True, True)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert (a is None) == (w is None), name
+        if a is not None:
+            assert_close(a, w, name=name)
 
 
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)], ids=str)

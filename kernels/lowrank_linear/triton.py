@@ -31,8 +31,9 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
 * ``_wgrad_kernel``  D = scale·Xᵀ·h (N × R) for dS1/dS2 (dA/dB), optionally the column sums of X
   (db) in the same pass. Split over T into fp32 partials when there are too few column blocks;
-  ``_reduce_kernel`` then sums the partials of every such output in one launch (and, at small T
-  and large rank, the forward's x·A partials before the h·B).
+  ``_reduce_kernel`` then sums the partials of every such output in one launch (and, at small T,
+  the forward's x·A partials before the h·B at large rank, and the backward's g·Bᵀ partials
+  before dx and dS1 read them: ``_sum_first``).
 
 The forward for training also returns h = x·A (``want_h``), and the backward takes it (``h``)
 instead of a pass over x to recompute it.
@@ -76,9 +77,15 @@ _FUSED_MAX_RANK = {torch.float32: 32, torch.bfloat16: 128, torch.float16: 128}
 _K_GRANULE = 256
 _T_GRANULE = 256
 _M_BUCKET_MAX = 16384
-# Below _TUNE_MIN_M rows, split x·A partials of at least this many bytes per row of h are summed
-# once (the _reduce kernel) before the h·B rather than by every h·B program: rank 256 at 32 splits.
-_REDUCE_H_BYTES = 32 * 1024
+# Below _TUNE_MIN_M rows, split partials of h are summed once (the _reduce kernel) before their
+# consumers read them (see _sum_first): in the forward from this many bytes of partials per row of
+# h (rank 256 at 16 or more splits), in the backward (gh, read by dx and dA) from this many bytes
+# of them that one consumer program would read.
+_REDUCE_FWD_ROW_BYTES = 16 * 1024
+_REDUCE_BWD_BYTES = 32 * 1024
+# _reduce loads up to _REDUCE_SB partials at once, _REDUCE_TILE elements a load and program.
+_REDUCE_SB = 32
+_REDUCE_TILE = 4096
 # From this many rows on, the first call at a (layer, T bucket) times a few candidate configs
 # (and the fused against the two-kernel forward) and keeps the fastest; below it, one fixed
 # config: the GPU work is a few µs there and the host time is what counts.
@@ -507,13 +514,18 @@ def _wgrad_kernel(
 
 
 @triton.jit
-def _reduce_seg(w_ptr, o_ptr, n, splits, s_split, blk, BLOCK: tl.constexpr):
-    # o[i] = Σ_{s < splits} w[s·s_split + i] for this block of i, rounded to o's dtype.
+def _reduce_seg(w_ptr, o_ptr, n, splits, s_split, blk, BLOCK: tl.constexpr, SB: tl.constexpr):
+    # o[i] = Σ_{s < splits} w[s·s_split + i] for this block of i, rounded to o's dtype. SB partials
+    # are loaded at once: a loop of one load per partial waits out one memory latency per partial
+    # (32 partials of rank 256 at T = 1: 6.7 µs on the H200 for 32 KB).
     idx = blk * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
+    rows = tl.arange(0, SB)
     acc = tl.zeros((BLOCK,), dtype=tl.float32)
-    for s in range(splits):
-        acc += tl.load(w_ptr + s * s_split + idx, mask=mask, other=0.0)
+    for s0 in range(0, splits, SB):
+        s = s0 + rows
+        ptrs = w_ptr + s.to(tl.int64)[:, None] * s_split + idx[None, :]
+        acc += tl.sum(tl.load(ptrs, mask=(s[:, None] < splits) & mask[None, :], other=0.0), axis=0)
     tl.store(o_ptr + idx, acc.to(o_ptr.dtype.element_ty), mask=mask)
 
 
@@ -521,21 +533,21 @@ def _reduce_seg(w_ptr, o_ptr, n, splits, s_split, blk, BLOCK: tl.constexpr):
 def _reduce_kernel(
     w1_ptr, w2_ptr, w3_ptr, o1_ptr, o2_ptr, o3_ptr,
     n1, n2, n3, sp1, sp2, sp3, st1, st2, st3, NB1, NB2,
-    NSEG: tl.constexpr, BLOCK: tl.constexpr,
+    NSEG: tl.constexpr, BLOCK: tl.constexpr, SB: tl.constexpr,
 ):
     # Up to three outputs, each the sum of the fp32 partials in its own workspace: blocks [0, NB1)
     # of the grid serve o1, the next NB2 o2, the rest o3. (Separate workspaces, and no code for
     # unused slots: under torch.compile every tensor a kernel writes must be a distinct argument.)
     pid = tl.program_id(0)
     if pid < NB1:
-        _reduce_seg(w1_ptr, o1_ptr, n1, sp1, st1, pid, BLOCK)
+        _reduce_seg(w1_ptr, o1_ptr, n1, sp1, st1, pid, BLOCK, SB)
     else:
         if NSEG >= 2:
             if pid < NB1 + NB2:
-                _reduce_seg(w2_ptr, o2_ptr, n2, sp2, st2, pid - NB1, BLOCK)
+                _reduce_seg(w2_ptr, o2_ptr, n2, sp2, st2, pid - NB1, BLOCK, SB)
             else:
                 if NSEG >= 3:
-                    _reduce_seg(w3_ptr, o3_ptr, n3, sp3, st3, pid - NB1 - NB2, BLOCK)
+                    _reduce_seg(w3_ptr, o3_ptr, n3, sp3, st3, pid - NB1 - NB2, BLOCK, SB)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1120,6 +1132,34 @@ def _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg: _Fus
     )  # fmt: skip
 
 
+def _reduce_launch(segs: list[tuple[int, int, int]], fast: bool, trace: bool) -> _Launch:
+    """One _reduce_kernel launch: for up to three (n, splits, split stride) sets of fp32 partials,
+    o = Σ partials (n elements each), in the dtype of o. Tensors: (w1, w2, w3, o1, o2, o3)."""
+    sb = min(_REDUCE_SB, _pow2_at_least(max(sp for _, sp, _ in segs)))
+    block = 16 if _INTERPRET else max(128, _REDUCE_TILE // sb)
+    ns, sps, sts = zip(*(list(segs) + [(0, 0, 0)] * (3 - len(segs))))
+    nbs = [_cdiv(n, block) for n in ns]
+    return _Launch(
+        _reduce_kernel, (sum(nbs),), 6, (*ns, *sps, *sts, nbs[0], nbs[1]), {"NSEG": len(segs), "BLOCK": block, "SB": sb},
+        {"num_warps": 4, "num_stages": 1}, fast, trace,
+    )  # fmt: skip
+
+
+def _sum_first(M, split: int, R: int, rows: int, limit: int) -> bool:
+    """Whether ``split`` fp32 partials of an (M × R) h are summed once, by one _reduce launch,
+    before their consumers rather than by every consumer program: below _TUNE_MIN_M rows, where
+    ``rows`` rows of every partial come to ``limit`` bytes or more.
+
+    Measured on the H200 (bf16, graph µs, without → with): the forward at 8192², L = 2, k = 64
+    (rank 256) 19.6 → 9.2 at T = 1 (eager 9.5), 22.2 → 10.8 at T = 16, 35.0 → 25.9 at T = 256; but
+    at rank 32 and 128 the extra launch cost more than it saved (8192², k = 16, T = 16: 6.9 → 8.0;
+    4096², k = 64, T = 16: 7.1 → 8.1), hence a limit per row of h there. The backward gained at every
+    T ≥ 16 of the four layers measured (its dA pass reads every partial of its rows too): 8192²,
+    L = 2, k = 64, T = 256 80.3 → 40.1; 4096², k = 64, T = 256 55.3 → 25.3; 8192², k = 16, T = 16
+    16.2 → 12.5."""
+    return isinstance(M, int) and M < _TUNE_MIN_M and split > 1 and min(M, rows) * split * R * 4 >= limit
+
+
 class _ForwardPlan:
     """y = scale·(x·A)·B + bias: the fused kernel, or _xa then _hq. With ``want_h`` a call returns
     (y, h), h = x·A (M × R, operand dtype) for the backward, which then makes no pass over x for it."""
@@ -1222,16 +1262,10 @@ class _ForwardPlan:
             self.xa, self.hq, hq_cfg, alt = pairs[sp]
             if alt is not None:
                 self.hq_alt = hq_for(self.xa, alt)
-            if isinstance(M, int) and M < _TUNE_MIN_M and self.xa.split * self.R * 4 >= _REDUCE_H_BYTES:
-                # Many wide partials (large rank, split x·A at small T): every h·B program would
-                # sum all of them (at T = 1, rank 256: 14.9 of 20 µs). Sum them once instead, into
-                # h in the operand dtype, and let the h·B read that.
+            if _sum_first(M, self.xa.split, self.R, 1, _REDUCE_FWD_ROW_BYTES):
+                # Sum the x·A partials once, into h in the operand dtype, for the h·B to read.
                 n = M * self.R
-                block = 16 if _INTERPRET else 1024
-                self.red = _Launch(
-                    _reduce_kernel, (_cdiv(n, block),), 6, (n, 0, 0, self.xa.split, 0, 0, n, 0, 0, _cdiv(n, block), 0),
-                    {"NSEG": 1, "BLOCK": block}, {"num_warps": 4, "num_stages": 1}, fast, trace,
-                )  # fmt: skip
+                self.red = _reduce_launch([(n, self.xa.split, n)], fast, trace)
                 self.hq = hq_for(_HView(1, n, self.R), hq_cfg)
         if path is None:
             # Below _TUNE_MIN_M rows the split path, whose split reduction fills the GPU at small
@@ -1381,7 +1415,7 @@ class _BackwardPlan:
             return _Wgrad(M, Nw, s_src, xa, col0, f, sc, want_db, prec, n_sm, cfg)
 
         # gh = scale·g·Bᵀ, dx = gh·Aᵀ, dA_p = xᵀ·gh_p.
-        self.gh = self.dx = None
+        self.gh = self.dx = self.gh_red = None
         self.wg_a: list[tuple[int, _Wgrad]] = []
         if need_dx or any(train_a):
             rp_b = sum(_rank_pad(f.R) for f in b)
@@ -1398,19 +1432,27 @@ class _BackwardPlan:
             if tune:  # a real gh for the timing runs below
                 gh_t = self.gh.new_h(dev)
                 self.gh.launch(grad, gh_t, *pb)
+            # The consumers (dx, dA) read gh as ``ghv``: its partials, or where each of their
+            # programs would read too many of them, one (M × R) tensor they are summed into first.
+            ghv = self.gh
+            r_b = sum(f.R for f in b)
+            hq_c = _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es)
+            if _sum_first(M, self.gh.split, r_b, hq_c[0].BLOCK_M if need_dx else M, _REDUCE_BWD_BYTES):
+                self.gh_red = _reduce_launch([(M * r_b, self.gh.split, M * r_b)], fast, trace)
+                ghv = _HView(1, M * r_b, r_b)
             if need_dx:
                 def run_dx(cfg):
                     out = torch.empty((M, K), device=dev, dtype=dtype)
-                    hq = _hq_launch(M, K, self.gh, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
+                    hq = _hq_launch(M, K, ghv, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
                     return lambda: hq(gh_t, out, *pa, out, out)
 
-                key = ("hq_dx", self.gh.split, N, K, _sig(a), dtype, prec, bucket)
-                cfg = _pick(key, _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es), run_dx, tune)
-                self.dx = _hq_launch(M, K, self.gh, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
+                key = ("hq_dx", ghv.split, N, K, _sig(a), dtype, prec, bucket)
+                cfg = _pick(key, hq_c, run_dx, tune)
+                self.dx = _hq_launch(M, K, ghv, a, (K, 1), False, 0, 1.0, prec, n_sm, cfg, fast, trace)
             col = 0
             for p, f in enumerate(a):
                 if train_a[p]:
-                    self.wg_a.append((p, wgrad_for(K, s_x, self.gh, col, f, 1.0, False, x, gh_t, "a")))
+                    self.wg_a.append((p, wgrad_for(K, s_x, ghv, col, f, 1.0, False, x, gh_t, "a")))
                 col += f.R
 
         # h_p = x·A_p, dB_p = scale·h_pᵀ·g (+ db).
@@ -1461,17 +1503,10 @@ class _BackwardPlan:
         if self.segs:
             if len(self.segs) > 3:
                 raise AssertionError(f"{len(self.segs)} split weight gradients, the reduce takes 3")
-            BLOCK = 16 if _INTERPRET else 1024
             cols = [
                 (wg.N, wg.split, wg.db_pad) if side == "db" else (wg.numel, wg.split, wg.d_pad) for side, _, wg in self.segs
             ]
-            cols += [(0, 0, 0)] * (3 - len(cols))
-            ns, sps, sts = zip(*cols)
-            nbs = [_cdiv(n, BLOCK) for n in ns]
-            self.reduce = _Launch(
-                _reduce_kernel, (sum(nbs),), 6, (*ns, *sps, *sts, nbs[0], nbs[1]), {"NSEG": len(self.segs), "BLOCK": BLOCK},
-                {"num_warps": 4, "num_stages": 1}, fast, trace,
-            )
+            self.reduce = _reduce_launch(cols, fast, trace)
 
     def __call__(self, grad, x, pa, pb, fa_t, h_saved=None):
         dev = x.device
@@ -1483,6 +1518,10 @@ class _BackwardPlan:
         if self.gh is not None:
             gh = self.gh.new_h(dev)
             self.gh.launch(grad, gh, *pb)
+            if self.gh_red is not None:
+                ghr = torch.empty((self.M, gh.shape[-1]), device=dev, dtype=dtype)
+                self.gh_red(gh, gh, gh, ghr, gh, gh)  # (unused slots: NSEG = 1 never touches them)
+                gh = ghr
             if self.dx is not None:
                 dx = torch.empty((self.M, self.K), device=dev, dtype=dtype)
                 self.dx(gh, dx, *pa, dx, dx)
