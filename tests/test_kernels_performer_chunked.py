@@ -147,7 +147,7 @@ def _attend_probe(
     N, D, E, M, H, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
-    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den and mq (BH, N)."""
     c = tl.program_id(0)
@@ -161,7 +161,7 @@ def _attend_probe(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
         rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
-        BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, FEAT_F32, PREC, INTERP,
+        BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, EVEN_M, FEAT_F32, PREC, INTERP,
     )  # fmt: skip
     rows = c * BN + tl.arange(0, BN)
     offs_e = tl.arange(0, BE)
@@ -199,12 +199,14 @@ def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
     return phi
 
 
+@pytest.mark.parametrize("m", [40, 48], ids=["m40-padded-tile", "m48-even"])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn):
+def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, m):
     """num, den and mq of _chunk_attend (causal) in the units the backward relies on: mq is the
     row max of the logits over all m features plus log2 √m (0 for relu), and
-    [num, den]ᵢ = Σ_{j ≤ i} (φq_i·φk_j)[v_j, 1] with φq = 2^(lg − mq), φk = 2^(lg − c2)."""
-    B, H, N, D, E, m = 2, 2, 45, 20, 12, 40
+    [num, den]ᵢ = Σ_{j ≤ i} (φq_i·φk_j)[v_j, 1] with φq = 2^(lg − mq), φk = 2^(lg − c2). Tiles of 16
+    features: m = 40 ends in a partly padded tile (masked), m = 48 has none (EVEN_M, unmasked)."""
+    B, H, N, D, E = 2, 2, 45, 20, 12
     q, k, v, omega, mask = _inputs(B, H, N, N, D, E, m, torch.float32, True)
     scale = D**-0.5
     plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, True, scale, CHUNK, False, False)
@@ -219,7 +221,7 @@ def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn):
         N, D, E, m, H, *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides, *cfg.scal,
         sc.CPS, sc.NC, sc.P, sc.MP,
         BN=CHUNK, BD=cfg.BD, BE=BE, BMT=sc.BMT, SOFTMAX=kernel_fn == "softmax", HAS_MASK=True,
-        FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
+        EVEN_M=m % sc.BMT == 0, FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
     )  # fmt: skip
     if kernel_fn == "softmax":
         want_mq = _logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(m)
@@ -341,23 +343,31 @@ def test_scan_matches_cumsum(poison, small, case):
     assert torch.all(SL[:, first] == 0) and torch.all(ZL[:, first] == 0)
 
 
+@pytest.mark.parametrize("m", [40, 64])
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_key_pass_state_matches_reference(poison, monkeypatch, kernel_fn, dtype):
+def test_key_pass_state_matches_reference(poison, monkeypatch, kernel_fn, dtype, masked, m):
     """The non-causal key pass and its reduce: S = Σ φ(k)ᵀv and z = Σ φ(k) over the unmasked keys,
     in three segments (one chunk each) and four feature tiles (m = 40: the third partial, the
-    fourth all padding). Softmax keys come out scaled by 2^−C with C the largest logit (log2
-    units) of their (batch, head), however the programs' own maxima differed. Batch 1 keeps keys
-    in its first chunk only, so two of its segments see no key at all."""
+    fourth all padding; m = 64: four full tiles, EVEN_M). Softmax keys come out scaled by 2^−C
+    with C the largest logit (log2 units) of their (batch, head), however the programs' own maxima
+    differed. With the mask, batch 1 keeps keys in its first chunk only, so two of its segments
+    see no key at all; without it, the first two segments take the path with no element mask
+    and the third holds the last 13 rows."""
     monkeypatch.setattr(chunked, "M_TILE", TILE)
     monkeypatch.setattr(triton_kernels, "_target_programs", lambda device, per_sm=None: 48)
     dt = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    q, k, v, omega, mask = _inputs(2, 2, 45, 45, 20, 28, 40, dt, True)
+    q, k, v, omega, mask = _inputs(2, 2, 45, 45, 20, 28, m, dt, True)
     mask[1, 16:] = False
+    if not masked:
+        mask = torch.ones_like(mask)
     scale = 20**-0.5
-    plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, False, scale, CHUNK, False, False)
-    assert (plan.P_state, plan.NT_state) == (3, 4)
-    S, z, _ = plan.cfg.run_state(plan, k, v, omega, mask, plan.NT_state)
+    kmask = mask if masked else None
+    plan = chunked.ChunkedForwardPlan(q, k, v, omega, kmask, kernel_fn, False, scale, CHUNK, False, False)
+    assert plan.P_state == 3 and plan.state.grid[0] == 4  # segments, feature tiles
+    assert plan.state.meta["EVEN_M"] == (m == 64) and plan.state.meta["HAS_MASK"] == masked
+    S, z, _ = plan.cfg.run_state(plan, k, v, omega, mask if masked else q, plan.cfg.BM)
     assert S.shape == (4, 64, 32) and S.dtype == (torch.float32 if dtype == "fp32" else torch.bfloat16)
     kd, vd, od = (t.double() for t in (k, v, omega))
     xs = kd * math.sqrt(scale)
@@ -368,12 +378,12 @@ def test_key_pass_state_matches_reference(poison, monkeypatch, kernel_fn, dtype)
         lg = lg.masked_fill(~valid, float("-inf"))
         phi = torch.exp2(lg - lg.amax((-1, -2), keepdim=True))
     else:
-        phi = (torch.relu(proj) / math.sqrt(40) + ref.RELU_EPS) * valid
-    S_want = (phi.transpose(-1, -2) @ vd).reshape(4, 40, 28)
-    z_want = phi.sum(-2).reshape(4, 40)
-    assert_close(S[:, :40, :28], S_want, rtol=RTOL[dt], name="S")
-    assert_close(z[:, :40], z_want, rtol=RTOL[dt], name="z")
-    assert torch.all(S[:, 40:] == 0) and torch.all(S[..., 28:] == 0) and torch.all(z[:, 40:] == 0)
+        phi = (torch.relu(proj) / math.sqrt(m) + ref.RELU_EPS) * valid
+    S_want = (phi.transpose(-1, -2) @ vd).reshape(4, m, 28)
+    z_want = phi.sum(-2).reshape(4, m)
+    assert_close(S[:, :m, :28], S_want, rtol=RTOL[dt], name="S")
+    assert_close(z[:, :m], z_want, rtol=RTOL[dt], name="z")
+    assert torch.all(S[:, m:] == 0) and torch.all(S[..., 28:] == 0) and torch.all(z[:, m:] == 0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -53,7 +53,6 @@ from .triton import (
     _f32,
     _key_valid,
     _load_rows,
-    _logits,
     _mm,
     _phi_key,
     _pow2,
@@ -81,11 +80,12 @@ SCAN_WARPS = 4
 # 0.255 ms forward and 0.797 ms backward, against 0.300 / 0.896 at 4, 0.324 / 0.932 at 8 and
 # 0.405 / 1.083 at 16 (8 scan warps were slower at each).
 SCAN_PROGRAMS_PER_SM = 2
-# Programs per SM of the non-causal key pass (_key_pass_kernel), which stores only its segment's
-# totals. H200, bf16, H=12, d=64, m=256, non-causal forward (ms) at 2 / 4 / 8 per SM: B=4 N=2048
-# 0.068 / 0.077 / 0.075; N=4096 0.118 / 0.133 / 0.128; N=16384 0.422 / 0.450 / 0.429; B=1 N=65536
-# 0.494 / 0.420 / 0.424.
-KEY_PROGRAMS_PER_SM = 2
+# Programs of the non-causal key pass (_key_pass_kernel) resident per SM (4 warps, 122 registers,
+# 49 KB of shared memory at d = 64: 4 fit). The segments per (batch·head, feature tile) are as
+# many as keep the grid within one such wave: more programs than fit leave a tail (H200, bf16,
+# B=4, H=12, N=4096, d=64, m=256: 384 programs 50.4 µs, 576 programs 59.1 µs), fewer leave SMs
+# part idle (B=1, N=65536: 288 programs 236 µs, 528 programs 169 µs).
+KEY_PROGRAMS_PER_SM = 4
 # (The plans are cached per call signature with these knobs and triton.py's: changing any of them
 # between calls takes effect at the next call.)
 
@@ -156,7 +156,7 @@ def _chunk_attend(
     Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
     sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
-    SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+    SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Forward of chunk c (rows c·BN + arange(BN)) of one (batch b, head h; bh = b·H + h):
@@ -166,7 +166,8 @@ def _chunk_attend(
     (sqn, sqd), (skn, skd), (svn, sve); MASK the key mask (B, N) with strides (smb, smn), read
     only with HAS_MASK (CAUSAL only). W: ω contiguous (H, M, D). The whole padded head dim is one
     tile (BD), E ≤ BE. rs = √scale, log2_sqrt_m = log2 √m, inv_sqrt_m = 1/√m, eps = RELU_EPS,
-    c2: fp32 scalars (pass them through ``_f32`` first). (No constexpr appended to the contract.)
+    c2: fp32 scalars (pass them through ``_f32`` first). EVEN_M: BMT divides M (no padded
+    feature in any tile, so none is masked).
 
     * CAUSAL: the state of chunk c is SL[c] + SG[c // CPS] in the scan layout of the module
       docstring (:class:`ChunkScan`: NC chunks, P segments of CPS chunks, MP feature rows), and
@@ -190,6 +191,8 @@ def _chunk_attend(
     xq = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
     xf = xq.to(tl.float32)
     sqq = tl.sum(xf * xf, 1)
+    a2 = rs * 1.4426950408889634
+    half = (0.5 * rs * rs * 1.4426950408889634) * sqq  # ‖xs‖²/2 in log2 units, per row
     if CAUSAL:
         xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
         xf = xk.to(tl.float32)
@@ -205,15 +208,24 @@ def _chunk_attend(
         fvalid = (m0 + tl.arange(0, BMT)) < M
         projq = _dot(xq, tl.trans(w), PREC, INTERP)
         if SOFTMAX:
-            lg = tl.where(fvalid[None, :], _logits(projq, sqq, rs), float("-inf"))
-            mnew = tl.maximum(mq, tl.max(lg, 1))
+            # The logits are a2·proj − half with a2 ≥ 0, so their row max is a2·max(proj) − half:
+            # the max is taken on proj, and φ costs one FFMA and one exp2 per element.
+            if EVEN_M:
+                pmax = tl.max(projq, 1)
+            else:
+                pmax = tl.max(tl.where(fvalid[None, :], projq, float("-inf")), 1)
+            mnew = tl.maximum(mq, pmax * a2 - half)
             alpha = tl.exp2(mq - mnew)
             num = num * alpha[:, None]
             den = den * alpha
             if CAUSAL:
                 A = A * alpha[:, None]
             mq = mnew
-            phq = tl.exp2(lg - (mq + log2_sqrt_m)[:, None])
+            phq = tl.exp2(projq * a2 - (mq + half + log2_sqrt_m)[:, None])
+            if not EVEN_M:
+                phq = tl.where(fvalid[None, :], phq, 0.0)
+        elif EVEN_M:
+            phq = tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps
         else:
             phq = tl.where(fvalid[None, :], tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps, 0.0)
         # The key tile first, so that its (C × BMT) tiles are dead before the state tile loads.
@@ -328,74 +340,110 @@ def _scan_kernel(
 
 
 @triton.jit
+def _key_step(
+    acc, accz, run, w, Kb, Vb, MASK, b, ci, fvalid, N, D, E, skn, skd, svn, sve, smb, smn, a2, hb, rs, inv_sqrt_m, eps,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr,
+    MASKED: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """One chunk ci of _key_pass_kernel: (acc, accz, run) with the chunk's keys added. MASKED:
+    some row may be ≥ N or masked out (else every row is a valid key and no element is masked);
+    EVEN_M: no padded feature row."""
+    offs_n = tl.arange(0, BN)
+    rows = ci * BN + offs_n
+    # Features transposed, (BMT, BN), as in _scan_kernel: φᵀ is the A operand of φᵀ·v.
+    x = _load_rows(Kb, rows, tl.arange(0, BD), N, D, skn, skd)
+    projT = _dot(w, tl.trans(x), PREC, INTERP)
+    if MASKED:
+        rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
+        if EVEN_M:
+            valid = rvalid[None, :]
+        else:
+            valid = fvalid[:, None] & rvalid[None, :]
+    elif not EVEN_M:
+        valid = fvalid[:, None]
+    if SOFTMAX:
+        xf = x.to(tl.float32)
+        lgT = projT * a2 - (hb * tl.sum(xf * xf, 1))[None, :]
+        if MASKED or not EVEN_M:
+            lgT = tl.where(valid, lgT, float("-inf"))
+        new = tl.maximum(run, tl.max(lgT, 1))
+        alpha = tl.exp2(run - new)
+        acc = acc * alpha[:, None]
+        accz = accz * alpha
+        run = new
+        phiT = tl.exp2(lgT - new[:, None])
+    else:
+        phiT = tl.maximum(projT * rs, 0.0) * inv_sqrt_m + eps
+        if MASKED or not EVEN_M:
+            phiT = tl.where(valid, phiT, 0.0)
+    vt = _load_rows(Vb, rows, tl.arange(0, BE), N, E, svn, sve)
+    acc += _mm(phiT, vt, FEAT_F32, PREC, INTERP)
+    accz += tl.sum(phiT, 1)
+    return acc, accz, run
+
+
+@triton.jit
 def _key_pass_kernel(
     K, V, W, MASK, S_OUT, Z_OUT, C_OUT,
     N, D, E, M, H,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, BM,
-    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
-    SOFTMAX: tl.constexpr, HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Non-causal key pass, grid (BM / BMT feature tiles, P segments, B·H). Program (t, s, bh)
     sums, over the keys of segment s (chunks [s·CPS, (s+1)·CPS)) and feature rows [t·BMT,
     (t+1)·BMT), S = Σ φ(k)ᵀv into S_OUT (BH, P, BM, BE) fp32 and z = Σ φ(k) into Z_OUT (BH, P, BM).
 
-    Softmax keys are stabilized by the running max of their logits over the program's own keys and
-    features (log2 units; S and z rescaled when it grows), stored in C_OUT (BH, P, BM / BMT): the
-    reduce (triton.py's ``_reduce_kernel``, MODE 1 with one stabilizer per tile) rescales every
-    partial to the largest. Relu: max(ω·xs, 0)/√m + eps, C_OUT not written. Masked keys, rows
-    ≥ N and padded features add nothing."""
+    Softmax keys are stabilized per feature row by the running max of its logits over the
+    program's keys (log2 units; the row of S and z rescaled when it grows), stored in C_OUT
+    (BH, P, BM): the reduce (triton.py's ``_reduce_kernel``, MODE 1 with one stabilizer per feature
+    row) rescales every row of every partial to the largest, one constant per (batch, head), so
+    the stabilizer still cancels in out. Per row rather than one per program: the row max is a
+    reduction inside each warp, where a program-wide max put a cross-warp reduction (and barrier)
+    into every step. Relu: max(ω·xs, 0)/√m + eps, C_OUT not written. Masked keys, rows ≥ N and
+    padded features add nothing. EVEN_M: no padded feature row (M = BM; the grid covers all BM
+    rows, whose padded ones must come out 0). Without a key mask the chunks whose rows
+    are all < N run without any element mask; only the last chunk of the sequence may need one."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     bh = tl.program_id(2)
     P = tl.num_programs(1)
-    NT = tl.num_programs(0)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
+    a2 = rs * 1.4426950408889634
+    hb = 0.5 * rs * rs * 1.4426950408889634
     b = bh // H
     h = bh % H
     m0 = t * BMT
-    offs_n = tl.arange(0, BN)
-    offs_d = tl.arange(0, BD)
-    offs_e = tl.arange(0, BE)
     mrows = m0 + tl.arange(0, BMT)
     fvalid = mrows < M
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
-    DT = K.dtype.element_ty
-    w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+    w = _omega_tile(W, h, D, M, m0, BD, BMT, K.dtype.element_ty, INTERP)
     acc = tl.zeros((BMT, BE), tl.float32)
     accz = tl.zeros((BMT,), tl.float32)
-    run = tl.max(tl.full((BMT,), -1e30, tl.float32), 0)
+    run = tl.full((BMT,), -1e30, tl.float32)
     c_lo = s * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
-    for ci in range(c_lo, c_hi):
-        rows = ci * BN + offs_n
-        # Features transposed, (BMT, BN), as in _scan_kernel: φᵀ is the A operand of φᵀ·v.
-        x = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
-        projT = _dot(w, tl.trans(x), PREC, INTERP)
-        rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
-        valid = fvalid[:, None] & rvalid[None, :]
-        if SOFTMAX:
-            xf = x.to(tl.float32)
-            sq = tl.sum(xf * xf, 1)
-            lgT = projT * (rs * 1.4426950408889634) - ((0.5 * rs * rs * 1.4426950408889634) * sq)[None, :]
-            lgT = tl.where(valid, lgT, float("-inf"))
-            new = tl.maximum(run, tl.max(tl.max(lgT, 1), 0))
-            alpha = tl.exp2(run - new)
-            acc = acc * alpha
-            accz = accz * alpha
-            run = new
-            phiT = tl.exp2(lgT - new)
-        else:
-            phiT = tl.where(valid, tl.maximum(projT * rs, 0.0) * inv_sqrt_m + eps, 0.0)
-        vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-        acc += _mm(phiT, vt, FEAT_F32, PREC, INTERP)
-        accz += tl.sum(phiT, 1)
+    c_full = c_lo  # chunks [c_lo, c_full) hold N rows and no mask
+    if not HAS_MASK:
+        c_full = tl.maximum(tl.minimum(c_hi, N // BN), c_lo)
+    for ci in range(c_lo, c_full):
+        acc, accz, run = _key_step(
+            acc, accz, run, w, Kb, Vb, MASK, b, ci, fvalid, N, D, E, skn, skd, svn, sve, smb, smn, a2, hb, rs,
+            inv_sqrt_m, eps, BN, BD, BE, SOFTMAX, HAS_MASK, False, EVEN_M, FEAT_F32, PREC, INTERP,
+        )  # fmt: skip
+    for ci in range(c_full, c_hi):
+        acc, accz, run = _key_step(
+            acc, accz, run, w, Kb, Vb, MASK, b, ci, fvalid, N, D, E, skn, skd, svn, sve, smb, smn, a2, hb, rs,
+            inv_sqrt_m, eps, BN, BD, BE, SOFTMAX, HAS_MASK, True, EVEN_M, FEAT_F32, PREC, INTERP,
+        )  # fmt: skip
     seg = bh * P + s
+    offs_e = tl.arange(0, BE)
     tl.store(S_OUT + (seg * BM + mrows[:, None]) * BE + offs_e[None, :], acc)
     tl.store(Z_OUT + seg * BM + mrows, accz)
     if SOFTMAX:
-        tl.store(C_OUT + seg * NT + t, run)
+        tl.store(C_OUT + seg * BM + mrows, run)
 
 
 @triton.jit
@@ -427,7 +475,7 @@ def _fwd_chunk_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
     the rows' query stabilizer mq and normalizer den into STATS (B·H, 2, N) fp32 (row 0 mq, row 1
@@ -445,7 +493,7 @@ def _fwd_chunk_kernel(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
         rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
-        BN, BD, BE, BMT, SOFTMAX, CAUSAL, HAS_MASK, FEAT_F32, PREC, INTERP,
+        BN, BD, BE, BMT, SOFTMAX, CAUSAL, HAS_MASK, EVEN_M, FEAT_F32, PREC, INTERP,
     )  # fmt: skip
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
     rows = c * BN + tl.arange(0, BN)
@@ -665,26 +713,26 @@ class ChunkedForwardPlan:
             # of two, BMT clamped to BM), then the reduce over its segments.
             NCK = max(1, triton.cdiv(c.Nk, BN))
             NT = c.BM // BMT
-            want = min(NCK, max(1, triton.cdiv(_tri._target_programs(q.device, KEY_PROGRAMS_PER_SM), c.BH * NT)))
+            want = min(NCK, max(1, _tri._target_programs(q.device, KEY_PROGRAMS_PER_SM) // (c.BH * NT)))
             cps = triton.cdiv(NCK, want)
-            self.P_state, self.NT_state = triton.cdiv(NCK, cps), NT
+            self.P_state = triton.cdiv(NCK, cps)
             key_meta = {
                 "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "HAS_MASK": key_mask is not None,
-                "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
+                "EVEN_M": c.m == c.BM, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
             }  # fmt: skip
             self.state = _Launch(
                 _key_pass_kernel, (NT, self.P_state, c.BH), 7,
                 (c.Nk, c.D, c.E, c.m, c.H, *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps, NCK, c.BM),
                 key_meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
             )  # fmt: skip
-            self.state_reduce = c.reduce_launch(self.P_state, 1 if c.softmax else 0, NT)
+            self.state_reduce = c.reduce_launch(self.P_state, 1 if c.softmax else 0, c.BM)
             NC = max(1, triton.cdiv(c.N, BN))
             P, CPS, MP = 1, NC, c.BM  # SL/ZL: the (BH, BM, BE) / (BH, BM) whole-sequence state
         self.out_shape = (c.B, c.H, c.N, c.E)
         meta = {
             "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "CAUSAL": causal,
-            "HAS_MASK": key_mask is not None, "WRITE_STATS": stats, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"],
-            "INTERP": c.interp,
+            "HAS_MASK": key_mask is not None, "WRITE_STATS": stats, "EVEN_M": c.m % BMT == 0, "FEAT_F32": c.feat_f32,
+            "PREC": c.meta["PREC"], "INTERP": c.interp,
         }  # fmt: skip
         self.fwd = _Launch(
             _fwd_chunk_kernel, (NC, c.BH), 12,
@@ -697,7 +745,7 @@ class ChunkedForwardPlan:
         if self.causal:
             SL, ZL, SG, ZG, c2 = self.scan(k, v, omega, mask, None, None)
         else:
-            SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask, self.NT_state)
+            SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask, self.cfg.BM)
             SG = ZG = ZL  # not read
             c2 = None
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)

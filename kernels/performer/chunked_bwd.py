@@ -147,7 +147,7 @@ def _chunk_bwd_q_kernel(
         num, den, mq = _chunk_attend(
             Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
             sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
-            BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, FEAT_F32, PREC, INTERP,
+            BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, False, FEAT_F32, PREC, INTERP,
         )  # fmt: skip
         inv = 1.0 / tl.where(den == 0.0, 1.0, den)
         gs = g * inv[:, None]

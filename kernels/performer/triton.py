@@ -629,7 +629,7 @@ def _bwd_k_kernel(
 @triton.jit
 def _reduce_kernel(
     S, Z, C, S_OUT, Z_OUT, C_OUT, P, NTC, RPC, log2_sqrt_m,
-    BM: tl.constexpr, BE: tl.constexpr, RT: tl.constexpr, BP: tl.constexpr, BNT: tl.constexpr, MODE: tl.constexpr,
+    BM: tl.constexpr, BE: tl.constexpr, RT: tl.constexpr, BPT: tl.constexpr, BNT: tl.constexpr, MODE: tl.constexpr,
     INTERP: tl.constexpr,
 ):  # fmt: skip
     """Combine the P segment states (S, z) of one (batch, head), grid (B·H, BM / RT): each program
@@ -639,20 +639,23 @@ def _reduce_kernel(
     with log2 √m folded in, by the first row block); 2/3: exclusive prefix / suffix sums, in place.
     Modes 0/1 write S in S_OUT's dtype (bf16 for bf16 inputs: the operand dtype of its products).
     C (B·H, P, NTC): one stabilizer per segment and block of RPC feature rows (NTC = 1, RPC = BM:
-    one per segment; BNT = NTC padded to a power of two)."""
+    one per segment; BNT = NTC padded to a power of two), read BPT segments at a time."""
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * RT + tl.arange(0, RT)
     tile = offs_m[:, None] * BE + tl.arange(0, BE)[None, :]
     cmax = 0.0
     if MODE == 1:
-        offs_p = tl.arange(0, BP)
         offs_t = tl.arange(0, BNT)
-        cs = tl.load(
-            C + (bh * P + offs_p[:, None]) * NTC + offs_t[None, :],
-            mask=(offs_p[:, None] < P) & (offs_t[None, :] < NTC),
-            other=-1e30,
-        )
-        cmax = tl.max(tl.max(cs, 1), 0)
+        cm = tl.full((BNT,), -1e30, tl.float32)
+        for p0 in range(0, P, BPT):
+            offs_p = p0 + tl.arange(0, BPT)
+            cs = tl.load(
+                C + (bh * P + offs_p[:, None]) * NTC + offs_t[None, :],
+                mask=(offs_p[:, None] < P) & (offs_t[None, :] < NTC),
+                other=-1e30,
+            )
+            cm = tl.maximum(cm, tl.max(cs, 0))
+        cmax = tl.max(cm, 0)
         cmax = tl.where(cmax > -1e29, cmax, 0.0)  # every key masked: c = 0
     acc = tl.zeros((RT, BE), tl.float32)
     accz = tl.zeros((RT,), tl.float32)
@@ -808,8 +811,10 @@ class _Cfg:
         """_reduce_kernel over P segments per (batch, head), with ntc stabilizers per segment (one
         per block of BM / ntc feature rows; ntc divides BM); see its docstring."""
         rt = min(self.BM, REDUCE_ROWS)
+        bnt = triton.next_power_of_2(ntc)
+        # Stabilizers are read BPT segments at a time, ≤ 4096 values (32 registers a thread).
         meta = {
-            "BM": self.BM, "BE": self.BE, "RT": rt, "BP": triton.next_power_of_2(P), "BNT": triton.next_power_of_2(ntc),
+            "BM": self.BM, "BE": self.BE, "RT": rt, "BPT": min(triton.next_power_of_2(P), max(1, 4096 // bnt)), "BNT": bnt,
             "MODE": mode, "INTERP": self.interp,
         }  # fmt: skip
         opts = {"num_warps": 4}
