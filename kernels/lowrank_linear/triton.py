@@ -828,7 +828,12 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
     fp32 = es == 4
     # Accumulator (BLOCK_M × rp fp32) at most 64 registers a thread (128 for 16-bit on 8 warps).
     if isinstance(M, int) and M < _TUNE_MIN_M:
-        cands = [_XaCfg(16, 64 if fp32 else 128, 4, 3)]
+        if not fp32 and rp >= 256 and M >= 256:
+            # 64-row blocks read the (K × rp) factor a quarter as often as 16-row ones (H200 bf16,
+            # 8192², L = 2, k = 64, T = 256: x·A 10.2 → 6.8 µs; its partials' sum 2.1 → 3.9 µs).
+            cands = [_XaCfg(64, 64, 8, 3)]
+        else:
+            cands = [_XaCfg(16, 64 if fp32 else 128, 4, 3)]
     elif fp32:
         cands = [_XaCfg(32, 64, 4, 3), _XaCfg(64, 32, 4, 3), _XaCfg(16, 64, 4, 3)]
     elif rp >= 256:
@@ -863,6 +868,12 @@ def _hq_candidates(M, rp: int, es: int) -> list[_HqCfg]:
         # 40.2 to 33.7 µs and fp32 from 160 to 86; fp32 at rank 128 was fastest at 32 columns.
         if fp32:
             bn = 32 if rp == 128 else 64
+        elif rp >= 256 and M >= 64:
+            # Rank 256 from 64 rows on: taller row blocks read the (rp × N) factor fewer times (H200
+            # bf16, 8192², L = 2, k = 64: h·B at T = 256 11.9 → 5.5 µs in 128 × 128 blocks on 8 warps,
+            # at T = 64 4.5 → 3.3 µs in 64 × 64 blocks). At ranks 32 and 128 those blocks were slower
+            # (4096², k = 64, T = 256: 7.8 → 11.3-13.0 µs).
+            return [_HqCfg(128, 128, 8, 2)] if M >= 256 else [_HqCfg(64, 64, 4, 2)]
         else:
             bn = 64 if rp >= 256 else 128
         return [_HqCfg(16, bn, 4, 2)]
