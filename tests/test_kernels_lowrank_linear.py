@@ -252,6 +252,65 @@ def test_partials_summed_before_hq(dtype, want_h, sb, poison, monkeypatch):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_partials_summed_first_by_read_bytes(dtype, poison, monkeypatch):
+    # The forward also sums the x·A partials first where all h·B programs together would read
+    # _REDUCE_FWD_READ_BYTES of them (4096², k = 64, T = 256 on the GPU); here from any, with the
+    # per-row rule out of the way.
+    monkeypatch.setattr(tk, "_K_GRANULE", 16)
+    monkeypatch.setattr(tk, "_REDUCE_FWD_ROW_BYTES", 1 << 40)
+    monkeypatch.setattr(tk, "_REDUCE_FWD_READ_BYTES", 1)
+    case = (5, 40, 33, 1, 8)
+    args = _layer(case, dtype)
+    y = tk.sklinear_forward(*args, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert plan.red is not None and plan.xa.split > 1
+    assert_close(y, ref.sklinear_forward(*_f64(args)), name="y")
+    # And not without it.
+    tk._PLANS.clear()
+    monkeypatch.setattr(tk, "_REDUCE_FWD_READ_BYTES", 1 << 40)
+    tk.sklinear_forward(*args, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert plan.red is None and plan.xa.split > 1
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp32_forward_splits_k_by_block(dtype, poison, monkeypatch):
+    # fp32 at large ranks (here any): the forward's x·A splits K into slices of one BLOCK_K
+    # (the interpreter's 32, the GPU's 64) rather than _K_GRANULE, the last one partial; other
+    # dtypes keep the granule (256 > K: no split). Forward and kept h against float64.
+    monkeypatch.setattr(tk, "_XA_FP32_FINE_MIN_RANK", 1)
+    case = (3, 100, 24, 1, 5)
+    args = _layer(case, dtype)
+    y, h = tk.sklinear_forward(*args, want_h=True, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    bk = plan.xa.cfg.BLOCK_K
+    assert plan.xa.split == (-(-case[1] // bk) if dtype == torch.float32 else 1) and bk < case[1]
+    y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
+    assert_close(y, y_ref, name="y")
+    assert_close(h, h_ref, name="h")
+
+
+@pytest.mark.parametrize("k", [2, 24], ids=["rank4", "rank48"])
+def test_fp32_small_rank_forward_uses_fma_products(k, poison):
+    # Below _TUNE_MIN_M rows an fp32 forward of padded rank ≤ 32 multiplies in full fp32
+    # (PREC 0, FMAs), larger ranks as torch's TF32 setting says (TF32 off: tf32x3); the backward
+    # keeps the setting's mode. Both against float64 at fp32 tolerance.
+    case = (7, 40, 33, 1, k)
+    args = _layer(case, torch.float32)
+    y = tk.sklinear_forward(*args, path="split")
+    fwd = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    want = 0 if 2 * k <= 32 else tk._precision(torch.float32)
+    assert fwd.xa.launch.meta["PREC"] == want and fwd.hq.meta["PREC"] == want
+    assert_close(y, ref.sklinear_forward(*_f64(args)), name="y")
+    g = torch.randn(case[0], case[2], device=DEV)
+    got = tk.sklinear_backward(g, *args[:5], True, True, True)
+    bwd = next(p for p in tk._PLANS.values() if isinstance(p, tk._BackwardPlan))
+    assert bwd.gh.launch.meta["PREC"] == tk._precision(torch.float32)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, ref.sklinear_backward(*_f64([g, *args[:5]]), True, True, True)):
+        assert_close(a, w, name=name)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("need_dx", [True, False], ids=["dx", "no_dx"])
 def test_backward_sums_gh_partials_first(dtype, need_dx, poison, monkeypatch):
     # Small T, g·Bᵀ split over `out`: its partials are summed once into gh before dx = gh·Aᵀ and

@@ -83,6 +83,11 @@ _M_BUCKET_MAX = 16384
 # of them that one consumer program would read.
 _REDUCE_FWD_ROW_BYTES = 16 * 1024
 _REDUCE_BWD_BYTES = 32 * 1024
+_REDUCE_FWD_READ_BYTES = 32 * 1024 * 1024
+# fp32 below _TUNE_MIN_M rows: from this padded rank on, the forward's x·A splits K into slices of
+# one BLOCK_K (not _K_GRANULE); up to _FWD_IEEE_MAX_RANK the forward multiplies with FMAs.
+_XA_FP32_FINE_MIN_RANK = 128
+_FWD_IEEE_MAX_RANK = 32
 # _reduce loads up to _REDUCE_SB partials at once, _REDUCE_TILE elements a load and program.
 _REDUCE_SB = 32
 _REDUCE_TILE = 4096
@@ -857,11 +862,17 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
     return list(dict.fromkeys(out))
 
 
-def _hq_candidates(M, rp: int, es: int) -> list[_HqCfg]:
-    """Configs of _hq for M rows and padded rank rp (both factors)."""
+def _hq_candidates(M, rp: int, es: int, summed: bool = False) -> list[_HqCfg]:
+    """Configs of _hq for M rows and padded rank rp (both factors); ``summed``: its h is one
+    tensor of the operand dtype that split partials were summed into (below _TUNE_MIN_M rows)."""
     if _INTERPRET:
         return [_HqCfg(16, 32, 4, 1)]
     fp32 = es == 4
+    if summed and not fp32 and 64 < rp < 256 and isinstance(M, int) and 256 <= M < _TUNE_MIN_M:
+        # Rank 128 reading a summed h: 64 × 64 blocks re-read B a quarter as often as 16-row ones
+        # (H200 bf16, 4096², k = 64, T = 256, graph µs: forward 10.6 → 9.5, forward+backward
+        # 33.7 → 31.6 with the backward's dx = gh·Aᵀ on the same blocks).
+        return [_HqCfg(64, 64, 4, 2)]
     if isinstance(M, int) and M < _TUNE_MIN_M:
         # Column-block width by rank, from a sweep on the H200 at T = 1, 16, 256 (8192², L = 2, k = 64
         # and 4096², k = 64): at rank 256 narrower blocks (more programs) took bf16 T = 256 from
@@ -1042,7 +1053,11 @@ def _sig(factors: list[Factor]) -> tuple:
 class _Xa:
     """h = scale·src·[P1 P2] for src (M × K): one _xa launch and the layout of the h it writes."""
 
-    def __init__(self, M, K, s_src, a: list[Factor], scale, dtype, prec, n_sm, cfg: _XaCfg, fast, trace):
+    def __init__(
+        self, M, K, s_src, a: list[Factor], scale, dtype, prec, n_sm, cfg: _XaCfg, fast, trace, granule=None
+    ):
+        # granule: the smallest slice of K a split program takes (_K_GRANULE by default).
+        granule = granule or _K_GRANULE
         f1, f2, has2 = _pair(a)
         R1, R2 = f1.R, f2.R
         BM, BK = cfg.BLOCK_M, cfg.BLOCK_K
@@ -1053,8 +1068,8 @@ class _Xa:
         elif isinstance(M, int) and M < _TUNE_MIN_M and row_blocks < n_sm:
             # Too few row blocks to fill the GPU: split the reduction over K. (Not for large T,
             # where the row blocks nearly fill it: every consumer of h would read the partials.)
-            split = max(1, min(_cdiv(2 * n_sm, row_blocks), _cdiv(K, _K_GRANULE)))
-        k_per = _cdiv(_cdiv(K, split), _K_GRANULE) * _K_GRANULE
+            split = max(1, min(_cdiv(2 * n_sm, row_blocks), _cdiv(K, granule)))
+        k_per = _cdiv(_cdiv(K, split), granule) * granule
         split = _cdiv(K, k_per)
         R = R1 + R2
         self.cfg = cfg
@@ -1075,6 +1090,16 @@ class _Xa:
 
     def new_h(self, device) -> Tensor:
         return torch.empty(self.h_shape, device=device, dtype=self.h_dtype)
+
+
+def _hq_groups(M, N, cfg: _HqCfg, n_sm: int) -> int:
+    """Column ranges of an _hq_kernel grid, so the number of its programs that read each row of h.
+    Each program keeps its rows of h and walks a range of column blocks: about 4 programs an SM (or,
+    per_prog = 1, one column block each)."""
+    col_blocks = _cdiv(N, cfg.BLOCK_N)
+    if cfg.per_prog == 1:
+        return col_blocks
+    return max(1, min(col_blocks, _cdiv(4 * n_sm, _cdiv(M, cfg.BLOCK_M))))
 
 
 def _hq_launch(
@@ -1107,10 +1132,7 @@ def _hq_launch(
         )  # fmt: skip
     row_blocks = _cdiv(M, cfg.BLOCK_M)
     col_blocks = _cdiv(N, cfg.BLOCK_N)
-    # Each program keeps its rows of h and walks a range of column blocks: about 4 programs an SM
-    # (or, per_prog = 1, one column block each).
-    groups = col_blocks if cfg.per_prog == 1 else max(1, min(col_blocks, _cdiv(4 * n_sm, row_blocks)))
-    n_per = _cdiv(col_blocks, groups) * cfg.BLOCK_N
+    n_per = _cdiv(col_blocks, _hq_groups(M, N, cfg, n_sm)) * cfg.BLOCK_N
     return _Launch(
         _hq_kernel, (row_blocks, _cdiv(N, n_per)), 6,
         (M, N, f1.R, f2.R, n_per, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), float(scale)),
@@ -1183,8 +1205,15 @@ class _ForwardPlan:
         M, K = x.shape
         N = b[0].n_long
         dtype = x.dtype
-        prec = _precision(dtype)
         es = dtype.itemsize
+        rp = sum(_rank_pad(f.R) for f in a)
+        prec = _precision(dtype)
+        if es == 4 and rp <= _FWD_IEEE_MAX_RANK and isinstance(M, int) and M < _TUNE_MIN_M:
+            # Small ranks below _TUNE_MIN_M rows: full fp32 FMA products (the most precise mode,
+            # right under any TF32 setting) instead of three TF32 ones. H200, 8192², k = 16, graph µs: forward
+            # 9.2 → 7.1 at T = 1, 21.9 → 17.9 at T = 256; at rank 128 FMAs were slower (4096²,
+            # k = 64, T = 1: 9.4 → 10.6), and so was the backward at rank 32.
+            prec = 0
         s_x = (x.stride(0), x.stride(1))
         s_y = (N, 1)
         has_bias = bias is not None
@@ -1194,7 +1223,6 @@ class _ForwardPlan:
         self.R = sum(f.R for f in a)
         self.want_h = want_h
         dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
-        rp = sum(_rank_pad(f.R) for f in a)
         pa, pb = _ptrs(a), _ptrs(b)
         tune = _can_time(trace, M)
         if tune:  # buffers for the timing runs
@@ -1202,7 +1230,10 @@ class _ForwardPlan:
             b_t = bias if has_bias else y_t
 
         def xa_for(cfg):
-            return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace)
+            # fp32 at ranks ≥ 128 below _TUNE_MIN_M rows: one BLOCK_K of the long dim a program,
+            # not _K_GRANULE, so each loads its slice of A at once rather than in a chain.
+            fine = es == 4 and rp >= _XA_FP32_FINE_MIN_RANK
+            return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
 
         # The TMA h·B: eager, on Hopper, for B factors it can read, and for these factor tensors
         # (whose distance the kernel's one descriptor spans; a call with tensors where it cannot
@@ -1273,10 +1304,18 @@ class _ForwardPlan:
             self.xa, self.hq, hq_cfg, alt = pairs[sp]
             if alt is not None:
                 self.hq_alt = hq_for(self.xa, alt)
-            if _sum_first(M, self.xa.split, self.R, 1, _REDUCE_FWD_ROW_BYTES):
+            split = self.xa.split
+            summed = _sum_first(M, split, self.R, 1, _REDUCE_FWD_ROW_BYTES)
+            if not summed and isinstance(hq_cfg, _HqCfg):
+                # (The partials every h·B program reads, summed over the programs.)
+                groups = _hq_groups(M, N, hq_cfg, n_sm)
+                summed = _sum_first(M, split, self.R * groups, M, _REDUCE_FWD_READ_BYTES)
+            if summed:
                 # Sum the x·A partials once, into h in the operand dtype, for the h·B to read.
                 n = M * self.R
                 self.red = _reduce_launch([(n, self.xa.split, n)], fast, trace)
+                if isinstance(hq_cfg, _HqCfg):
+                    hq_cfg = _hq_candidates(M, rp, es, summed=True)[0]
                 self.hq = hq_for(_HView(1, n, self.R), hq_cfg)
         if path is None:
             # Below _TUNE_MIN_M rows the split path, whose split reduction fills the GPU at small
@@ -1451,6 +1490,7 @@ class _BackwardPlan:
             if _sum_first(M, self.gh.split, r_b, hq_c[0].BLOCK_M if need_dx else M, _REDUCE_BWD_BYTES):
                 self.gh_red = _reduce_launch([(M * r_b, self.gh.split, M * r_b)], fast, trace)
                 ghv = _HView(1, M * r_b, r_b)
+                hq_c = _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es, summed=True)
             if need_dx:
                 def run_dx(cfg):
                     out = torch.empty((M, K), device=dev, dtype=dtype)
