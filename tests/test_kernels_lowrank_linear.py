@@ -283,11 +283,35 @@ def test_fp32_forward_splits_k_by_block(dtype, poison, monkeypatch):
     args = _layer(case, dtype)
     y, h = tk.sklinear_forward(*args, want_h=True, path="split")
     plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
-    bk = plan.xa.cfg.BLOCK_K
-    assert plan.xa.split == (-(-case[1] // bk) if dtype == torch.float32 else 1) and bk < case[1]
+    if dtype == torch.float32:
+        bk = plan.xa.cfg.BLOCK_K
+        assert bk < case[1] and plan.xa.split == -(-case[1] // bk)
+    else:
+        assert plan.xa.split == 1
     y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
     assert_close(y, y_ref, name="y")
     assert_close(h, h_ref, name="h")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_fp32_backward_splits_gh_by_block(dtype, poison, monkeypatch):
+    # fp32 at large ranks (here any): g·Bᵀ splits `out` into slices of one BLOCK_K and its
+    # partials are summed into gh before dx and dS1 read them; other dtypes keep the granule
+    # (256 > out: no split). Every gradient against float64.
+    monkeypatch.setattr(tk, "_XA_FP32_FINE_MIN_RANK", 1)
+    case = (3, 24, 100, 1, 5)
+    args = _layer(case, dtype)[:5]
+    g = torch.randn(case[0], case[2], device=DEV).to(dtype)
+    got = tk.sklinear_backward(g, *args, True, True, True)
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._BackwardPlan))
+    if dtype == torch.float32:
+        bk = plan.gh.cfg.BLOCK_K
+        assert bk < case[2] and plan.gh.split == -(-case[2] // bk) and plan.gh_red is not None
+    else:
+        assert plan.gh.split == 1 and plan.gh_red is None
+    want = ref.sklinear_backward(*_f64([g, *args]), True, True, True)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
 
 
 @pytest.mark.parametrize("k", [2, 24], ids=["rank4", "rank48"])

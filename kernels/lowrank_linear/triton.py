@@ -84,8 +84,9 @@ _M_BUCKET_MAX = 16384
 _REDUCE_FWD_ROW_BYTES = 16 * 1024
 _REDUCE_BWD_BYTES = 32 * 1024
 _REDUCE_FWD_READ_BYTES = 32 * 1024 * 1024
-# fp32 below _TUNE_MIN_M rows: from this padded rank on, the forward's x·A splits K into slices of
-# one BLOCK_K (not _K_GRANULE); up to _FWD_IEEE_MAX_RANK the forward multiplies with FMAs.
+# fp32 below _TUNE_MIN_M rows: from this padded rank on, the forward's x·A and the backward's g·Bᵀ
+# split their long dim into slices of one BLOCK_K (not _K_GRANULE); up to _FWD_IEEE_MAX_RANK the
+# forward multiplies with FMAs.
 _XA_FP32_FINE_MIN_RANK = 128
 _FWD_IEEE_MAX_RANK = 32
 # _reduce loads up to _REDUCE_SB partials at once, _REDUCE_TILE elements a load and program.
@@ -1470,6 +1471,12 @@ class _BackwardPlan:
         if need_dx or any(train_a):
             rp_b = sum(_rank_pad(f.R) for f in b)
 
+            # fp32 at ranks ≥ 128: g·Bᵀ split by one BLOCK_K of `out` a program, as the forward's
+            # x·A, and its (then many) partials always summed once before dx and dA read them
+            # (H200, graph µs, forward+backward at T = 1: 768→3072 28.4 → 24.6, 4096² 34.1 →
+            # 29.4, 8192², L = 2, k = 64 55.9 → 49.7; no row slower up to T = 256).
+            fine = es == 4 and rp_b >= _XA_FP32_FINE_MIN_RANK
+
             def run_gh(cfg):
                 xa = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
                 h = xa.new_h(dev)
@@ -1477,7 +1484,7 @@ class _BackwardPlan:
 
             key = ("xa_g", N, K, _sig(b), dtype, prec, bucket)
             cfg = _pick(key, _xa_candidates(M, rp_b, es), run_gh, tune)
-            self.gh = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
+            self.gh = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
             gh_t = None
             if tune:  # a real gh for the timing runs below
                 gh_t = self.gh.new_h(dev)
@@ -1487,7 +1494,7 @@ class _BackwardPlan:
             ghv = self.gh
             r_b = sum(f.R for f in b)
             hq_c = _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es)
-            if _sum_first(M, self.gh.split, r_b, hq_c[0].BLOCK_M if need_dx else M, _REDUCE_BWD_BYTES):
+            if _sum_first(M, self.gh.split, r_b, hq_c[0].BLOCK_M if need_dx else M, 1 if fine else _REDUCE_BWD_BYTES):
                 self.gh_red = _reduce_launch([(M * r_b, self.gh.split, M * r_b)], fast, trace)
                 ghv = _HView(1, M * r_b, r_b)
                 hq_c = _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es, summed=True)
