@@ -79,11 +79,12 @@ _T_GRANULE = 256
 _M_BUCKET_MAX = 16384
 # Below _TUNE_MIN_M rows, split partials of h are summed once (the _reduce kernel) before their
 # consumers read them (see _sum_first): in the forward from this many bytes of partials per row of
-# h (rank 256 at 16 or more splits), in the backward (gh, read by dx and dA) from this many bytes
-# of them that one consumer program would read.
+# h (rank 256 at 16 or more splits) or from this many that all h·B programs together would read,
+# in the backward (gh, read by dx and dA) from this many bytes of them that one consumer program
+# would read.
 _REDUCE_FWD_ROW_BYTES = 16 * 1024
-_REDUCE_BWD_BYTES = 32 * 1024
 _REDUCE_FWD_READ_BYTES = 32 * 1024 * 1024
+_REDUCE_BWD_BYTES = 32 * 1024
 # fp32 below _TUNE_MIN_M rows: from this padded rank on, the forward's x·A and the backward's g·Bᵀ
 # split their long dim into slices of one BLOCK_K (not _K_GRANULE); up to _FWD_IEEE_MAX_RANK the
 # forward multiplies with FMAs.
@@ -1211,9 +1212,9 @@ class _ForwardPlan:
         prec = _precision(dtype)
         if es == 4 and rp <= _FWD_IEEE_MAX_RANK and isinstance(M, int) and M < _TUNE_MIN_M:
             # Small ranks below _TUNE_MIN_M rows: full fp32 FMA products (the most precise mode,
-            # right under any TF32 setting) instead of three TF32 ones. H200, 8192², k = 16, graph µs: forward
-            # 9.2 → 7.1 at T = 1, 21.9 → 17.9 at T = 256; at rank 128 FMAs were slower (4096²,
-            # k = 64, T = 1: 9.4 → 10.6), and so was the backward at rank 32.
+            # right under any TF32 setting) instead of three TF32 ones. H200, 8192², k = 16, graph
+            # µs: forward 9.2 → 7.1 at T = 1, 21.9 → 17.9 at T = 256; at rank 128 FMAs were slower
+            # (4096², k = 64, T = 1: 9.4 → 10.6), and so was the backward at rank 32.
             prec = 0
         s_x = (x.stride(0), x.stride(1))
         s_y = (N, 1)
@@ -1233,7 +1234,7 @@ class _ForwardPlan:
         def xa_for(cfg):
             # fp32 at ranks ≥ 128 below _TUNE_MIN_M rows: one BLOCK_K of the long dim a program,
             # not _K_GRANULE, so each loads its slice of A at once rather than in a chain.
-            fine = es == 4 and rp >= _XA_FP32_FINE_MIN_RANK
+            fine = es == 4 and rp >= _XA_FP32_FINE_MIN_RANK and isinstance(M, int) and M < _TUNE_MIN_M
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
 
         # The TMA h·B: eager, on Hopper, for B factors it can read, and for these factor tensors
@@ -1475,7 +1476,7 @@ class _BackwardPlan:
             # x·A, and its (then many) partials always summed once before dx and dA read them
             # (H200, graph µs, forward+backward at T = 1: 768→3072 28.4 → 24.6, 4096² 34.1 →
             # 29.4, 8192², L = 2, k = 64 55.9 → 49.7; no row slower up to T = 256).
-            fine = es == 4 and rp_b >= _XA_FP32_FINE_MIN_RANK
+            fine = es == 4 and rp_b >= _XA_FP32_FINE_MIN_RANK and isinstance(M, int) and M < _TUNE_MIN_M
 
             def run_gh(cfg):
                 xa = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
