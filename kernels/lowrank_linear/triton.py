@@ -1180,6 +1180,13 @@ def _reduce_launch(segs: list[tuple[int, int, int]], fast: bool, trace: bool) ->
     )  # fmt: skip
 
 
+def _fine_split(M, rp: int, es: int) -> bool:
+    """Whether an _xa over a factor pair of padded rank rp splits its long dim into slices of one
+    BLOCK_K rather than _K_GRANULE: fp32 at ranks ≥ _XA_FP32_FINE_MIN_RANK below _TUNE_MIN_M rows,
+    so each program loads its slice of the factor at once rather than in a chain of steps."""
+    return es == 4 and rp >= _XA_FP32_FINE_MIN_RANK and isinstance(M, int) and M < _TUNE_MIN_M
+
+
 def _sum_first(M, split: int, R: int, rows: int, limit: int) -> bool:
     """Whether ``split`` fp32 partials of an (M × R) h are summed once, by one _reduce launch,
     before their consumers rather than by every consumer program: below _TUNE_MIN_M rows, where
@@ -1232,9 +1239,7 @@ class _ForwardPlan:
             b_t = bias if has_bias else y_t
 
         def xa_for(cfg):
-            # fp32 at ranks ≥ 128 below _TUNE_MIN_M rows: one BLOCK_K of the long dim a program,
-            # not _K_GRANULE, so each loads its slice of A at once rather than in a chain.
-            fine = es == 4 and rp >= _XA_FP32_FINE_MIN_RANK and isinstance(M, int) and M < _TUNE_MIN_M
+            fine = _fine_split(M, rp, es)
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
 
         # The TMA h·B: eager, on Hopper, for B factors it can read, and for these factor tensors
@@ -1476,7 +1481,7 @@ class _BackwardPlan:
             # x·A, and its (then many) partials always summed once before dx and dA read them
             # (H200, graph µs, forward+backward at T = 1: 768→3072 28.4 → 24.6, 4096² 34.1 →
             # 29.4, 8192², L = 2, k = 64 55.9 → 49.7; no row slower up to T = 256).
-            fine = es == 4 and rp_b >= _XA_FP32_FINE_MIN_RANK and isinstance(M, int) and M < _TUNE_MIN_M
+            fine = _fine_split(M, rp_b, es)
 
             def run_gh(cfg):
                 xa = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
