@@ -242,6 +242,31 @@ def test_forward_keeps_h_on_every_path(dtype, path, split_k, poison, monkeypatch
     _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_split_xa_summed_before_the_tma_hq(dtype, poison, monkeypatch):
+    """The pair a tuned plan may pick at rank 256: a split-K x·A, one _reduce of its partials into
+    h, then the TMA h·B over that h (forced here through the choice the timing would make):
+    forward, h kept, and the backward that reads it, against float64."""
+    if not tk._tma_device(torch.device("cuda")):
+        pytest.skip("the TMA h·B needs a Hopper GPU")
+    pick = tk._pick
+
+    def prefer_summed_tma(key, cands, make_run, allowed):
+        if key[0] == "xa_hq":
+            return next(c for c in cands if isinstance(c, str) and c.startswith("sum"))
+        tma = [c for c in cands if isinstance(c, tk._HqTCfg)]
+        return tma[0] if tma else pick(key, cands, make_run, allowed)
+
+    monkeypatch.setattr(tk, "_pick", prefer_summed_tma)
+    T, n_in, n_out, L, k = 4096, 8192, 8192, 2, 64
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    y, h = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, want_h=True, path="split")
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p.want_h)
+    assert plan.xa.split > 1 and plan.red is not None and plan.hq.fn is tk._hq_tma_kernel
+    _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h)
+
+
 @pytest.mark.parametrize("shape", [(4096, 8192, 8192, 2, 64), (3001, 4096, 4100, 1, 64)], ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_persistent_hq_at_full_size(shape, dtype, poison, monkeypatch):

@@ -1273,11 +1273,14 @@ class _ForwardPlan:
             h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
             return lambda: hq(h, y_t, *pb, b_t, h_o)
 
-        def run_pair(xa, hq):
+        def run_pair(xa, hq, red=None):
             h = xa.new_h(x.device)
             _ensure_tma(hq)
             h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
-            return lambda: (xa.launch(x, h, *pa), hq(h, y_t, *pb, b_t, h_o))
+            if red is None:
+                return lambda: (xa.launch(x, h, *pa), hq(h, y_t, *pb, b_t, h_o))
+            hr = torch.empty((M, self.R), device=x.device, dtype=dtype)
+            return lambda: (xa.launch(x, h, *pa), red(h, h, h, hr, h, h), hq(hr, y_t, *pb, b_t, y_t))
 
         def run_fused(cfg):
             fl = fused_for(cfg)
@@ -1306,20 +1309,31 @@ class _ForwardPlan:
                 key = ("hq_f", xa.split) + dims
                 hq_cfg = _pick(key, cands, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
                 alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) else None
-                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, alt)
-            sp = _pick(("xa_hq",) + dims, groups, lambda sp: run_pair(*pairs[sp][:2]), tune)
-            self.xa, self.hq, hq_cfg, alt = pairs[sp]
+                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, alt, None)
+            n = M * self.R
+            one = next((p for p in pairs.values() if p[0].split == 1 and isinstance(p[2], _HqTCfg)), None)
+            if one is not None:
+                # A split x·A whose partials one _reduce sums into h first, so that the TMA h·B,
+                # which reads h unsplit, can follow it: at rank 256 a split x·A fills the GPU where
+                # an unsplit one cannot, and the non-TMA h·B reading its partials was the slower
+                # half (H200, bf16, 8192², L = 2, k = 64, T = 4096, do_bench µs: x·A 64.8 unsplit,
+                # 44.1 in 4 splits; h·B 44.3 TMA, 97.1 over 4 partials).
+                for sp in [g for g in groups if pairs[g][0].split > 1]:
+                    red = _reduce_launch([(n, pairs[sp][0].split, n)], fast, trace)
+                    hv = _HView(1, n, self.R)
+                    pairs[f"sum{sp}"] = (pairs[sp][0], hq_for(hv, one[2]), one[2], one[3], red)
+            sp = _pick(("xa_hq",) + dims, list(pairs), lambda sp: run_pair(*pairs[sp][:2], pairs[sp][4]), tune)
+            self.xa, self.hq, hq_cfg, alt, self.red = pairs[sp]
             if alt is not None:
-                self.hq_alt = hq_for(self.xa, alt)
+                self.hq_alt = hq_for(_HView(1, n, self.R) if self.red is not None else self.xa, alt)
             split = self.xa.split
-            summed = _sum_first(M, split, self.R, 1, _REDUCE_FWD_ROW_BYTES)
-            if not summed and isinstance(hq_cfg, _HqCfg):
+            summed = self.red is None and _sum_first(M, split, self.R, 1, _REDUCE_FWD_ROW_BYTES)
+            if self.red is None and not summed and isinstance(hq_cfg, _HqCfg):
                 # (The partials every h·B program reads, summed over the programs.)
                 groups = _hq_groups(M, N, hq_cfg, n_sm)
                 summed = _sum_first(M, split, self.R * groups, M, _REDUCE_FWD_READ_BYTES)
             if summed:
                 # Sum the x·A partials once, into h in the operand dtype, for the h·B to read.
-                n = M * self.R
                 self.red = _reduce_launch([(n, self.xa.split, n)], fast, trace)
                 if isinstance(hq_cfg, _HqCfg):
                     hq_cfg = _hq_candidates(M, rp, es, summed=True)[0]
@@ -1330,10 +1344,7 @@ class _ForwardPlan:
             def run_path(p):
                 if p == "fused":
                     return run_fused(self.fused_cfg)
-                h = self.xa.new_h(x.device)
-                h_o = torch.empty((M, self.R), device=x.device, dtype=dtype) if want_h else y_t
-                _ensure_tma(self.hq)
-                return lambda: (self.xa.launch(x, h, *pa), self.hq(h, y_t, *pb, b_t, h_o))
+                return lambda: self._split(x, y_t, pa, pb, b_t)
 
             big = isinstance(M, int) and M >= _TUNE_MIN_M
             path = _pick(("path",) + dims, ["split", "fused"], run_path, tune) if big else "split"
@@ -1348,25 +1359,30 @@ class _ForwardPlan:
                 h_o = torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
             self.fused(x, y, *pa, *pb, b, h_o if h_o is not None else y)
         else:
-            h = self.xa.new_h(x.device)
-            self.xa.launch(x, h, *pa)
-            if self.red is not None:
-                hr = torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
-                self.red(h, h, h, hr, h, h)  # (unused slots: the partials, which NSEG = 1 never touches)
-                h = hr
-                h_o = hr if self.want_h else None
-                self.hq(h, y, *pb, b, y)
-                return (y, h_o) if self.want_h else y
-            if self.want_h:
-                h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
-            hq = self.hq
-            if self.hq_alt is not None:  # the TMA h·B, where its descriptor can span these factors
-                if _tma_pair_ok(*pb):
-                    _ensure_allocator()
-                else:
-                    hq = self.hq_alt
-            hq(h, y, *pb, b, h_o if h_o is not None else y)
+            h_o = self._split(x, y, pa, pb, b)
         return (y, h_o) if self.want_h else y
+
+    def _split(self, x: Tensor, y: Tensor, pa, pb, b: Tensor) -> Tensor | None:
+        """The split path into y: x·A, the sum of its partials where planned, then h·B. Returns
+        h = x·A in the operand dtype with ``want_h`` (else None)."""
+        h = self.xa.new_h(x.device)
+        self.xa.launch(x, h, *pa)
+        h_o = None
+        if self.red is not None:
+            hr = torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
+            self.red(h, h, h, hr, h, h)  # (unused slots: the partials, which NSEG = 1 never touches)
+            h = hr
+            h_o = hr if self.want_h else None
+        elif self.want_h:
+            h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
+        hq = self.hq
+        if self.hq_alt is not None:  # the TMA h·B, where its descriptor can span these factors
+            if _tma_pair_ok(*pb):
+                _ensure_allocator()
+            else:
+                hq = self.hq_alt
+        hq(h, y, *pb, b, h_o if h_o is not None and self.red is None else y)
+        return h_o
 
 
 class _HView(NamedTuple):
