@@ -267,6 +267,31 @@ def test_split_xa_summed_before_the_tma_hq(dtype, poison, monkeypatch):
     _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_split_gh_summed_before_its_consumers(dtype, poison, monkeypatch):
+    """The backward's g·Bᵀ split over `out` at large T (forced here through the choice the timing
+    would make), its partials summed once into gh before dx and dS1 read it: every gradient against
+    float64."""
+    pick = tk._pick
+
+    def prefer_split(key, cands, make_run, allowed):
+        if key[0] == "xa_g":
+            return next(c for c in cands if c.split > 1)
+        return pick(key, cands, make_run, allowed)
+
+    monkeypatch.setattr(tk, "_pick", prefer_split)
+    T, n_in, n_out, L, k = 4096, 8192, 8192, 2, 64
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    g = torch.randn(T, n_out, device="cuda", dtype=dtype)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True)
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._BackwardPlan))
+    assert plan.gh.split > 1 and plan.gh_red is not None
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+
+
 @pytest.mark.parametrize("shape", [(4096, 8192, 8192, 2, 64), (3001, 4096, 4100, 1, 64)], ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_persistent_hq_at_full_size(shape, dtype, poison, monkeypatch):

@@ -1498,28 +1498,45 @@ class _BackwardPlan:
             # (H200, graph µs, forward+backward at T = 1: 768→3072 28.4 → 24.6, 4096² 34.1 →
             # 29.4, 8192², L = 2, k = 64 55.9 → 49.7; no row slower up to T = 256).
             fine = _fine_split(M, rp_b, es)
+            r_b = sum(f.R for f in b)
+            # From _TUNE_MIN_M rows, split-K candidates too, each timed with the reduce that sums
+            # its partials into gh (M × R, operand dtype): their consumers then read the same gh
+            # as after an unsplit g·Bᵀ (at rank 256 an unsplit one leaves most SMs idle, as the
+            # forward's x·A does).
+            big = isinstance(M, int) and M >= _TUNE_MIN_M
 
             def run_gh(cfg):
                 xa = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace)
                 h = xa.new_h(dev)
-                return lambda: xa.launch(grad, h, *pb)
+                if xa.split == 1:
+                    return lambda: xa.launch(grad, h, *pb)
+                red = _reduce_launch([(M * r_b, xa.split, M * r_b)], fast, trace)
+                hr = torch.empty((M, r_b), device=dev, dtype=dtype)
+                return lambda: (xa.launch(grad, h, *pb), red(h, h, h, hr, h, h))
 
             key = ("xa_g", N, K, _sig(b), dtype, prec, bucket)
-            cfg = _pick(key, _xa_candidates(M, rp_b, es), run_gh, tune)
+            cfg = _pick(key, _xa_candidates(M, rp_b, es, splits=big), run_gh, tune)
             self.gh = _Xa(M, N, s_g, b, scale, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
-            gh_t = None
-            if tune:  # a real gh for the timing runs below
-                gh_t = self.gh.new_h(dev)
-                self.gh.launch(grad, gh_t, *pb)
             # The consumers (dx, dA) read gh as ``ghv``: its partials, or where each of their
-            # programs would read too many of them, one (M × R) tensor they are summed into first.
+            # programs would read too many of them (or at large T, any), one (M × R) tensor they
+            # are summed into first.
             ghv = self.gh
-            r_b = sum(f.R for f in b)
             hq_c = _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es)
-            if _sum_first(M, self.gh.split, r_b, hq_c[0].BLOCK_M if need_dx else M, 1 if fine else _REDUCE_BWD_BYTES):
-                self.gh_red = _reduce_launch([(M * r_b, self.gh.split, M * r_b)], fast, trace)
+            split = self.gh.split
+            if (big and split > 1) or _sum_first(
+                M, split, r_b, hq_c[0].BLOCK_M if need_dx else M, 1 if fine else _REDUCE_BWD_BYTES
+            ):
+                self.gh_red = _reduce_launch([(M * r_b, split, M * r_b)], fast, trace)
                 ghv = _HView(1, M * r_b, r_b)
                 hq_c = _hq_candidates(M, sum(_rank_pad(f.R) for f in a), es, summed=True)
+            gh_t = None
+            if tune:  # a real gh, as its consumers read it, for the timing runs below
+                gh_t = self.gh.new_h(dev)
+                self.gh.launch(grad, gh_t, *pb)
+                if self.gh_red is not None:
+                    ghr = torch.empty((M, r_b), device=dev, dtype=dtype)
+                    self.gh_red(gh_t, gh_t, gh_t, ghr, gh_t, gh_t)
+                    gh_t = ghr
             if need_dx:
                 def run_dx(cfg):
                     out = torch.empty((M, K), device=dev, dtype=dtype)
