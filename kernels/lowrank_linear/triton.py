@@ -866,7 +866,8 @@ def _xa_candidates(M, rp: int, es: int, splits: bool = False) -> list[_XaCfg]:
 
 def _hq_candidates(M, rp: int, es: int, summed: bool = False) -> list[_HqCfg]:
     """Configs of _hq for M rows and padded rank rp (both factors); ``summed``: its h is one
-    tensor of the operand dtype that split partials were summed into (below _TUNE_MIN_M rows)."""
+    tensor of the operand dtype that split partials were summed into (which changes the configs
+    below _TUNE_MIN_M rows only)."""
     if _INTERPRET:
         return [_HqCfg(16, 32, 4, 1)]
     fp32 = es == 4
