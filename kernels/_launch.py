@@ -6,11 +6,18 @@ tracing, so Inductor sees the kernel); later calls hand the compiled kernel its 
 as ``JITFunction.run`` does after its argument binding, specialization and cache lookup, all of
 which a fixed shape makes redundant. That is most of a launch's host time: tens of µs for a kernel
 of ~40 arguments, against a few µs for the direct call.
+
+:func:`compile_ahead` runs a plan's construction once with every launch only compiling its kernel,
+all of them at once on a thread pool (triton's ``AsyncCompileMode``), so that a plan that times
+dozens of candidate kernels compiles them in parallel rather than one after another.
 """
 
 from __future__ import annotations
 
+import contextvars
 import os
+from concurrent.futures import ThreadPoolExecutor
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -21,10 +28,19 @@ try:  # launch hooks, as JITFunction.run passes them (triton >= 3.4)
 except ImportError:  # pragma: no cover - older triton: no direct launches
     _knobs = None
 
-__all__ = ["FAST_LAUNCH", "Launch", "traced"]
+try:  # compiles on a thread pool (triton >= 3.5)
+    from triton.runtime import _async_compile
+except ImportError:  # pragma: no cover - older triton: kernels compile at their first launch
+    _async_compile = None
+
+__all__ = ["FAST_LAUNCH", "Launch", "compile_ahead", "compiling_ahead", "traced"]
 
 # Direct launches once a kernel has compiled. Off under the interpreter, which compiles nothing.
 FAST_LAUNCH = os.environ.get("TRITON_INTERPRET") != "1" and _knobs is not None
+
+# Set while compile_ahead runs a build: Launch calls then compile their kernel and launch nothing.
+_AHEAD: contextvars.ContextVar[bool] = contextvars.ContextVar("panther_compile_ahead", default=False)
+
 
 try:  # the current CUDA stream, as triton's CUDA driver reads it
     from torch._C import _cuda_getCurrentRawStream as _raw_stream
@@ -32,6 +48,52 @@ except ImportError:  # pragma: no cover - CPU-only torch: no direct launches hap
 
     def _raw_stream(idx):
         return torch.cuda.current_stream(idx).cuda_stream
+
+
+def _compile_threads() -> int:
+    """Threads compile_ahead uses: PANTHER_COMPILE_THREADS, else up to 16 (one per CPU). 0 or 1:
+    no compiling ahead."""
+    env = os.environ.get("PANTHER_COMPILE_THREADS")
+    if env is not None:
+        try:
+            return max(0, int(env))
+        except ValueError:
+            raise ValueError(f"PANTHER_COMPILE_THREADS must be an integer, got {env!r}") from None
+    return min(16, os.cpu_count() or 1)
+
+
+def compiling_ahead() -> bool:
+    """Whether the current code runs inside :func:`compile_ahead` (launches compile, run nothing)."""
+    return _AHEAD.get()
+
+
+def compile_ahead(build: Callable[[], object]) -> bool:
+    """Call ``build()`` once with every :class:`Launch` call compiling its kernel instead of
+    launching it, the compiles submitted together to a thread pool; return once they have all
+    finished (True), or at once (False) where that cannot help: under the interpreter, with triton
+    before ``AsyncCompileMode``, with fewer than 2 threads, or while a CUDA graph is captured.
+
+    ``build`` is meant to be built again for real right after: whatever it returns is dropped, an
+    exception it raises is swallowed (the real build raises it), and so is a kernel that fails to
+    compile (its first real launch compiles it again and reports the error). What it allocates is
+    freed when it returns."""
+    threads = _compile_threads()
+    if not FAST_LAUNCH or _async_compile is None or threads < 2 or _AHEAD.get():
+        return False
+    if _async_compile.active_mode.get() is not None:  # (someone else's, e.g. a compiler's)
+        return False
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        return False
+    token = _AHEAD.set(True)
+    try:
+        with ThreadPoolExecutor(threads) as pool, _async_compile.AsyncCompileMode(pool, ignore_errors=True):
+            try:
+                build()
+            except Exception:  # noqa: BLE001 - the real build that follows raises it
+                pass
+    finally:
+        _AHEAD.reset(token)
+    return True
 
 
 def traced(x: Tensor) -> bool:
@@ -67,6 +129,10 @@ class Launch:
         self.trace = trace
 
     def __call__(self, *tensors) -> None:
+        if _AHEAD.get():  # (compile_ahead: compile, do not launch)
+            if self.compiled is None and not self.trace:
+                self.fn.warmup(*tensors, *self.scalars, **self.meta, **self.opts, grid=self.grid)
+            return
         k = self.compiled
         if k is not None:
             args = (*tensors, *self.tail)

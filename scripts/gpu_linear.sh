@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
 # GPU checks and benchmark of the low-rank linear kernels, in one call of the device tool:
 #
-#   scripts/gpu_linear.sh [bench] [tests] [explore]      (default: bench tests)
+#   scripts/gpu_linear.sh [bench] [tests] [firstcall] [explore]      (default: bench tests)
 #
 # bench:   python -m panther bench linear (BENCH_ARGS, default: bf16 and fp32, the issue's shapes,
 #          CUDA-graph times too), table and JSON (with every candidate the plans timed) under $OUT.
 # tests:   the kernel tests (tests/test_kernels_lowrank_linear.py, now on CUDA) and the GPU-only
 #          tests (full sizes, direct launches, CUDA graphs, tuning, SKLinear training step,
 #          torch.compile): tests/test_gpu_linear.py; EXTRA_TESTS adds more test paths.
+# firstcall: scripts/first_call.py, the first call of tuning plans with and without compiling their
+#          candidates ahead, each in a fresh process with an empty triton cache.
 # hostprof: cProfile of the host side of forward+backward at T = 1.
 # explore: at the headline shape, fp32 "ieee" against "tf32x3" (time and error), and the previous
 #          kernel revision when .scratch/triton_prev.py is carried along.
@@ -39,6 +41,9 @@ for stage in $stages; do
     bench)
       timeout "${BENCH_LIMIT_S:-240}" python3 -m panther bench linear ${BENCH_ARGS:---dtype bf16,fp32 --shapes issue --graph} \
         --json "$OUT/bench.json" 2>&1 | tee "$OUT/bench.txt" || rc=1 ;;
+    firstcall)
+      timeout "${FIRSTCALL_LIMIT_S:-240}" python3 "$root/scripts/first_call.py" --json "$OUT/first_call.json" 2>&1 \
+        | tee "$OUT/first_call.txt" || rc=1 ;;
     explore)
       timeout "${EXPLORE_LIMIT_S:-240}" python3 - <<'PY' 2>&1 | tee "$OUT/explore.txt" || rc=1
 import importlib, time

@@ -206,6 +206,49 @@ def test_tuned_plans(dtype, poison):
     assert len(tk.TUNE_LOG) == timed  # T = 1500 is in the bucket of 2048
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_tuned_plans_compile_their_candidates_ahead(dtype, poison, monkeypatch):
+    """A tuning plan's first call builds it dry first (kernels._launch.compile_ahead): every kernel
+    its timing runs compiles then, in one parallel batch, and none compiles in the real build that
+    follows (its timing runs included). Forward and backward against float64."""
+    from triton import knobs
+
+    from panther.kernels import _launch
+
+    if _launch._async_compile is None or not hasattr(knobs.runtime, "jit_post_compile_hook"):
+        pytest.skip("this triton has no AsyncCompileMode or compile hook")
+    monkeypatch.setenv("PANTHER_COMPILE_THREADS", "4")
+    compiles = []  # (kernel, inside compile_ahead)
+    built = []  # len(compiles) when each plan's real build had finished
+
+    def hook(*args, **kwargs):
+        compiles.append((kwargs["fn"].name, _launch.compiling_ahead()))
+        return False
+
+    class Plans(dict):
+        def __setitem__(self, key, plan):
+            built.append(len(compiles))
+            super().__setitem__(key, plan)
+
+    monkeypatch.setattr(knobs.runtime, "jit_post_compile_hook", hook)
+    monkeypatch.setattr(tk, "_PLANS", Plans())
+    # Dimensions no other test uses, so that the kernels are new to this process.
+    T, n_in, n_out, L, k = 1040, 1128, 1352, 1, 24
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    y, h = tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, want_h=True)
+    n_fwd = len(compiles)
+    g = torch.randn_like(y)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True, h)
+    assert len(built) == 2 and len(tk._TUNED) > 0
+    for start, end in ((0, built[0]), (n_fwd, built[1])):  # (dry build, then real build)
+        assert end - start > 1 and all(inside for _, inside in compiles[start:end]), compiles[start:end]
+    _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+
+
 def _check_kept_h(x, S1s, S2s, U1s, U2s, b, y, h):
     """y and the kept h against float64, then the backward that reads h."""
     y_ref, h_ref = ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b]), want_h=True)

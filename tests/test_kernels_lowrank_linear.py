@@ -457,6 +457,17 @@ def test_misaligned_input(poison):
     assert not next(iter(tk._PLANS))[-1]  # planned as misaligned
 
 
+def test_compile_threads_setting_is_checked(monkeypatch):
+    from panther.kernels import _launch
+
+    monkeypatch.setenv("PANTHER_COMPILE_THREADS", "many")
+    with pytest.raises(ValueError, match="PANTHER_COMPILE_THREADS must be an integer, got 'many'"):
+        _launch.compile_ahead(lambda: None)
+    monkeypatch.setenv("PANTHER_COMPILE_THREADS", "0")
+    built = []
+    assert _launch.compile_ahead(lambda: built.append(1)) is False and built == []
+
+
 def test_launch_checks_its_arguments():
     with pytest.raises(AssertionError, match="launch of"):
         tk._Launch(tk._xa_kernel, (1,), 4, (1, 2), {}, {}, False, False)

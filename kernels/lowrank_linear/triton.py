@@ -53,7 +53,8 @@ import triton.testing
 from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
-from .._launch import Launch as _Launch, traced as _traced
+from .._launch import Launch as _Launch, compile_ahead as _compile_ahead, compiling_ahead as _compiling_ahead
+from .._launch import traced as _traced
 from . import reference
 
 
@@ -988,7 +989,20 @@ def _can_time(trace: bool, M) -> bool:
 
 def _pick(key, cands: list, make_run, allowed: bool):
     """The candidate to use for ``key``: the only one, the one timed before, or (first use, when
-    ``allowed``) the fastest of ``make_run(c)()`` timed with do_bench; else the first."""
+    ``allowed``) the fastest of ``make_run(c)()`` timed with do_bench; else the first.
+
+    Inside _compile_ahead (a plan's dry build) it times nothing: it runs every candidate that the
+    real build would time, so that their kernels compile together, and answers as above without
+    the timing (a later choice that depends on this one may compile a candidate the real build
+    never runs, or miss one, which then compiles when it is first launched)."""
+    if _compiling_ahead():
+        if allowed and key[-1] is not None and key not in _TUNED:
+            for c in cands:
+                try:
+                    make_run(c)()
+                except Exception:  # noqa: BLE001 - the real build times or drops it
+                    pass
+        return _tuned_among(key, cands)
     if len(cands) == 1:
         return cands[0]
     if key[-1] is None or not allowed:  # (the last entry is the T bucket: None for a symbolic T)
@@ -1661,11 +1675,16 @@ class _BackwardPlan:
 _PLANS: dict = {}
 
 
-def _plan(key, make):
+def _plan(key, make, M: int):
+    """The cached plan for ``key``, else ``make()``'s. A plan for M rows that times candidates
+    (M ≥ _TUNE_MIN_M) is built twice: once dry, so that the kernels its timing runs compile in
+    parallel (_compile_ahead), then for real."""
     plan = _PLANS.get(key)
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
+        if _TUNE and M >= _TUNE_MIN_M:
+            _compile_ahead(make)
         plan = _PLANS[key] = make()
     return plan
 
@@ -1732,7 +1751,7 @@ def sklinear_forward(
         return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
     aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
     key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned)
-    return _plan(key, lambda: make(False, aligned))(x, (S1s, U2s), (U1s, S2s), bias)
+    return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (S1s, U2s), (U1s, S2s), bias)
 
 
 def lowrank_forward(
@@ -1754,7 +1773,7 @@ def lowrank_forward(
         return make(True, False)(x, (A, A), (B, B), bias)
     aligned = _aligned(x, A, B, bias)
     key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned)
-    return _plan(key, lambda: make(False, aligned))(x, (A, A), (B, B), bias)
+    return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (A, A), (B, B), bias)
 
 
 def _backward(
@@ -1796,7 +1815,7 @@ def _backward(
     aligned = _aligned(grad, x, *fa_t, *fb_t, h)
     flags = (tuple(train_a), tuple(train_b), need_dx, need_db, have_h)
     key = (tag, _key(grad, x, *fa_t, *fb_t), x.dtype, x.device, _precision(x.dtype), flags, scale, aligned)
-    return _plan(key, lambda: make(False, aligned))(grad, x, pa, pb, fa_t, h)
+    return _plan(key, lambda: make(False, aligned), x.shape[0])(grad, x, pa, pb, fa_t, h)
 
 
 def sklinear_backward(
