@@ -206,6 +206,50 @@ def test_tuned_plans(dtype, poison):
     assert len(tk.TUNE_LOG) == timed  # T = 1500 is in the bucket of 2048
 
 
+def test_torch_compile_takes_tuned_configs(poison, monkeypatch):
+    """torch.compile of a model whose SKLinear sees T ≥ _TUNE_MIN_M rows: while tracing (where no
+    plan can time anything) the forward and backward ops time their candidates once on stand-in
+    tensors, and the traced plans take those choices, with the caller's RNG stream untouched. The
+    compiled model's output and gradients against eager; the stand-in timing ran once per op."""
+    monkeypatch.setattr(tk, "_TRACE_TUNED", set())
+    torch.manual_seed(0)
+    layer = _sklinear(1200, 1400, num_terms=1, low_rank=24, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(2, 700, 1200, device="cuda", dtype=torch.bfloat16)
+    monkeypatch.setattr(tk, "_TUNE", False)  # (the eager reference times nothing)
+    want = layer(x)
+    want.float().sum().backward()
+    want_grads = [p.grad.clone() for p in layer.parameters()]
+    layer.zero_grad()
+    monkeypatch.setattr(tk, "_TUNE", True)
+    monkeypatch.setattr(tk, "TUNE_LOG", {})
+    tk._PLANS.clear()
+    tk._TUNED.clear()
+    from panther.kernels import _launch
+
+    picks = []  # (key, choice, whether it was timed) of every untimed pick outside compile_ahead
+    tuned_among = tk._tuned_among
+
+    def record(key, cands):
+        choice = tuned_among(key, cands)
+        if not _launch.compiling_ahead():  # (a dry build's picks come before any timing)
+            picks.append((key, choice, key in tk._TUNED or key in tk.TUNE_LOG))
+        return choice
+
+    monkeypatch.setattr(tk, "_tuned_among", record)
+    rng = torch.cuda.get_rng_state()
+    compiled = torch.compile(layer, fullgraph=True)
+    got = compiled(x)
+    got.float().sum().backward()
+    assert torch.equal(torch.cuda.get_rng_state(), rng)
+    assert {k[0] for k in tk._TUNED} >= {"xa_hq", "xa_g"}
+    assert sorted(f for f, *_ in tk._TRACE_TUNED) == ["sklinear_backward", "sklinear_forward"]
+    traced = [p for p in picks if p[0][0] in ("xa_f", "hq_f", "xa_g", "hq_dx", "wg")]
+    assert traced and all(timed for *_, timed in traced), traced
+    assert_close(got, want, name="compiled y")
+    for p, w in zip(layer.parameters(), want_grads):
+        assert_close(p.grad, w, name="compiled grad")
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
 def test_tuned_plans_compile_their_candidates_ahead(dtype, poison, monkeypatch):
     """A tuning plan's first call builds it dry first (kernels._launch.compile_ahead): every kernel

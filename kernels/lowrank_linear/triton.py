@@ -43,6 +43,7 @@ fp32 accumulation everywhere; an fp32 product follows torch's TF32 setting for C
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import NamedTuple
 
@@ -51,11 +52,14 @@ import triton
 import triton.language as tl
 import triton.testing
 from torch import Tensor
+from torch.utils._python_dispatch import _disable_current_modes
 from triton.runtime.errors import OutOfResources
 
 from .._launch import Launch as _Launch, compile_ahead as _compile_ahead, compiling_ahead as _compiling_ahead
 from .._launch import traced as _traced
 from . import reference
+
+_log = logging.getLogger(__name__)
 
 
 __all__ = [
@@ -1025,6 +1029,51 @@ def _pick(key, cands: list, make_run, allowed: bool):
     return best
 
 
+# Calls already tuned on stand-ins while tracing: (function, operands' shapes/strides/dtypes, flags).
+_TRACE_TUNED: set = set()
+
+
+def _meta(a):
+    return (tuple(a.shape), a.stride(), a.dtype, a.device) if isinstance(a, Tensor) else a
+
+
+def _tune_while_tracing(fn, *args, **kwargs) -> None:
+    """Under tracing (torch.compile), where a plan cannot time anything: call ``fn`` once, outside
+    every tracing mode, on real tensors of the traced operands' shapes, strides and dtypes (random
+    values from a private generator, so the caller's RNG stream is untouched). Its eager plan times
+    the candidates, and the traced plan built next takes the choices it recorded (_tuned_among) as
+    if an eager call had come first. Only for static shapes of ≥ _TUNE_MIN_M rows (args[0]'s) on
+    CUDA, once per call signature; a failure here is logged and leaves the traced plan untuned."""
+    if not _TUNE:
+        return
+    tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
+    M = args[0].shape[0]
+    if not isinstance(M, int) or M < _TUNE_MIN_M or any(t.device.type != "cuda" for t in tensors):
+        return
+    if not all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride())):
+        return  # (a symbolic shape: no T bucket to tune)
+    key = (fn.__name__, tuple(_meta(a) for a in args), tuple((k, _meta(v)) for k, v in sorted(kwargs.items())))
+    if key in _TRACE_TUNED:
+        return
+    _TRACE_TUNED.add(key)
+    try:
+        with _disable_current_modes():
+            if torch.cuda.is_current_stream_capturing():
+                return
+            gen = torch.Generator(device=tensors[0].device).manual_seed(0)
+
+            def real(a):
+                if not isinstance(a, Tensor):
+                    return a
+                t = torch.empty_strided(tuple(a.shape), a.stride(), dtype=a.dtype, device=a.device)
+                return t.normal_(generator=gen)
+
+            fn(*map(real, args), **{k: real(v) for k, v in kwargs.items()})
+    except Exception as e:  # noqa: BLE001 - tracing goes on untuned
+        _log.warning("panther: timing %s for a traced call failed (%s: %s); its plan takes untuned configs",
+                     fn.__name__, type(e).__name__, e)  # fmt: skip
+
+
 def _tuned_among(key, cands: list):
     """The config timed fastest for ``key`` among ``cands`` (a traced plan's candidates leave out
     the TMA kernel, which the timing may have picked), else the first."""
@@ -1748,6 +1797,7 @@ def sklinear_forward(
         return _ForwardPlan(x, a, b, bias, scale, path, trace, fast, want_h)
 
     if _traced(x):
+        _tune_while_tracing(sklinear_forward, x, S1s, S2s, U1s, U2s, bias, want_h=want_h, path=path)
         return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
     aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
     key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned)
@@ -1770,6 +1820,7 @@ def lowrank_forward(
         return _ForwardPlan(x, [_plain_a(A)], [_plain_b(B)], bias, scale, path, trace, fast, want_h)
 
     if _traced(x):
+        _tune_while_tracing(lowrank_forward, x, A, B, bias, scale, want_h=want_h, path=path)
         return make(True, False)(x, (A, A), (B, B), bias)
     aligned = _aligned(x, A, B, bias)
     key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned)
@@ -1834,6 +1885,8 @@ def sklinear_backward(
     L, _, k = S1s.shape
     if L * k > MAX_RANK:
         return reference.sklinear_backward(grad, x, S1s, S2s, U1s, U2s, need_dx, need_dS, need_db, h)
+    if _traced(x):
+        _tune_while_tracing(sklinear_backward, grad, x, S1s, S2s, U1s, U2s, need_dx, need_dS, need_db, h)
 
     def make_factors():
         return (
@@ -1863,6 +1916,8 @@ def lowrank_backward(
     """(dx, dA, dB, db); see reference.lowrank_backward."""
     if A.shape[1] > MAX_RANK:
         return reference.lowrank_backward(grad, x, A, B, scale, need_dx, need_dA, need_dB, need_db, h)
+    if _traced(x):
+        _tune_while_tracing(lowrank_backward, grad, x, A, B, scale, need_dx, need_dA, need_dB, need_db, h)
     dx, da, dbs, db = _backward(
         grad, x, (A,), (B,), lambda: ([_plain_a(A)], [_plain_b(B)]), [need_dA], [need_dB], float(scale), need_dx,
         need_db, "lrb", h,

@@ -55,6 +55,7 @@ from torch import Tensor
 from triton.runtime.errors import OutOfResources
 
 from .._launch import Launch as _Launch
+from .._launch import compile_ahead as _compile_ahead
 from .._launch import traced as _traced
 from .reference import RELU_EPS
 
@@ -949,7 +950,10 @@ def _knobs() -> tuple:
     )  # fmt: skip
 
 
-def _plan(key, make):
+def _plan(key, make, args: tuple):
+    """The cached plan for ``key``, else ``make()``'s; a new plan is first called once with ``args``
+    in compile_ahead, so that the kernels of its launches compile in parallel, not one by one at
+    their first launch."""
     global _KNOBS
     knobs = _knobs()
     if knobs != _KNOBS:
@@ -960,6 +964,7 @@ def _plan(key, make):
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = make()
+        _compile_ahead(lambda: plan(*args))
         _PLANS[key] = plan
     return plan
 
@@ -1056,7 +1061,8 @@ def _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, chu
         return make(False, True)(q, k, v, omega, mptr)
     aligned = _aligned(q, k, v, omega, mask)
     key = ("fwd", _key(q, k, v, omega, mask), q.device, kernel_fn, causal, scale, chunk_size, aligned, chunked, stats)
-    return _plan(key, lambda: make(aligned, False))(q, k, v, omega, mptr)
+    call = (q, k, v, omega, mptr)
+    return _plan(key, lambda: make(aligned, False), call)(*call)
 
 
 def performer_attention_backward(
@@ -1122,7 +1128,8 @@ def _backward(grad, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_si
         return make(False, True)(grad, q, k, v, omega, mptr, *saved)
     aligned = _aligned(grad, q, k, v, omega, mask, *saved)
     key = ("bwd", _key(grad, q, k, v, omega, mask, out), q.device, kernel_fn, causal, scale, chunk_size, aligned, chunked)
-    return _plan(key, lambda: make(aligned, False))(grad, q, k, v, omega, mptr, *saved)
+    call = (grad, q, k, v, omega, mptr, *saved)
+    return _plan(key, lambda: make(aligned, False), call)(*call)
 
 
 class _ChunkedModules:
