@@ -8,6 +8,11 @@ reference runs in float64. The launchers are called directly: the ops pick Trito
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -455,6 +460,43 @@ def test_misaligned_input(poison):
     args[0] = x
     assert_close(tk.sklinear_forward(*args), ref.sklinear_forward(*_f64(args)))
     assert not next(iter(tk._PLANS))[-1]  # planned as misaligned
+
+
+# Compiles each named kernel for sm_90 (no GPU needed) with ``scale`` typed fp64, as Inductor's
+# launcher types a Python float, and prints the lines of its TTIR that hold an f64 tensor.
+_F64_PROBE = """
+import json, sys, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from panther.kernels.lowrank_linear import triton as tk
+values = dict(KT1=16, KT2=16, KT=16, HAS_SECOND=True, HAS_BIAS=True, HAS_DB=True, R1P=16, R2P=16, RP=16, PREC=0,
+              EVEN_K=True, SPLIT_H=1, WRITE_H=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64, EPI=2)
+out = {}
+for name in sys.argv[1:]:
+    fn = getattr(tk, name)
+    sig, consts = {}, {}
+    for p in fn.params:
+        if p.is_constexpr:
+            sig[p.name], consts[p.name] = "constexpr", values[p.name]
+        else:
+            sig[p.name] = "*bf16" if p.name.endswith("_ptr") else "fp64" if p.name == "scale" else "i32"
+    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
+                       options={"num_warps": 4, "num_stages": 2})
+    out[name] = [line.strip() for line in k.asm["ttir"].splitlines() if "xf64>" in line][:3]
+print(json.dumps(out))
+"""
+
+
+def test_scale_stays_fp32_when_the_launcher_types_it_fp64():
+    """Inductor's launcher (torch.compile) types the Python float ``scale`` as fp64, which made the
+    h·B epilogue fp64 arithmetic (H200: the compiled _hq_kernel took 41.5 µs against 20.8 eager).
+    Every kernel taking ``scale`` casts it to fp32 first: compiled for sm_90 with scale: fp64 (in
+    a subprocess, outside the interpreter; no GPU needed), none has an f64 tensor in its TTIR."""
+    names = ["_xa_kernel", "_hq_kernel", "_hq_persistent_kernel", "_hq_tma_kernel", "_fused_kernel", "_wgrad_kernel"]
+    env = {**os.environ, "TRITON_INTERPRET": "0"}
+    r = subprocess.run([sys.executable, "-c", _F64_PROBE, *names], env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert json.loads(r.stdout.strip().splitlines()[-1]) == {n: [] for n in names}
 
 
 def test_compile_threads_setting_is_checked(monkeypatch):
