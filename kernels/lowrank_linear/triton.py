@@ -1047,11 +1047,8 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     the candidates, and the traced plan built next takes the choices it recorded (_tuned_among) as
     if an eager call had come first. Only for static shapes of ≥ _TUNE_MIN_M rows (args[0]'s) on
     CUDA, once per call signature; a failure here is logged and leaves the traced plan untuned."""
-    if not _TUNE:
-        return
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
-    M = args[0].shape[0]
-    if not isinstance(M, int) or M < _TUNE_MIN_M or any(t.device.type != "cuda" for t in tensors):
+    if not _can_time(False, args[0].shape[0]) or any(t.device.type != "cuda" for t in tensors):
         return
     if not all(isinstance(d, int) for t in tensors for d in (*t.shape, *t.stride())):
         return  # (a symbolic shape: no T bucket to tune)
@@ -1061,8 +1058,6 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     _TRACE_TUNED.add(key)
     try:
         with _disable_current_modes():
-            if torch.cuda.is_current_stream_capturing():
-                return
             gen = torch.Generator(device=tensors[0].device).manual_seed(0)
 
             def real(a):
@@ -1735,7 +1730,7 @@ def _plan(key, make, M: int):
     if plan is None:
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
-        if _TUNE and M >= _TUNE_MIN_M:
+        if _can_time(False, M):
             _compile_ahead(make)
         plan = _PLANS[key] = make()
     return plan
