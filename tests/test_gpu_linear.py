@@ -379,6 +379,32 @@ def test_split_gh_summed_before_its_consumers(dtype, poison, monkeypatch):
         assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("shape", [(4096, 8192, 8192, 1, 16), (3001, 4097, 4100, 1, 64), (2048, 777, 3072, 2, 5)], ids=_id)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dx_and_da_in_one_pass_at_full_size(shape, dtype, poison, monkeypatch):
+    """The backward's dx and dS1 (dA) from one _dxa pass, forced at every config a plan may time
+    (the tuner takes it for 16-bit operands where it is faster), with x non-contiguous at the odd
+    shapes: every gradient against float64, for SKLinear and the plain op."""
+    T, n_in, n_out, L, k = shape
+    S1s, S2s, U1s, U2s, _ = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in + 3, device="cuda", dtype=dtype)[:, 3:] if n_in % 8 else torch.randn(T, n_in, device="cuda", dtype=dtype)
+    g = torch.randn(T, n_out, device="cuda", dtype=dtype)
+    A = (torch.randn(n_in, 2 * L * k, device="cuda") * n_in**-0.5).to(dtype)
+    B = (torch.randn(2 * L * k, n_out, device="cuda") * k**-0.5).to(dtype)
+    monkeypatch.setattr(tk, "_DXA_FORCE", True)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    want_lr = ref.lowrank_backward(*_f64([g, x, A, B]), 0.5, True, True, True, False)
+    for cfg in tk._dxa_candidates(2 * tk._rank_pad(L * k), dtype.itemsize):
+        monkeypatch.setattr(tk, "_dxa_candidates", lambda rp, es, cfg=cfg: [cfg])
+        tk._PLANS.clear()
+        got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True)
+        got_lr = tk.lowrank_backward(g, x, A, B, 0.5, True, True, True, False)
+        plans = [p for p in tk._PLANS.values() if isinstance(p, tk._BackwardPlan)]
+        assert len(plans) == 2 and all(p.dxa is not None and p.dxa.cfg == cfg for p in plans), cfg
+        for name, a, w in zip(("dx", "dS1s", "dS2s", "db", "dx lr", "dA lr", "dB lr"), (*got, *got_lr), (*want, *want_lr)):
+            assert_close(a, w, name=f"{name} {cfg}")
+
+
 @pytest.mark.parametrize("shape", [(4096, 8192, 8192, 2, 64), (3001, 4096, 4100, 1, 64)], ids=_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_persistent_hq_at_full_size(shape, dtype, poison, monkeypatch):

@@ -362,6 +362,36 @@ def test_backward_sums_gh_partials_first(dtype, need_dx, poison, monkeypatch):
             assert_close(a, w, name=name)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_backward_dx_and_da_in_one_pass(case, dtype, splits, poison, monkeypatch):
+    # dx = gh·Aᵀ and dA = xᵀ·gh from one _dxa launch (on the GPU a tuning candidate from T = 1024,
+    # here forced): SKLinear (dS1 only, two A factors) and the plain op (dA of its one factor), with
+    # x non-contiguous in some cases, dA split over T into partials under ``split``. Every gradient
+    # against float64, and the plans took the one-pass launch.
+    monkeypatch.setattr(tk, "_DXA_FORCE", True)
+    # (gh summed whenever split, so that _dxa can read it)
+    monkeypatch.setattr(tk, "_sum_first", lambda M, split, *rest: split > 1)
+    i = CASES.index(case)
+    x, S1s, S2s, U1s, U2s, _ = _layer(case, dtype, x_layout=["strided", "contiguous", "transposed", "contiguous"][i])
+    T, n_in, n_out, L, k = case
+    g = torch.randn(T, n_out, device=DEV).to(dtype)
+    got = tk.sklinear_backward(g, x, S1s, S2s, U1s, U2s, True, True, True)
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    for name, a, w in zip(("dx", "dS1s", "dS2s", "db"), got, want):
+        assert_close(a, w, name=name)
+    A = (torch.randn(n_in, 2 * k + 1, device=DEV) * n_in**-0.5).to(dtype)
+    B = (torch.randn(2 * k + 1, n_out, device=DEV) * k**-0.5).to(dtype)
+    got = tk.lowrank_backward(g, x, A, B, 0.75, True, True, True, False)
+    want = ref.lowrank_backward(*_f64([g, x, A, B]), 0.75, True, True, True, False)
+    for name, a, w in zip(("dx", "dA", "dB"), got, want):
+        assert_close(a, w, name=name)
+    plans = [p for p in tk._PLANS.values() if isinstance(p, tk._BackwardPlan)]
+    assert len(plans) == 2 and all(p.dxa is not None and p.dx is None for p in plans)
+    if splits == "split" and T > 16:
+        assert all(p.dxa.split > 1 for p in plans)
+
+
 @pytest.mark.parametrize("needs", [(True, False, False), (False, True, False), (False, False, True)], ids=str)
 def test_sklinear_backward_only_what_is_asked(needs, poison):
     args = _layer(CASES[2], torch.float32)[:5]

@@ -528,6 +528,63 @@ def _wgrad_kernel(
         tl.store(db_base + offs_n, colsum.to(db_ptr.dtype.element_ty), mask=n_mask)
 
 
+@triton.jit(do_not_specialize=["M"])
+def _dxa_kernel(
+    gh_ptr, x_ptr, dx_ptr, p1_ptr, p2_ptr, d1_ptr, d2_ptr,
+    M, K, R1, R2, T_PER_SPLIT,
+    s_ghm, s_xm, s_xk,
+    s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
+    s_d1split, s_d1l, s_d1i, s_d1c, s_d2split, s_d2l, s_d2i, s_d2c,
+    KT1: tl.constexpr, KT2: tl.constexpr, DKT1: tl.constexpr, DKT2: tl.constexpr, HAS_SECOND: tl.constexpr,
+    TRAIN1: tl.constexpr, TRAIN2: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # The backward's dx and dA in one pass over this program's columns (pid_k) of x and dx and its
+    # slice of T (pid_t): dx[t, cols] = gh1[t]·P1[cols]ᵀ + gh2[t]·P2[cols]ᵀ (gh = g·Bᵀ, unsplit,
+    # M × R1+R2, dx contiguous), and with TRAIN1 D1[cols] = Σ_t x[t, cols]ᵀ·gh1[t] (TRAIN2: D2 from
+    # gh2), written through the factor view (l, i, c) at partial pid_t. dx needs no reduction (gh
+    # holds the whole rank), so the x tile read for dA and the dx tile written come from the same
+    # rows: the reads and the writes of the two passes this replaces overlap in one.
+    pid_k = tl.program_id(0)
+    pid_t = tl.program_id(1)
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    k_mask = cols[None, :] < K
+    j1 = tl.arange(0, R1P)
+    j2 = tl.arange(0, R2P)
+    op_ty = x_ptr.dtype.element_ty
+    q1 = _load_q(p1_ptr, j1, cols, R1, K, KT1, s_p1l, s_p1i, s_p1c)
+    q2 = tl.zeros((R2P, BLOCK_K), dtype=op_ty)
+    if HAS_SECOND:
+        q2 = _load_q(p2_ptr, j2, cols, R2, K, KT2, s_p2l, s_p2i, s_p2c)
+    acc1 = tl.zeros((BLOCK_K, R1P), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_K, R2P), dtype=tl.float32)
+    t_lo = pid_t * T_PER_SPLIT
+    t_hi = tl.minimum(t_lo + T_PER_SPLIT, M)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        offs_t = t0 + tl.arange(0, BLOCK_T)
+        t_mask = offs_t[:, None] < t_hi
+        rows = offs_t.to(tl.int64)[:, None]
+        g1 = tl.load(gh_ptr + rows * s_ghm + j1[None, :], mask=t_mask & (j1[None, :] < R1), other=0.0)
+        dx = _dot(g1, q1, tl.zeros((BLOCK_T, BLOCK_K), dtype=tl.float32), PREC)
+        g2 = tl.zeros((BLOCK_T, R2P), dtype=op_ty)
+        if HAS_SECOND:
+            g2 = tl.load(gh_ptr + rows * s_ghm + R1 + j2[None, :], mask=t_mask & (j2[None, :] < R2), other=0.0)
+            dx = _dot(g2, q2, dx, PREC)
+        tl.store(dx_ptr + rows * K + cols[None, :], dx.to(dx_ptr.dtype.element_ty), mask=t_mask & k_mask)
+        x = tl.load(x_ptr + rows * s_xm + cols[None, :] * s_xk, mask=t_mask & k_mask, other=0.0)
+        if TRAIN1:
+            acc1 = _dot(tl.trans(x), g1, acc1, PREC)
+        if TRAIN2:
+            acc2 = _dot(tl.trans(x), g2, acc2, PREC)
+    c_mask = cols[:, None] < K
+    if TRAIN1:
+        ptrs = d1_ptr + pid_t.to(tl.int64) * s_d1split + cols[:, None] * s_d1i + _rank_off(j1, DKT1, s_d1l, s_d1c)[None, :]
+        tl.store(ptrs, acc1.to(d1_ptr.dtype.element_ty), mask=c_mask & (j1[None, :] < R1))
+    if TRAIN2:
+        ptrs = d2_ptr + pid_t.to(tl.int64) * s_d2split + cols[:, None] * s_d2i + _rank_off(j2, DKT2, s_d2l, s_d2c)[None, :]
+        tl.store(ptrs, acc2.to(d2_ptr.dtype.element_ty), mask=c_mask & (j2[None, :] < R2))
+
+
 @triton.jit
 def _reduce_seg(w_ptr, o_ptr, n, splits, s_split, blk, BLOCK: tl.constexpr, SB: tl.constexpr):
     # o[i] = Σ_{s < splits} w[s·s_split + i] for this block of i, rounded to o's dtype. SB partials
@@ -666,6 +723,14 @@ except ImportError:  # pragma: no cover - triton without device-side tensor desc
     _allocation = None
 # Tests set this to make every eligible forward plan use _hq_tma_kernel (at any T, untimed).
 _HQ_TMA_FORCE = False
+# Tests: the backward's dx and dA always through the one-pass _dxa where it applies (at any T).
+_DXA_FORCE = False
+# The plans time _dxa for 16-bit operands up to this padded rank (both A factors). Measured on the
+# H200 (do_bench µs of dx and dA with their partial sums, two passes → best _dxa): bf16 8192², k =
+# 16, T = 4096 52.3 → 45.8; 4096², k = 64 45.3 → 33.7 (T = 16384: 118.2 → 100.8); 768→3072, k = 64
+# 19.8 → 16.1. At rank 256 (8192², L = 2, k = 64) it lost (87.8 → 126.1 at best: its (BLOCK_K ×
+# 256) dA accumulator leaves narrow column blocks), and in fp32 (tf32x3) on all four layers.
+_DXA_MAX_RANK = 128
 _TMA_DEVICES: dict = {}
 
 
@@ -826,6 +891,17 @@ class _WgCfg(NamedTuple):
     stages: int
 
 
+class _DxaCfg(NamedTuple):
+    """A config of _dxa_kernel: rows a step, columns a program, warps, stages, and about how many
+    programs an SM the split over T aims for."""
+
+    BLOCK_T: int
+    BLOCK_K: int
+    warps: int
+    stages: int
+    per_sm: int = 2
+
+
 _SMEM = 200 * 1024  # shared memory a config may plan for (the H100/H200 give a block 227 KB)
 
 
@@ -973,6 +1049,27 @@ def _wg_candidates(M, rp: int, es: int) -> list[_WgCfg]:
         while bn > 32 and bn * rp > (2048 if fp32 else 4096) * c.warps:
             bn //= 2
         out.append(_WgCfg(bn, c.BLOCK_T, c.warps, _fit(c.BLOCK_T * (es * bn + 4 * rp), c.stages)))
+    return list(dict.fromkeys(out))
+
+
+def _dxa_candidates(rp: int, es: int) -> list[_DxaCfg]:
+    """Configs of _dxa for a padded rank rp (both A factors), element size es: a (BLOCK_T × BLOCK_K)
+    dx accumulator and a (BLOCK_K × rp) dA one, at most ~128 fp32 registers a thread together.
+
+    From a sweep on the H200 (bf16; 8192², k = 16; 4096², k = 64; 768→3072, k = 64; T = 4096 and
+    16384): 64-row steps on 4 warps won every time, 8 warps (64 × 128 or 128 × 64) never; two
+    programs an SM at T = 4096, four at T = 16384 (8192², k = 16: 188.7 against 147.7 µs)."""
+    if _INTERPRET:
+        return [_DxaCfg(16, 32, 4, 1)]
+    if es == 4:  # (the plans take _dxa in 16-bit only; fp32 here serves _DXA_FORCE)
+        return [_DxaCfg(32, 64, 4, 3)]
+    cands = [_DxaCfg(64, 128, 4, 3, per_sm=p) for p in (2, 4, 8)]
+    out = []
+    for c in cands:
+        bk = c.BLOCK_K
+        while bk > 32 and 4 * (c.BLOCK_T * bk + bk * rp) > 512 * 32 * c.warps:
+            bk //= 2
+        out.append(c._replace(BLOCK_K=bk, stages=_fit(es * c.BLOCK_T * (bk + rp), c.stages)))
     return list(dict.fromkeys(out))
 
 
@@ -1461,29 +1558,34 @@ class _Wgrad:
     shape), and db = Σ_t src when ``want_db``: one launch, into the final tensors or, split over
     T, into fp32 partials in workspaces of their own (summed by the backward's reduce launch)."""
 
-    def __init__(self, M, N, s_src, xa: _Xa, col0, f: Factor, scale, want_db, prec, n_sm, cfg: _WgCfg):
+    def __init__(self, M, N, s_src, xa: _Xa, col0, f: Factor, scale, want_db, prec, n_sm, cfg: _WgCfg | None, split=None):
+        # split: the number of slices of T, when another kernel (_dxa) writes this gradient (cfg
+        # None: then only the layout here is used).
         self.shape = tuple(f.t.shape)
         numel = 1
         for d in self.shape:
             numel *= d
         self.numel, self.N, self.want_db, self.cfg = numel, N, want_db, cfg
-        col_blocks = _cdiv(N, cfg.BLOCK_N)
-        split = 1
-        if col_blocks < 2 * n_sm:  # too few column blocks to fill the GPU: split the reduction over T
-            split = max(1, min(_cdiv(2 * n_sm, col_blocks), _cdiv(M, _T_GRANULE)))
+        if split is None:
+            col_blocks = _cdiv(N, cfg.BLOCK_N)
+            split = 1
+            if col_blocks < 2 * n_sm:  # too few column blocks to fill the GPU: split the reduction over T
+                split = max(1, min(_cdiv(2 * n_sm, col_blocks), _cdiv(M, _T_GRANULE)))
         t_per = _cdiv(_cdiv(M, split), _T_GRANULE) * _T_GRANULE
         split = _cdiv(M, t_per)
-        self.split = split
+        self.split, self.t_per = split, t_per
         # Partial strides in fp32 elements, multiples of 16 so every partial stays 64-byte aligned.
         self.d_pad = _cdiv(numel, 16) * 16
         self.db_pad = _cdiv(N, 16) * 16
         (s_l, s_long, s_c), kt = _view_of(f, self.shape)
         s_dsplit = self.d_pad if split > 1 else 0
         s_dbsplit = self.db_pad if split > 1 else 0
+        self.out_view = (s_dsplit, s_l, s_long, s_c)
+        self.kt = kt
         self._scalars = (M, N, f.R, t_per, col0, *s_src, xa.s_hs, xa.s_hm, s_dsplit, s_l, s_long, s_c, s_dbsplit,
                          float(scale))  # fmt: skip
-        self._meta = {"KT": kt, "HAS_DB": want_db, "RP": _rank_pad(f.R), "PREC": prec, "SPLIT_H": xa.split, "BLOCK_N": cfg.BLOCK_N,
-                          "BLOCK_T": cfg.BLOCK_T}  # fmt: skip
+        self._meta = {"KT": kt, "HAS_DB": want_db, "RP": _rank_pad(f.R), "PREC": prec, "SPLIT_H": xa.split,
+                          **({"BLOCK_N": cfg.BLOCK_N, "BLOCK_T": cfg.BLOCK_T} if cfg is not None else {})}  # fmt: skip
         self.launch = None
 
     def build(self, fast: bool, trace: bool) -> None:
@@ -1505,6 +1607,48 @@ class _Wgrad:
             self.launch(src, h, wd, wdb if wdb is not None else wd)
         else:
             self.launch(src, h, d, db if db is not None else d)
+
+
+class _Dxa:
+    """dx = gh·Aᵀ (M × K, contiguous) and dA_p = srcᵀ·gh_p for the A factors flagged in ``train``,
+    in one _dxa launch over an unsplit gh (M × ΣR, operand dtype). The dA_p are laid out as
+    :class:`_Wgrad` would write them (``self.wg``: (p, layout), into the final tensors or split over
+    T into fp32 partials that the backward's reduce sums)."""
+
+    def __init__(self, M, K, s_src, a: list[Factor], train: list[bool], prec, n_sm, cfg: _DxaCfg, fast, trace):
+        f1, f2, has2 = _pair(a)
+        R = f1.R + f2.R
+        col_blocks = _cdiv(K, cfg.BLOCK_K)
+        split = max(1, min(_cdiv(cfg.per_sm * n_sm, col_blocks), _cdiv(M, _T_GRANULE))) if isinstance(M, int) else 1
+        ghv = _HView(1, M * R, R)
+        self.wg: list[tuple[int, _Wgrad]] = []
+        col = 0
+        for p, f in enumerate(a):
+            if train[p]:
+                self.wg.append((p, _Wgrad(M, K, s_src, ghv, col, f, 1.0, False, prec, n_sm, None, split=split)))
+            col += f.R
+        if not self.wg:
+            raise ValueError("_Dxa needs a trainable A factor")
+        lay = dict(self.wg)
+        w1, w2 = lay.get(0), lay.get(1)
+        t_per = self.wg[0][1].t_per
+        nil = (0, 0, 0, 0)
+        self.cfg, self.split, self.slots = cfg, self.wg[0][1].split, (w1 is not None, w2 is not None)
+        self.launch = _Launch(
+            _dxa_kernel, (col_blocks, self.split), 7,
+            (M, K, f1.R, f2.R, t_per, R, *s_src, *f1.strides(), *f2.strides(), *(w1.out_view if w1 else nil),
+             *(w2.out_view if w2 else nil)),
+            {"KT1": f1.kt(), "KT2": f2.kt(), "DKT1": w1.kt if w1 else 16, "DKT2": w2.kt if w2 else 16, "HAS_SECOND": has2,
+                 "TRAIN1": w1 is not None, "TRAIN2": w2 is not None, "R1P": _rank_pad(f1.R), "R2P": _rank_pad(f2.R),
+                 "PREC": prec, "BLOCK_T": cfg.BLOCK_T, "BLOCK_K": cfg.BLOCK_K},
+            {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
+        )  # fmt: skip
+
+    def run(self, gh: Tensor, src: Tensor, dx: Tensor, pa, outs: dict) -> None:
+        """``outs``: {p: tensor dA_p writes into (its partials' workspace when split)}; an unused
+        slot gets ``src``, which the kernel then never touches (under torch.compile every tensor a
+        kernel writes must be an argument of its own)."""
+        self.launch(gh, src, dx, *pa, outs.get(0, src), outs.get(1, src))
 
 
 class _BackwardPlan:
@@ -1549,8 +1693,8 @@ class _BackwardPlan:
             cfg = _pick(key, cands, run, tune and h is not None)
             return _Wgrad(M, Nw, s_src, xa, col0, f, sc, want_db, prec, n_sm, cfg)
 
-        # gh = scale·g·Bᵀ, dx = gh·Aᵀ, dA_p = xᵀ·gh_p.
-        self.gh = self.dx = self.gh_red = None
+        # gh = scale·g·Bᵀ, dx = gh·Aᵀ, dA_p = xᵀ·gh_p (the last two separate, or in one _dxa).
+        self.gh = self.dx = self.gh_red = self.dxa = None
         self.wg_a: list[tuple[int, _Wgrad]] = []
         if need_dx or any(train_a):
             rp_b = sum(_rank_pad(f.R) for f in b)
@@ -1613,6 +1757,46 @@ class _BackwardPlan:
                 if train_a[p]:
                     self.wg_a.append((p, wgrad_for(K, s_x, ghv, col, f, 1.0, False, x, gh_t, "a")))
                 col += f.R
+            rp_a = sum(_rank_pad(f.R) for f in a)
+            if need_dx and self.wg_a and ghv.split == 1 and (_DXA_FORCE or (big and es < 4 and rp_a <= _DXA_MAX_RANK)):
+                # dx and dA in one pass (_dxa) against the two above, timed with the sums of their
+                # split dA partials: the one pass reads x while it writes dx.
+                def dxa_for(cfg):
+                    return _Dxa(M, K, s_x, a, list(train_a), prec, n_sm, cfg, fast, trace)
+
+                def run_dxa(cfg):
+                    out = torch.empty((M, K), device=dev, dtype=dtype)
+                    if cfg == "sep":
+                        wgs = self.wg_a
+                        for _, wg in wgs:
+                            wg.build(fast, trace)
+                    else:
+                        d = dxa_for(cfg)
+                        wgs = d.wg
+                    work = {p: (wg.workspaces(dev)[0], torch.empty(wg.shape, device=dev, dtype=dtype)) for p, wg in wgs}
+                    split = [(wg.numel, wg.split, wg.d_pad) for _, wg in wgs if wg.split > 1]
+                    red = _reduce_launch(split, fast, trace) if split else None
+                    ws = [w for p, (w, _) in work.items() if w is not None]
+                    outs = [o for p, (w, o) in work.items() if w is not None]
+
+                    def run():
+                        if cfg == "sep":
+                            self.dx(gh_t, out, *pa, out, out)
+                            for p, wg in wgs:
+                                wg.run(x, gh_t, work[p][0], None, work[p][1], None)
+                        else:
+                            d.run(gh_t, x, out, pa, {p: w if w is not None else o for p, (w, o) in work.items()})
+                        if red is not None:
+                            red(*ws, *[ws[0]] * (3 - len(ws)), *outs, *[ws[0]] * (3 - len(outs)))
+
+                    return run
+
+                cands = _dxa_candidates(rp_a, es)
+                key = ("dxa", N, K, _sig(a), tuple(train_a), dtype, prec, bucket)
+                cfg = _pick(key, cands if _DXA_FORCE else ["sep"] + cands, run_dxa, tune)
+                if cfg != "sep":
+                    self.dxa = dxa_for(cfg)
+                    self.dx, self.wg_a = None, []
 
         # h_p = x·A_p, dB_p = scale·h_pᵀ·g (+ db).
         self.sel = [p for p in range(len(b)) if train_b[p]]
@@ -1651,9 +1835,10 @@ class _BackwardPlan:
 
         # One reduce launch sums the partials of every split weight gradient.
         self.segs: list[tuple[str, int, _Wgrad]] = []  # ("a"|"b"|"db", factor index, wgrad)
-        for side, lst in (("a", self.wg_a), ("b", self.wg_b)):
+        for side, lst in (("a", self.wg_a), ("b", self.wg_b), ("a", self.dxa.wg if self.dxa is not None else [])):
             for p, wg in lst:
-                wg.build(fast, trace)
+                if wg.cfg is not None:  # (else _dxa writes it)
+                    wg.build(fast, trace)
                 if wg.split > 1:
                     self.segs.append((side, p, wg))
                     if wg.want_db:
@@ -1681,6 +1866,14 @@ class _BackwardPlan:
                 ghr = torch.empty((self.M, gh.shape[-1]), device=dev, dtype=dtype)
                 self.gh_red(gh, gh, gh, ghr, gh, gh)  # (unused slots: NSEG = 1 never touches them)
                 gh = ghr
+            if self.dxa is not None:
+                dx = torch.empty((self.M, self.K), device=dev, dtype=dtype)
+                outs = {}
+                for p, wg in self.dxa.wg:
+                    da[p] = torch.empty(wg.shape, device=dev, dtype=dtype)
+                    wd, wdb = work[wg] = wg.workspaces(dev)
+                    outs[p] = wd if wd is not None else da[p]
+                self.dxa.run(gh, x, dx, pa, outs)
             if self.dx is not None:
                 dx = torch.empty((self.M, self.K), device=dev, dtype=dtype)
                 self.dx(gh, dx, *pa, dx, dx)
