@@ -34,6 +34,10 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
   ``_reduce_kernel`` then sums the partials of every such output in one launch (and, at small T,
   the forward's x·A partials before the h·B at large rank, and the backward's g·Bᵀ partials
   before dx and dS1 read them: ``_sum_first``).
+* ``_dxa_kernel``  the backward's dx = gh·Aᵀ and dA = Xᵀ·gh in one pass over columns of x and dx
+  (gh unsplit: dx needs no reduction, so each program reads its x tile while it writes the same
+  rows of dx); dA split over T into fp32 partials as ``_wgrad`` splits it. A tuning candidate from
+  T = 1024 for 16-bit operands up to rank 128.
 
 The forward for training also returns h = x·A (``want_h``), and the backward takes it (``h``)
 instead of a pass over x to recompute it.
@@ -1056,14 +1060,15 @@ def _dxa_candidates(rp: int, es: int) -> list[_DxaCfg]:
     """Configs of _dxa for a padded rank rp (both A factors), element size es: a (BLOCK_T × BLOCK_K)
     dx accumulator and a (BLOCK_K × rp) dA one, at most ~128 fp32 registers a thread together.
 
-    From a sweep on the H200 (bf16; 8192², k = 16; 4096², k = 64; 768→3072, k = 64; T = 4096 and
+    From sweeps on the H200 (bf16; 8192², k = 16; 4096², k = 64; 768→3072, k = 64; T = 4096 and
     16384): 64-row steps on 4 warps won every time, 8 warps (64 × 128 or 128 × 64) never; two
-    programs an SM at T = 4096, four at T = 16384 (8192², k = 16: 188.7 against 147.7 µs)."""
+    programs an SM at T = 4096, four at T = 16384 (8192², k = 16: 188.0 against 146.8 µs), eight
+    never (150.7 there)."""
     if _INTERPRET:
         return [_DxaCfg(16, 32, 4, 1)]
     if es == 4:  # (the plans take _dxa in 16-bit only; fp32 here serves _DXA_FORCE)
         return [_DxaCfg(32, 64, 4, 3)]
-    cands = [_DxaCfg(64, 128, 4, 3, per_sm=p) for p in (2, 4, 8)]
+    cands = [_DxaCfg(64, 128, 4, 3, per_sm=p) for p in (2, 4)]
     out = []
     for c in cands:
         bk = c.BLOCK_K
@@ -1654,7 +1659,8 @@ class _Dxa:
 class _BackwardPlan:
     """dx, [dA_p], [dB_p], db of y = scale·(x·A)·B + b, for the factors flagged trainable.
 
-    gh = scale·g·Bᵀ (one pass over g, _xa) feeds dx = gh·Aᵀ (_hq) and dA_p = xᵀ·gh_p (_wgrad).
+    gh = scale·g·Bᵀ (one pass over g, _xa) feeds dx = gh·Aᵀ (_hq) and dA_p = xᵀ·gh_p (_wgrad), or
+    both in one pass (_dxa, where timed faster).
     h_p = x·A_p (one pass over x, only for the pairs whose B factor trains; none when the forward
     kept h = x·A, ``have_h``) feeds dB_p = scale·h_pᵀ·g (_wgrad), whose pass over g also sums db.
     Weight gradients split over T write fp32 partials that one _reduce launch sums into the final
