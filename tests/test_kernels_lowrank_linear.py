@@ -213,6 +213,40 @@ def test_tma_hq_falls_back_per_call(poison, monkeypatch):
     assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
 
 
+def test_stand_in_plans_leave_out_the_tma_hq(poison, monkeypatch):
+    # The stand-in call that tunes for a traced one (_NO_TMA set, as _tune_while_tracing sets it)
+    # plans without the TMA h·B, which a traced plan cannot launch, under a plan key and tuning
+    # keys of its own: an eager call of the same shapes after it still gets the TMA h·B. Both
+    # against float64.
+    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
+    args = _layer(TMA_CASES[0], torch.bfloat16)
+    want = ref.sklinear_forward(*_f64(args))
+    token = tk._NO_TMA.set(True)
+    try:
+        y_stand_in = tk.sklinear_forward(*args, path="split")
+    finally:
+        tk._NO_TMA.reset(token)
+    y_eager = tk.sklinear_forward(*args, path="split")
+    plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan)]
+    assert len(plans) == 2 and sorted(p.hq.fn is tk._hq_tma_kernel for p in plans) == [False, True]
+    assert_close(y_stand_in, want, name="y (stand-in)")
+    assert_close(y_eager, want, name="y (eager)")
+    monkeypatch.setattr(tk, "_TUNE", True)  # (the keys the two plans would time under)
+    seen = []
+    monkeypatch.setattr(tk, "_pick", lambda key, cands, make_run, allowed: seen.append(key) or cands[0])
+    for no_tma in (True, False):
+        token = tk._NO_TMA.set(no_tma)
+        try:
+            tk._ForwardPlan(args[0], [tk._stacked_long_mid(args[1]), tk._stacked_long_mid(args[4])],
+                            [tk._stacked_long_last(args[3]), tk._stacked_long_last(args[2])], args[5], 0.5, "split",
+                            False, False)  # fmt: skip
+        finally:
+            tk._NO_TMA.reset(token)
+    marked = [k for k in seen if "no_tma" in k]
+    assert marked and len(marked) == len(seen) - len(marked)
+
+
 def test_tma_hq_only_where_it_applies(monkeypatch):
     # Eligibility: 16-bit operands, out rows of 16 bytes, rows of B back to back with unit column
     # stride, a rank slice of 16 dividing both ranks; traced plans never take it (_tuned_among).

@@ -47,8 +47,10 @@ fp32 accumulation everywhere; an fp32 product follows torch's TF32 setting for C
 
 from __future__ import annotations
 
+import contextvars
 import logging
 import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import NamedTuple
 
 import torch
@@ -1136,6 +1138,9 @@ def _pick(key, cands: list, make_run, allowed: bool):
 
 # Calls already tuned on stand-ins while tracing: (function, operands' shapes/strides/dtypes, flags).
 _TRACE_TUNED: set = set()
+# Set while a stand-in call tunes for a traced one: its forward plans leave out the TMA h·B, which
+# traced plans cannot launch, and are cached and tuned apart from eager ones.
+_NO_TMA: contextvars.ContextVar[bool] = contextvars.ContextVar("panther_lowrank_no_tma", default=False)
 
 
 def _meta(a):
@@ -1147,7 +1152,8 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     every tracing mode, on real tensors of the traced operands' shapes, strides and dtypes (random
     values from a private generator, so the caller's RNG stream is untouched). Its eager plan times
     the candidates, and the traced plan built next takes the choices it recorded (_tuned_among) as
-    if an eager call had come first. Only for static shapes of ≥ _TUNE_MIN_M rows (args[0]'s) on
+    if an eager call had come first. The stand-in plans leave out the TMA h·B, as traced plans must
+    (_NO_TMA), and keep their plans and choices apart from eager ones. Only for static shapes of ≥ _TUNE_MIN_M rows (args[0]'s) on
     CUDA, once per call signature; a failure here is logged and leaves the traced plan untuned."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
     if not _can_time(False, args[0].shape[0]) or any(t.device.type != "cuda" for t in tensors):
@@ -1158,9 +1164,11 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     if key in _TRACE_TUNED:
         return
     _TRACE_TUNED.add(key)
-    try:
-        with _disable_current_modes():
-            gen = torch.Generator(device=tensors[0].device).manual_seed(0)
+    device = tensors[0].device
+
+    def stand_in_call():
+        with _disable_current_modes(), torch.cuda.device(device):
+            gen = torch.Generator(device=device).manual_seed(0)
 
             def real(a):
                 if not isinstance(a, Tensor):
@@ -1168,7 +1176,16 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
                 t = torch.empty_strided(tuple(a.shape), a.stride(), dtype=a.dtype, device=a.device)
                 return t.normal_(generator=gen)
 
+            _NO_TMA.set(True)  # (this thread's context only)
             fn(*map(real, args), **{k: real(v) for k, v in kwargs.items()})
+
+    try:
+        # On a thread of its own: the tracer's thread-local state stays behind. On the tracing
+        # thread every launch and do_bench step cost enough host time to show in the timings
+        # (H200, bf16 8192², k = 16, T = 4096: the split-2 x·A timed 54.0 µs there, 28.4 eager), which
+        # skewed the choices (4096², k = 64: the fused path, 72.5 µs compiled against 38.4 eager).
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(contextvars.copy_context().run, stand_in_call).result()
     except Exception as e:  # noqa: BLE001 - tracing goes on untuned
         _log.warning("panther: timing %s for a traced call failed (%s: %s); its plan takes untuned configs",
                      fn.__name__, type(e).__name__, e)  # fmt: skip
@@ -1396,6 +1413,11 @@ class _ForwardPlan:
         self.R = sum(f.R for f in a)
         self.want_h = want_h
         dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
+        no_tma = trace or _NO_TMA.get()
+        if no_tma and _tma_device(x.device):
+            # A plan that cannot take the TMA h·B (a traced one, and the stand-in timing for it)
+            # keeps its choices under keys of its own: the pairs an eager plan times assume it.
+            dims = ("no_tma",) + dims
         pa, pb = _ptrs(a), _ptrs(b)
         tune = _can_time(trace, M)
         if tune:  # buffers for the timing runs
@@ -1410,7 +1432,7 @@ class _ForwardPlan:
         # (whose distance the kernel's one descriptor spans; a call with tensors where it cannot
         # takes hq_alt, the fastest other h·B).
         tma = None
-        if not trace and _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
+        if not no_tma and _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
             tma = _tma_layout(b, N, dtype)
             if tma is not None and not _tma_pair_ok(*_ptrs(b)):
                 tma = None
@@ -1997,7 +2019,8 @@ def sklinear_forward(
         _tune_while_tracing(sklinear_forward, x, S1s, S2s, U1s, U2s, bias, want_h=want_h, path=path)
         return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
     aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
-    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned)
+    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned,
+           _NO_TMA.get())  # fmt: skip
     return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (S1s, U2s), (U1s, S2s), bias)
 
 
@@ -2020,7 +2043,8 @@ def lowrank_forward(
         _tune_while_tracing(lowrank_forward, x, A, B, bias, scale, want_h=want_h, path=path)
         return make(True, False)(x, (A, A), (B, B), bias)
     aligned = _aligned(x, A, B, bias)
-    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned)
+    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned,
+           _NO_TMA.get())  # fmt: skip
     return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (A, A), (B, B), bias)
 
 
