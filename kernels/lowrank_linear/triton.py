@@ -1153,8 +1153,9 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     values from a private generator, so the caller's RNG stream is untouched). Its eager plan times
     the candidates, and the traced plan built next takes the choices it recorded (_tuned_among) as
     if an eager call had come first. The stand-in plans leave out the TMA h·B, as traced plans must
-    (_NO_TMA), and keep their plans and choices apart from eager ones. Only for static shapes of ≥ _TUNE_MIN_M rows (args[0]'s) on
-    CUDA, once per call signature; a failure here is logged and leaves the traced plan untuned."""
+    (_NO_TMA), and keep their plans and choices apart from eager ones. Only for static shapes of
+    ≥ _TUNE_MIN_M rows (args[0]'s) on CUDA, once per call signature; a failure here is logged and
+    leaves the traced plan untuned."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
     if not _can_time(False, args[0].shape[0]) or any(t.device.type != "cuda" for t in tensors):
         return
@@ -1359,6 +1360,12 @@ def _reduce_launch(segs: list[tuple[int, int, int]], fast: bool, trace: bool) ->
         _reduce_kernel, (sum(nbs),), 6, (*ns, *sps, *sts, nbs[0], nbs[1]), {"NSEG": len(segs), "BLOCK": block, "SB": sb},
         {"num_warps": 4, "num_stages": 1}, fast, trace,
     )  # fmt: skip
+
+
+def _run_reduce(red: _Launch, ws: list[Tensor], outs: list[Tensor]) -> None:
+    """Launch ``red`` (_reduce_launch) on its partials' workspaces ``ws`` and outputs ``outs``, the
+    unused slots filled with ws[0] (no code reads or writes them)."""
+    red(*ws, *[ws[0]] * (3 - len(ws)), *outs, *[ws[0]] * (3 - len(outs)))
 
 
 def _fine_split(M, rp: int, es: int) -> bool:
@@ -1660,7 +1667,7 @@ class _Dxa:
         w1, w2 = lay.get(0), lay.get(1)
         t_per = self.wg[0][1].t_per
         nil = (0, 0, 0, 0)
-        self.cfg, self.split, self.slots = cfg, self.wg[0][1].split, (w1 is not None, w2 is not None)
+        self.cfg, self.split = cfg, self.wg[0][1].split
         self.launch = _Launch(
             _dxa_kernel, (col_blocks, self.split), 7,
             (M, K, f1.R, f2.R, t_per, R, *s_src, *f1.strides(), *f2.strides(), *(w1.out_view if w1 else nil),
@@ -1804,8 +1811,8 @@ class _BackwardPlan:
                     work = {p: (wg.workspaces(dev)[0], torch.empty(wg.shape, device=dev, dtype=dtype)) for p, wg in wgs}
                     split = [(wg.numel, wg.split, wg.d_pad) for _, wg in wgs if wg.split > 1]
                     red = _reduce_launch(split, fast, trace) if split else None
-                    ws = [w for p, (w, _) in work.items() if w is not None]
-                    outs = [o for p, (w, o) in work.items() if w is not None]
+                    ws = [w for w, _ in work.values() if w is not None]
+                    outs = [o for w, o in work.values() if w is not None]
 
                     def run():
                         if cfg == "sep":
@@ -1815,7 +1822,7 @@ class _BackwardPlan:
                         else:
                             d.run(gh_t, x, out, pa, {p: w if w is not None else o for p, (w, o) in work.items()})
                         if red is not None:
-                            red(*ws, *[ws[0]] * (3 - len(ws)), *outs, *[ws[0]] * (3 - len(outs)))
+                            _run_reduce(red, ws, outs)
 
                     return run
 
@@ -1928,9 +1935,7 @@ class _BackwardPlan:
                 wd, wdb = work[wg]
                 ws.append(wdb if side == "db" else wd)
                 outs.append(db if side == "db" else da[p] if side == "a" else dbs[p])
-            ws += [ws[0]] * (3 - len(ws))  # unused slots (no code reads or writes them)
-            outs += [ws[0]] * (3 - len(outs))
-            self.reduce(*ws, *outs)
+            _run_reduce(self.reduce, ws, outs)
         if self.need_db and not self.db_here:
             db = grad.sum(0)
         return dx, da, dbs, db
