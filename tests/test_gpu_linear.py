@@ -246,14 +246,71 @@ def test_torch_compile_takes_tuned_configs(poison, monkeypatch):
     traced = [p for p in picks if p[0][0] in ("xa_f", "hq_f", "xa_g", "hq_dx", "wg")]
     assert traced and all(timed for *_, timed in traced), traced
     if tk._tma_device(x.device):
-        # The forward's stand-in timing left out the TMA h·B, which the traced plan cannot launch,
-        # and recorded its choices under keys of their own.
+        # The forward's stand-in timing recorded its choices under keys of its own: a traced plan
+        # takes the TMA h·B with a descriptor per factor, the eager timing assumes PAIR.
         fwd = [k for k in tk.TUNE_LOG if k[0] in ("xa_f", "hq_f", "xa_hq")]
-        assert fwd and all("no_tma" in k for k in fwd), fwd
-        assert not any(isinstance(c, tk._HqTCfg) for k in fwd for c in tk.TUNE_LOG[k])
+        assert fwd and all("traced" in k for k in fwd), fwd
+        assert not any(isinstance(c, tk._HqTCfg) and c.pair for k in fwd for c in tk.TUNE_LOG[k])
     assert_close(got, want, name="compiled y")
     for p, w in zip(layer.parameters(), want_grads):
         assert_close(p.grad, w, name="compiled grad")
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_torch_compile_runs_the_tma_hq(dtype, poison, monkeypatch):
+    """Under torch.compile the traced plans take the TMA h·B (a descriptor per B factor) where the
+    timing picks it (forced here through that choice): its descriptors are built on the device in
+    a workspace that Inductor's launcher allocates. SKLinear's op (two B factors) with its
+    backward, and the plain op (one), against float64; a B factor that starts off a 16-byte
+    boundary keeps its traced plan off TMA and is still right."""
+    if not tk._tma_device(torch.device("cuda")):
+        pytest.skip("the TMA h·B needs a Hopper GPU")
+    pick = tk._pick
+
+    def prefer_tma(key, cands, make_run, allowed):
+        tma = [c for c in cands if isinstance(c, tk._HqTCfg)]
+        if tma:
+            return tma[0]
+        return cands[0] if key[0] == "xa_hq" else pick(key, cands, make_run, allowed)  # (unsplit x·A first)
+
+    built = []
+
+    class Recorded(tk._ForwardPlan):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            built.append(self)
+
+    monkeypatch.setattr(tk, "_pick", prefer_tma)
+    monkeypatch.setattr(tk, "_ForwardPlan", Recorded)
+    torch.manual_seed(0)
+    T, n_in, n_out, L, k = 1500, 1000, 1032, 2, 32
+    S1s, S2s, U1s, U2s, b = _factors(n_in, n_out, L, k, dtype)
+    x = torch.randn(T, n_in, device="cuda", dtype=dtype)
+    g = torch.randn(T, n_out, device="cuda", dtype=dtype)
+    leaves = [t.detach().requires_grad_() for t in (x, S1s, S2s, b)]
+    f = torch.compile(lambda x, S1, S2, bb: torch.ops.panther.sklinear(x, S1, S2, U1s, U2s, bb), fullgraph=True)
+    y = f(*leaves)
+    y.backward(g)
+    traced = [p for p in built if p.hq is not None and p.hq.trace]
+    assert traced and all(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["PAIR"] is False for p in traced)
+    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b])), name="compiled y")
+    want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
+    for name, t, w in zip(("dx", "dS1s", "dS2s", "db"), leaves, want):
+        assert_close(t.grad, w, name=f"compiled {name}")
+    A = (torch.randn(n_in, 96, device="cuda") * n_in**-0.5).to(dtype)
+    B = (torch.randn(96, n_out, device="cuda") * 96**-0.5).to(dtype)
+    built.clear()
+    y = torch.compile(lambda x, B: torch.ops.panther.lowrank_linear(x, A, B, b, 0.5), fullgraph=True)(x, B)
+    tma = [p.hq.fn is tk._hq_tma_kernel for p in built if p.hq is not None and p.hq.trace]
+    assert tma and all(tma)  # (one plan each time the op is traced)
+    assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="compiled y (one factor)")
+    buf = torch.empty(S2s.numel() + 1, device="cuda", dtype=dtype)
+    S2m = buf[1:].view(S2s.shape).copy_(S2s)
+    built.clear()
+    y = torch.compile(lambda x, S2: torch.ops.panther.sklinear(x, S1s, S2, U1s, U2s, b), fullgraph=True)(x, S2m)
+    tma = [p.hq.fn is tk._hq_tma_kernel for p in built if p.hq is not None and p.hq.trace]
+    assert tma and not any(tma)
+    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b])), name="compiled y (misaligned S2s)")
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)

@@ -169,22 +169,32 @@ def test_persistent_hq(case, dtype, splits, poison, monkeypatch):
 TMA_CASES = [(70, 33, 40, 2, 8), (129, 24, 72, 1, 32), (65, 17, 8, 3, 16)]
 
 
+@pytest.mark.parametrize("pair", [True, False], ids=["pair", "per_factor"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", TMA_CASES, ids=_id)
-def test_tma_hq(case, dtype, poison, monkeypatch):
+def test_tma_hq(case, dtype, pair, poison, monkeypatch):
     # _hq_tma_kernel (on the GPU the tuner's candidate for 16-bit h·B from T = 1024; forced here at
-    # any T): both B factors through its one descriptor, in either order in memory; one factor
-    # (lowrank); y and the kept h against float64.
+    # any T): both B factors through its one descriptor (PAIR, eager plans), in either order in
+    # memory, or through one each (traced plans; here the stand-in call's plan, which takes what a
+    # traced one does); one factor (lowrank); y and the kept h against float64.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)  # (row blocks fill the "GPU": x·A unsplit)
+    token = tk._STAND_IN.set(not pair)
+    try:
+        _check_tma_hq(case, dtype, pair)
+    finally:
+        tk._STAND_IN.reset(token)
+
+
+def _check_tma_hq(case, dtype, pair):
     i = TMA_CASES.index(case)
     x, S1s, S2s, U1s, U2s, b = _layer(case, dtype, bias=i != 1, x_layout="strided" if i == 2 else "contiguous")
-    if i == 1:  # S2s below U1s in memory: the descriptor's base is the second factor
+    if i == 1:  # S2s below U1s in memory: PAIR's descriptor's base is the second factor
         S2s, U1s = torch.stack([S2s, U1s]).unbind(0)
     args = (x, S1s, S2s, U1s, U2s, b)
     y, h = tk.sklinear_forward(*args, want_h=True, path="split")
     plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
-    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq_alt is not None
+    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq.meta["PAIR"] is pair and (plan.hq_alt is not None) is pair
     y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
     assert_close(y, y_ref, name="y")
     assert_close(h, h_ref, name="h")
@@ -193,7 +203,7 @@ def test_tma_hq(case, dtype, poison, monkeypatch):
     B = (torch.randn(2 * L * k, n_out, device=DEV) * (L * k) ** -0.5).to(dtype)
     y = tk.lowrank_forward(x, A, B, b, 0.5, path="split")
     plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p is not plan]
-    assert any(p.hq.fn is tk._hq_tma_kernel for p in plans)
+    assert any(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["PAIR"] is pair for p in plans)
     assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="y (lowrank)")
 
 
@@ -213,43 +223,64 @@ def test_tma_hq_falls_back_per_call(poison, monkeypatch):
     assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
 
 
-def test_stand_in_plans_leave_out_the_tma_hq(poison, monkeypatch):
-    # The stand-in call that tunes for a traced one (_NO_TMA set, as _tune_while_tracing sets it)
-    # plans without the TMA h·B, which a traced plan cannot launch, under a plan key and tuning
-    # keys of its own: an eager call of the same shapes after it still gets the TMA h·B. Both
+def test_stand_in_plans_take_the_tma_hq_per_factor(poison, monkeypatch):
+    # The stand-in call that tunes for a traced one (_STAND_IN set, as _tune_while_tracing sets it)
+    # plans the TMA h·B the way a traced plan takes it, a descriptor per B factor, under a plan key
+    # and tuning keys of its own; an eager call of the same shapes after it still gets PAIR. Both
     # against float64.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
     args = _layer(TMA_CASES[0], torch.bfloat16)
     want = ref.sklinear_forward(*_f64(args))
-    token = tk._NO_TMA.set(True)
+    token = tk._STAND_IN.set(True)
     try:
         y_stand_in = tk.sklinear_forward(*args, path="split")
     finally:
-        tk._NO_TMA.reset(token)
+        tk._STAND_IN.reset(token)
     y_eager = tk.sklinear_forward(*args, path="split")
     plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan)]
-    assert len(plans) == 2 and sorted(p.hq.fn is tk._hq_tma_kernel for p in plans) == [False, True]
+    assert [(p.hq.fn is tk._hq_tma_kernel, p.hq.meta["PAIR"]) for p in plans] == [(True, False), (True, True)]
     assert_close(y_stand_in, want, name="y (stand-in)")
     assert_close(y_eager, want, name="y (eager)")
     monkeypatch.setattr(tk, "_TUNE", True)  # (the keys the two plans would time under)
     seen = []
     monkeypatch.setattr(tk, "_pick", lambda key, cands, make_run, allowed: seen.append(key) or cands[0])
-    for no_tma in (True, False):
-        token = tk._NO_TMA.set(no_tma)
+    for stand_in in (True, False):
+        token = tk._STAND_IN.set(stand_in)
         try:
             tk._ForwardPlan(args[0], [tk._stacked_long_mid(args[1]), tk._stacked_long_mid(args[4])],
                             [tk._stacked_long_last(args[3]), tk._stacked_long_last(args[2])], args[5], 0.5, "split",
                             False, False)  # fmt: skip
         finally:
-            tk._NO_TMA.reset(token)
-    marked = [k for k in seen if "no_tma" in k]
+            tk._STAND_IN.reset(token)
+    marked = [k for k in seen if "traced" in k]
     assert marked and len(marked) == len(seen) - len(marked)
+
+
+def test_traced_plans_take_the_tma_hq_for_aligned_factors(monkeypatch):
+    # A traced plan (no data pointers) takes the TMA h·B, a descriptor per factor, where the B
+    # factors' storage offsets keep them 16-byte aligned, and not for a factor one element off.
+    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
+    x, S1s, S2s, U1s, U2s, b = _layer(TMA_CASES[0], torch.bfloat16)
+    S2m = torch.empty(S2s.numel() + 1, device=DEV, dtype=S2s.dtype)[1:].view(S2s.shape)
+    assert S2m.storage_offset() == 1
+
+    def traced(s2):
+        a = [tk._stacked_long_mid(S1s), tk._stacked_long_mid(U2s)]
+        return tk._ForwardPlan(x, a, [tk._stacked_long_last(U1s), tk._stacked_long_last(s2)], b, 0.5, "split",
+                               True, False)  # fmt: skip
+
+    aligned, off = traced(S2s), traced(S2m)
+    assert aligned.hq.fn is tk._hq_tma_kernel and aligned.hq.meta["PAIR"] is False and aligned.hq.trace
+    assert off.hq.fn is not tk._hq_tma_kernel
 
 
 def test_tma_hq_only_where_it_applies(monkeypatch):
     # Eligibility: 16-bit operands, out rows of 16 bytes, rows of B back to back with unit column
-    # stride, a rank slice of 16 dividing both ranks; traced plans never take it (_tuned_among).
+    # stride, a rank slice of 16 dividing both ranks, and without PAIR one rank for both factors. A
+    # traced plan takes the fastest config the stand-in timing recorded among its own candidates
+    # (_tuned_among).
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     _, _, S2s, U1s, _, _ = _layer(TMA_CASES[0], torch.float32)
     bf = [tk._stacked_long_last(U1s), tk._stacked_long_last(S2s)]
@@ -257,6 +288,11 @@ def test_tma_hq_only_where_it_applies(monkeypatch):
     assert tk._tma_layout(bf, 40, torch.bfloat16) == (40, 16)
     assert tk._tma_layout(bf, 36, torch.bfloat16) is None
     assert tk._tma_layout([tk._stacked_long_last(U1s[:, :6])], 40, torch.bfloat16) is None  # rank 12
+    wide = torch.randn(3, 16, 40, device=DEV)
+    one, three = tk._stacked_long_last(wide[:1]), tk._stacked_long_last(wide)
+    assert tk._tma_layout([one, three], 40, torch.bfloat16) == (40, 16)  # ranks 16 and 48
+    assert tk._tma_layout([one, three], 40, torch.bfloat16, pair=False) is None
+    assert tk._tma_layout([one, one], 40, torch.bfloat16, pair=False) == (40, 16)
     col_major = U1s.transpose(1, 2).contiguous().transpose(1, 2)  # long dim not of unit stride
     assert tk._tma_layout([tk._stacked_long_last(col_major)], 40, torch.bfloat16) is None
     key = ("hq_f", 1, "layer")
@@ -534,7 +570,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from panther.kernels.lowrank_linear import triton as tk
 values = dict(KT1=16, KT2=16, KT=16, HAS_SECOND=True, HAS_BIAS=True, HAS_DB=True, R1P=16, R2P=16, RP=16, PREC=0,
-              EVEN_K=True, SPLIT_H=1, WRITE_H=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64, EPI=2)
+              EVEN_K=True, SPLIT_H=1, WRITE_H=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64, EPI=2, PAIR=True)
 out = {}
 for name in sys.argv[1:]:
     fn = getattr(tk, name)

@@ -24,9 +24,9 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
 * ``_hq_persistent_kernel``  the same Y as a GEMM over the rank in slices, one or two programs an
   SM walking output tiles: a tuning candidate for ranks ≥ 64 (chosen for fp32 at rank 256).
 * ``_hq_tma_kernel``  that persistent GEMM with TMA copies for every load and store (descriptors
-  built on the device; both B factors through one 3-D descriptor): the tuned candidate for 16-bit
-  operands from T = 1024 on Hopper, in eager calls, where h is unsplit (chosen at ranks 128 and
-  256, and at T = 16384 of the headline layer).
+  built on the device; in eager calls both B factors through one 3-D descriptor, in traced ones a
+  descriptor per factor): the tuned candidate for 16-bit operands from T = 1024 on Hopper, where
+  h is unsplit (chosen at ranks 128 and 256, and at T = 16384 of the headline layer).
 * ``_fused_kernel``  both in one pass: each program keeps its rows of h in registers, so x is read
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
 * ``_wgrad_kernel``  D = scale·Xᵀ·h (N × R) for dS1/dS2 (dA/dB), optionally the column sums of X
@@ -409,33 +409,44 @@ def _hq_tma_kernel(
     M, N, R1, R2, NUM_PROGS,
     s_hm, s_q, s_b,
     scale,
-    HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    HAS_SECOND: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
     # The same y = scale·h·[Q1; Q2] + bias as _hq_persistent_kernel, with every load and store a TMA
     # copy (descriptors built on the device): h (M × R1+R2, unsplit) in (BLOCK_M × BLOCK_K) slices,
-    # y in EPI stores of (BLOCK_M × BLOCK_N/EPI), and both B factors (rows s_q apart, unit column
-    # stride) through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is the distance
-    # between the two tensors, the lower one its base. A branch between two descriptors inside the
-    # rank loop keeps Triton's pipeliner from prefetching the loads, and pointer loads of B cost
-    # more too (H200, 8192², L = 2, k = 64, T = 16384: 280 and 192 µs against 142). The host
-    # launches this kernel only where that distance is a positive multiple of 16 bytes below 2**40
-    # (TMA's stride rules; _tma_pair_ok). hout_ptr: unused (h is the unsplit one the plan keeps).
-    ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
-    d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
-    swap = d < 0
-    base = tl.where(swap, q2_ptr, q1_ptr)
-    # One factor (q2 is q1): any valid outer stride; the second slot is never read.
-    dist = tl.where(d == 0, R1 * s_q, tl.abs(d) // ES)
-    qd = tl.make_tensor_descriptor(base, shape=[2, tl.maximum(R1, R2), N], strides=[dist, s_q, 1],
-                                   block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
+    # y in EPI stores of (BLOCK_M × BLOCK_N/EPI), the B factors rows s_q apart, unit column stride.
+    # A branch between two descriptors inside the rank loop keeps Triton's pipeliner from
+    # prefetching the loads, and pointer loads of B cost more too (H200, 8192², L = 2, k = 64,
+    # T = 16384: 280 and 192 µs against 142). So:
+    # * PAIR: both B factors through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is
+    #   the distance between the two tensors, the lower one its base; one slice a step. The host
+    #   launches it only where that distance is a positive multiple of 16 bytes below 2**40 (TMA's
+    #   stride rules; _tma_pair_ok), which it checks per call: eager plans.
+    # * else a descriptor per factor, of one rank (R2 = R1: SKLinear's two terms), and each step
+    #   takes the same slice of both: traced plans, which cannot check a distance per call. Slower
+    #   than PAIR at ranks 128/256 (H200, bf16, T = 4096, do_bench µs: 8192², L = 2, k = 64: 55.0
+    #   against 43.6; 4096², k = 64: 24.7 against 21.3), faster than the non-TMA h·B there.
+    # hout_ptr: unused (h is the unsplit one the plan keeps).
     hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
     yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // EPI])
+    if PAIR:
+        ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
+        d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
+        swap = d < 0
+        base = tl.where(swap, q2_ptr, q1_ptr)
+        # One factor (q2 is q1): any valid outer stride; the second slot is never read.
+        dist = tl.where(d == 0, R1 * s_q, tl.abs(d) // ES)
+        qd = tl.make_tensor_descriptor(base, shape=[2, tl.maximum(R1, R2), N], strides=[dist, s_q, 1],
+                                       block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
+        KT1 = R1 // BLOCK_K
+        KT = KT1 + R2 // BLOCK_K
+    else:
+        q1d = tl.make_tensor_descriptor(q1_ptr, shape=[R1, N], strides=[s_q, 1], block_shape=[BLOCK_K, BLOCK_N])
+        q2d = tl.make_tensor_descriptor(q2_ptr, shape=[R1, N], strides=[s_q, 1], block_shape=[BLOCK_K, BLOCK_N])
+        KT = R1 // BLOCK_K
     pid = tl.program_id(0)
     n_pid_n = tl.cdiv(N, BLOCK_N)
     n_tiles = tl.cdiv(M, BLOCK_M) * n_pid_n
-    KT1 = R1 // BLOCK_K
-    KT = KT1 + R2 // BLOCK_K
     n_mine = tl.cdiv(n_tiles - pid, NUM_PROGS)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     # One flat loop over (tile, rank slice): the next tile's loads are issued under this one's epilogue.
@@ -444,10 +455,16 @@ def _hq_tma_kernel(
         kk = it % KT
         pm = tile // n_pid_n
         pn = tile % n_pid_n
-        second = kk >= KT1
-        h = hd.load([pm * BLOCK_M, kk * BLOCK_K])
-        q = qd.load([(second != swap).to(tl.int32), tl.where(second, kk - KT1, kk) * BLOCK_K, pn * BLOCK_N])
-        acc = _dot(h, q.reshape(BLOCK_K, BLOCK_N), acc, PREC)
+        if PAIR:
+            second = kk >= KT1
+            h = hd.load([pm * BLOCK_M, kk * BLOCK_K])
+            q = qd.load([(second != swap).to(tl.int32), tl.where(second, kk - KT1, kk) * BLOCK_K, pn * BLOCK_N])
+            acc = _dot(h, q.reshape(BLOCK_K, BLOCK_N), acc, PREC)
+        else:
+            acc = _dot(hd.load([pm * BLOCK_M, kk * BLOCK_K]), q1d.load([kk * BLOCK_K, pn * BLOCK_N]), acc, PREC)
+            if HAS_SECOND:
+                h2 = hd.load([pm * BLOCK_M, R1 + kk * BLOCK_K])
+                acc = _dot(h2, q2d.load([kk * BLOCK_K, pn * BLOCK_N]), acc, PREC)
         if kk == KT - 1:
             offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
             out = _scale_bias(acc, scale, bias_ptr, s_b, offs_n, N, HAS_BIAS).to(y_ptr.dtype.element_ty)
@@ -716,10 +733,10 @@ def _num_sms(device: torch.device) -> int:
     return n
 
 
-# TMA h·B (_hq_tma_kernel): Hopper and later, 16-bit operands, eager calls only. Descriptors built
-# on the device take their workspace from triton's allocator, a per-thread setting (a ContextVar)
-# that is unset by default; under torch.compile the kernels run from Inductor's launchers, which
-# this module cannot give one, so traced plans keep to the other kernels.
+# TMA h·B (_hq_tma_kernel): Hopper and later, 16-bit operands. Descriptors built on the device take
+# their workspace from triton's allocator, a per-thread setting (a ContextVar) that is unset by
+# default: eager calls set one (_ensure_allocator); under torch.compile Inductor's launcher sets its
+# own before it launches a kernel that asks for this workspace (torch 2.11 does).
 try:
     from triton.runtime import _allocation
 
@@ -776,16 +793,22 @@ def _tma_rows(f: Factor) -> int | None:
     return s_c
 
 
-def _tma_layout(b: list[Factor], N: int, dtype: torch.dtype) -> tuple[int, int] | None:
+def _tma_layout(b: list[Factor], N: int, dtype: torch.dtype, pair: bool = True) -> tuple[int, int] | None:
     """(row stride of the B factors, largest rank slice dividing both ranks) where _hq_tma_kernel
-    can read them, else None."""
+    can read them (without ``pair``: two factors only of one rank), else None."""
     if dtype not in (torch.bfloat16, torch.float16) or (2 * N) % 16:
         return None
     rows = {_tma_rows(f) for f in b}
-    if None in rows or len(rows) != 1:
+    if None in rows or len(rows) != 1 or (not pair and len({f.R for f in b}) != 1):
         return None
     bk = next((bk for bk in (64, 32, 16) if all(f.R % bk == 0 for f in b)), None)
     return None if bk is None else (rows.pop(), bk)
+
+
+def _offsets_aligned(*ts: Tensor) -> bool:
+    """Whether each tensor's offset into its storage is a multiple of 16 bytes: under tracing, where
+    there is no data pointer, what TMA's alignment rule can be checked against."""
+    return all(t.storage_offset() * t.element_size() % 16 == 0 for t in ts)
 
 
 def _tma_pair_ok(q1: Tensor, q2: Tensor) -> bool:
@@ -870,8 +893,9 @@ class _HqPCfg(NamedTuple):
 
 
 class _HqTCfg(NamedTuple):
-    """A config of _hq_tma_kernel: output tile, rank slice, warps, stages, programs per SM, and
-    the number of TMA stores the epilogue splits a tile's columns into."""
+    """A config of _hq_tma_kernel: output tile, rank slice, warps, stages, programs per SM, the
+    number of TMA stores the epilogue splits a tile's columns into, and PAIR (one descriptor over
+    both B factors, one slice a step; else one per factor, a slice of both a step)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -880,6 +904,7 @@ class _HqTCfg(NamedTuple):
     stages: int
     per_sm: int = 1
     epi: int = 1
+    pair: bool = True
 
 
 class _FusedCfg(NamedTuple):
@@ -1018,16 +1043,21 @@ def _hq_candidates(M, rp: int, es: int, summed: bool = False) -> list[_HqCfg]:
     return list(dict.fromkeys(out))
 
 
-def _hq_tma_candidates(bk: int) -> list[_HqTCfg]:
-    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit)."""
+def _hq_tma_candidates(bk: int, pair: bool = True) -> list[_HqTCfg]:
+    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit), with
+    one descriptor over both factors (``pair``, eager plans) or one per factor (traced plans)."""
     if _INTERPRET:
-        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2)]
+        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2, pair)]
     if bk == 64:
         # From sweeps on the H200 (8192², L = 2, k = 64; 4096², k = 64; 768→3072, k = 64; T = 4096
         # and 16384): the 128 × 256 tile in 8 warps with two half-width stores won every time, by
         # 3-25% over 128 × 128 tiles two programs an SM; 3 or 4 stages within 3% of each other.
-        return [_HqTCfg(128, 256, 64, 8, 4, 1, 2), _HqTCfg(128, 256, 64, 8, 3, 1, 2)]
-    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2), _HqTCfg(128, 128, bk, 4, 4, 2, 2)]
+        # Without PAIR a step loads slices of both factors, twice the shared memory a stage: 64-row
+        # slices in 2 stages and 32-row ones in 3 were the best there (4 stages of 64 do not fit).
+        if pair:
+            return [_HqTCfg(128, 256, 64, 8, 4, 1, 2), _HqTCfg(128, 256, 64, 8, 3, 1, 2)]
+        return [_HqTCfg(128, 256, 64, 8, 2, 1, 2, False), _HqTCfg(128, 256, 32, 8, 3, 1, 2, False)]
+    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2, pair), _HqTCfg(128, 128, bk, 4, 4, 2, 2, pair)]
 
 
 def _fused_candidates(rp: int, es: int) -> list[_FusedCfg]:
@@ -1138,9 +1168,9 @@ def _pick(key, cands: list, make_run, allowed: bool):
 
 # Calls already tuned on stand-ins while tracing: (function, operands' shapes/strides/dtypes, flags).
 _TRACE_TUNED: set = set()
-# Set while a stand-in call tunes for a traced one: its forward plans leave out the TMA h·B, which
-# traced plans cannot launch, and are cached and tuned apart from eager ones.
-_NO_TMA: contextvars.ContextVar[bool] = contextvars.ContextVar("panther_lowrank_no_tma", default=False)
+# Set while a stand-in call tunes for a traced one: its forward plans take the TMA h·B as traced
+# plans do (a descriptor per B factor, not PAIR), and are cached and tuned apart from eager ones.
+_STAND_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("panther_lowrank_stand_in", default=False)
 
 
 def _meta(a):
@@ -1152,8 +1182,8 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     every tracing mode, on real tensors of the traced operands' shapes, strides and dtypes (random
     values from a private generator, so the caller's RNG stream is untouched). Its eager plan times
     the candidates, and the traced plan built next takes the choices it recorded (_tuned_among) as
-    if an eager call had come first. The stand-in plans leave out the TMA h·B, as traced plans must
-    (_NO_TMA), and keep their plans and choices apart from eager ones. Only for static shapes of
+    if an eager call had come first. The stand-in plans take the TMA h·B as traced plans do
+    (_STAND_IN), and keep their plans and choices apart from eager ones. Only for static shapes of
     ≥ _TUNE_MIN_M rows (args[0]'s) on CUDA, once per call signature; a failure here is logged and
     leaves the traced plan untuned."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -1177,7 +1207,7 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
                 t = torch.empty_strided(tuple(a.shape), a.stride(), dtype=a.dtype, device=a.device)
                 return t.normal_(generator=gen)
 
-            _NO_TMA.set(True)  # (this thread's context only)
+            _STAND_IN.set(True)  # (this thread's context only)
             fn(*map(real, args), **{k: real(v) for k, v in kwargs.items()})
 
     try:
@@ -1300,8 +1330,8 @@ def _hq_launch(
         progs = max(1, min(tiles, cfg.per_sm * n_sm))
         return _Launch(
             _hq_tma_kernel, (progs,), 6, (M, N, f1.R, f2.R, progs, xa.s_hm, s_q, s_b, float(scale)),
-            {"HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K,
-                 "EPI": cfg.epi},
+            {"HAS_SECOND": has2, "PAIR": cfg.pair, "HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M,
+                 "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "EPI": cfg.epi},
             {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
         )  # fmt: skip
     if isinstance(cfg, _HqPCfg):
@@ -1420,11 +1450,11 @@ class _ForwardPlan:
         self.R = sum(f.R for f in a)
         self.want_h = want_h
         dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
-        no_tma = trace or _NO_TMA.get()
-        if no_tma and _tma_device(x.device):
-            # A plan that cannot take the TMA h·B (a traced one, and the stand-in timing for it)
-            # keeps its choices under keys of its own: the pairs an eager plan times assume it.
-            dims = ("no_tma",) + dims
+        traced = trace or _STAND_IN.get()
+        if traced and _tma_device(x.device):
+            # A traced plan (and the stand-in timing for it) takes the TMA h·B without PAIR, so it
+            # keeps its choices under keys of its own: the pairs an eager plan times assume PAIR.
+            dims = ("traced",) + dims
         pa, pb = _ptrs(a), _ptrs(b)
         tune = _can_time(trace, M)
         if tune:  # buffers for the timing runs
@@ -1435,14 +1465,20 @@ class _ForwardPlan:
             fine = _fine_split(M, rp, es)
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
 
-        # The TMA h·B: eager, on Hopper, for B factors it can read, and for these factor tensors
-        # (whose distance the kernel's one descriptor spans; a call with tensors where it cannot
-        # takes hq_alt, the fastest other h·B).
+        # The TMA h·B, on Hopper, for B factors it can read. Eager: PAIR, for these factor tensors
+        # (whose distance its one descriptor spans; a call with tensors where it cannot takes
+        # hq_alt, the fastest other h·B). Traced: a descriptor per factor, for factors 16-byte
+        # aligned by their storage offsets (Inductor copies a graph input it compiled as aligned
+        # that comes misaligned); under torch.compile Inductor's launcher gives the kernel the
+        # workspace its descriptors are built in.
         tma = None
-        if not no_tma and _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
-            tma = _tma_layout(b, N, dtype)
-            if tma is not None and not _tma_pair_ok(*_ptrs(b)):
-                tma = None
+        if _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
+            if not traced:
+                tma = _tma_layout(b, N, dtype)
+                if tma is not None and not _tma_pair_ok(*pb):
+                    tma = None
+            elif fast or (trace and _offsets_aligned(*pb)):
+                tma = _tma_layout(b, N, dtype, pair=False)
 
         def hq_for(xa, cfg):
             # (Unsplit, the h that _xa writes is already the one to keep.)
@@ -1498,10 +1534,11 @@ class _ForwardPlan:
                 xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
                 cands = hq_c
                 if tma is not None and xa.split == 1:  # (the TMA kernel reads h unsplit)
-                    cands = _hq_tma_candidates(tma[1]) if _HQ_TMA_FORCE else hq_c + _hq_tma_candidates(tma[1])
+                    tma_c = _hq_tma_candidates(tma[1], pair=not traced)
+                    cands = tma_c if _HQ_TMA_FORCE else hq_c + tma_c
                 key = ("hq_f", xa.split) + dims
                 hq_cfg = _pick(key, cands, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
-                alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) else None
+                alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) and hq_cfg.pair else None
                 pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, alt, None)
             n = M * self.R
             one = next((p for p in pairs.values() if p[0].split == 1 and isinstance(p[2], _HqTCfg)), None)
@@ -1569,11 +1606,9 @@ class _ForwardPlan:
         elif self.want_h:
             h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
         hq = self.hq
-        if self.hq_alt is not None:  # the TMA h·B, where its descriptor can span these factors
-            if _tma_pair_ok(*pb):
-                _ensure_allocator()
-            else:
-                hq = self.hq_alt
+        if self.hq_alt is not None and not _tma_pair_ok(*pb):  # (PAIR's descriptor cannot span these)
+            hq = self.hq_alt
+        _ensure_tma(hq)
         hq(h, y, *pb, b, h_o if h_o is not None and self.red is None else y)
         return h_o
 
@@ -2025,7 +2060,7 @@ def sklinear_forward(
         return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
     aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
     key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned,
-           _NO_TMA.get())  # fmt: skip
+           _STAND_IN.get())  # fmt: skip
     return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (S1s, U2s), (U1s, S2s), bias)
 
 
@@ -2049,7 +2084,7 @@ def lowrank_forward(
         return make(True, False)(x, (A, A), (B, B), bias)
     aligned = _aligned(x, A, B, bias)
     key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned,
-           _NO_TMA.get())  # fmt: skip
+           _STAND_IN.get())  # fmt: skip
     return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (A, A), (B, B), bias)
 
 
