@@ -424,8 +424,8 @@ def _hq_tma_kernel(
     #   stride rules; _tma_pair_ok), which it checks per call: eager plans.
     # * else a descriptor per factor, of one rank (R2 = R1: SKLinear's two terms), and each step
     #   takes the same slice of both: traced plans, which cannot check a distance per call. Slower
-    #   than PAIR at ranks 128/256 (H200, bf16, T = 4096, do_bench µs: 8192², L = 2, k = 64: 55.0
-    #   against 43.6; 4096², k = 64: 24.7 against 21.3), faster than the non-TMA h·B there.
+    #   than PAIR at ranks 128/256 (H200, bf16, T = 4096, do_bench µs: 8192², L = 2, k = 64: 54.7
+    #   against 43.6; 4096², k = 64: 23.8 against 21.3), faster than the non-TMA h·B there.
     # hout_ptr: unused (h is the unsplit one the plan keeps).
     hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
     yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // EPI])
