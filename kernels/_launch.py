@@ -7,6 +7,9 @@ as ``JITFunction.run`` does after its argument binding, specialization and cache
 which a fixed shape makes redundant. That is most of a launch's host time: tens of µs for a kernel
 of ~40 arguments, against a few µs for the direct call.
 
+:func:`f32_bits` / :func:`f32_of` carry float scalars into the kernels as int32 bits, so that triton's
+launcher and Inductor's generated code type every argument alike and compile one binary.
+
 :func:`compile_ahead` runs a plan's construction once with every launch only compiling its kernel,
 all of them at once on a thread pool (triton's ``AsyncCompileMode``), so that a plan that times
 dozens of candidate kernels compiles them in parallel rather than one after another.
@@ -16,10 +19,13 @@ from __future__ import annotations
 
 import contextvars
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 from torch.library import wrap_triton
 
@@ -33,7 +39,7 @@ try:  # compiles on a thread pool (triton >= 3.5)
 except ImportError:  # pragma: no cover - older triton: kernels compile at their first launch
     _async_compile = None
 
-__all__ = ["FAST_LAUNCH", "Launch", "compile_ahead", "compiling_ahead", "traced"]
+__all__ = ["FAST_LAUNCH", "Launch", "compile_ahead", "compiling_ahead", "f32_bits", "f32_of", "traced"]
 
 # Direct launches once a kernel has compiled. Off under the interpreter, which compiles nothing.
 FAST_LAUNCH = os.environ.get("TRITON_INTERPRET") != "1" and _knobs is not None
@@ -96,6 +102,27 @@ def compile_ahead(build: Callable[[], object]) -> bool:
     return True
 
 
+def f32_bits(x: float) -> int:
+    """The IEEE-754 binary32 encoding of ``x`` (rounded to nearest) as a signed 32-bit int, which
+    :func:`f32_of` turns back into that fp32 value inside a kernel. Raises ``OverflowError`` where
+    |x| is beyond the fp32 range.
+
+    The kernels take their float scalars this way because a Python float is typed fp32 by triton's
+    launcher but fp64 by the code Inductor generates under torch.compile: the same kernel then
+    compiles to two binaries. An fp64 parameter cast once to fp32 moved the compiled _hq_kernel
+    from 128 to 133 registers, 4 to 3 programs an SM, and 20.9 to 32.1 µs (H200, bf16, 4096²,
+    k = 64, T = 4096; the two cubins launched alike on the same buffers). An int32 is typed alike
+    by both, so eager calls, the stand-in timing of traced plans and the compiled graph run one
+    binary."""
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+@triton.jit
+def f32_of(bits):
+    """The fp32 value whose :func:`f32_bits` is ``bits`` (an int32 kernel argument)."""
+    return tl.cast(bits, tl.int32).to(tl.float32, bitcast=True)
+
+
 def traced(x: Tensor) -> bool:
     """Whether x is a tracing stand-in (FakeTensor, FunctionalTensor, ...): launches then go
     through wrap_triton and nothing is cached or timed."""
@@ -118,6 +145,8 @@ class Launch:
         rest = names[n_ptr + len(scalars) :]
         if len(names) != n_ptr + len(scalars) + len(meta) or set(rest) != set(meta):
             raise AssertionError(f"launch of {names} with {n_ptr} tensors, {len(scalars)} scalars, {sorted(meta)}")
+        if any(isinstance(s, float) for s in scalars):  # (would compile apart under Inductor: f32_bits)
+            raise AssertionError(f"launch of {fn.__name__} with a float scalar in {scalars}: pass f32_bits(x)")
         self.fn = fn
         self.grid = tuple(grid) + (1,) * (3 - len(grid))
         self.scalars = scalars

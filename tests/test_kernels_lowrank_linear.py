@@ -8,16 +8,14 @@ reference runs in float64. The launchers are called directly: the ops pick Trito
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 pytest.importorskip("triton")
 
+import triton
+import triton.language as tl
+from panther.kernels import _launch
 from panther.kernels.lowrank_linear import reference as ref
 from panther.kernels.lowrank_linear import triton as tk
 from panther_testing import assert_close
@@ -562,46 +560,65 @@ def test_misaligned_input(poison):
     assert not next(iter(tk._PLANS))[-1]  # planned as misaligned
 
 
-# Compiles each named kernel for sm_90 (no GPU needed) with ``scale`` typed fp64, as Inductor's
-# launcher types a Python float, and prints the lines of its TTIR that hold an f64 tensor.
-_F64_PROBE = """
-import json, sys, triton
-from triton.backends.compiler import GPUTarget
-from triton.compiler import ASTSource
-from panther.kernels.lowrank_linear import triton as tk
-values = dict(KT1=16, KT2=16, KT=16, HAS_SECOND=True, HAS_BIAS=True, HAS_DB=True, R1P=16, R2P=16, RP=16, PREC=0,
-              EVEN_K=True, SPLIT_H=1, WRITE_H=False, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64, BLOCK_T=64, EPI=2, PAIR=True)
-out = {}
-for name in sys.argv[1:]:
-    fn = getattr(tk, name)
-    sig, consts = {}, {}
-    for p in fn.params:
-        if p.is_constexpr:
-            sig[p.name], consts[p.name] = "constexpr", values[p.name]
-        else:
-            sig[p.name] = "*bf16" if p.name.endswith("_ptr") else "fp64" if p.name == "scale" else "i32"
-    k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", 90, 32),
-                       options={"num_warps": 4, "num_stages": 2})
-    out[name] = [line.strip() for line in k.asm["ttir"].splitlines() if "xf64>" in line][:3]
-print(json.dumps(out))
-"""
+@triton.jit
+def _f32_probe(bits_ptr, out_ptr, n, BLOCK: tl.constexpr):
+    i = tl.arange(0, BLOCK)
+    b = tl.load(bits_ptr + i, mask=i < n)
+    tl.store(out_ptr + i, _launch.f32_of(b), mask=i < n)
 
 
-def test_scale_stays_fp32_when_the_launcher_types_it_fp64():
-    """Inductor's launcher (torch.compile) types the Python float ``scale`` as fp64, which made the
-    h·B epilogue fp64 arithmetic (H200: the compiled _hq_kernel took 41.5 µs against 20.8 eager).
-    Every kernel taking ``scale`` casts it to fp32 first: compiled for sm_90 with scale: fp64 (in
-    a subprocess, outside the interpreter; no GPU needed), none has an f64 tensor in its TTIR."""
-    names = ["_xa_kernel", "_hq_kernel", "_hq_persistent_kernel", "_hq_tma_kernel", "_fused_kernel", "_wgrad_kernel"]
-    env = {**os.environ, "TRITON_INTERPRET": "0"}
-    r = subprocess.run([sys.executable, "-c", _F64_PROBE, *names], env=env, capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    assert json.loads(r.stdout.strip().splitlines()[-1]) == {n: [] for n in names}
+@triton.jit
+def _f32_scalar_probe(out_ptr, bits):
+    tl.store(out_ptr, _launch.f32_of(bits))
+
+
+def test_float_scalars_reach_the_kernels_as_fp32_bits(poison):
+    """f32_bits / f32_of: the fp32 value (rounded to nearest) comes back bit for bit, from a tensor
+    of bits and from a scalar argument, including a negative, a subnormal and 1 (which triton
+    specializes to a constant); a value beyond fp32 range is refused."""
+    vals = [0.5, 1 / 3, -2.75, 1e-40, 3.0e38, 0.0, -0.0, 1 / (2 * 3), 1.401298464324817e-45]
+    bits = [_launch.f32_bits(v) for v in vals]
+    assert bits[-1] == 1
+    want = torch.tensor(vals, dtype=torch.float32)
+    out = torch.full((len(vals),), float("nan"), device=DEV)
+    _f32_probe[(1,)](torch.tensor(bits, dtype=torch.int32, device=DEV), out, len(vals), BLOCK=16)
+    assert torch.equal(out.cpu().view(torch.int32), want.view(torch.int32))
+    for v, b in zip(vals, bits):
+        one = torch.full((1,), float("nan"), device=DEV)
+        _f32_scalar_probe[(1,)](one, b)
+        assert torch.equal(one.cpu().view(torch.int32), torch.tensor([v], dtype=torch.float32).view(torch.int32)), v
+    with pytest.raises(OverflowError):
+        _launch.f32_bits(1e39)
+
+
+def test_launches_take_no_float_scalars():
+    """A Python float is typed fp32 by triton's launcher and fp64 by Inductor's generated code, so
+    the same kernel would compile to two binaries (H200: the compiled _hq_kernel at 133 registers
+    against 128, 32.1 against 20.9 µs). Launch refuses one; the plans pass f32_bits."""
+    args = (1,) * 15  # M, K, R1, R2, K_PER_SPLIT, 10 strides
+    meta = {"KT1": 16, "KT2": 16, "HAS_SECOND": True, "R1P": 16, "R2P": 16, "PREC": 0, "EVEN_K": True, "BLOCK_M": 16, "BLOCK_K": 16}
+    tk._Launch(tk._xa_kernel, (1,), 4, (*args, _launch.f32_bits(0.5)), meta, {}, False, False)
+    with pytest.raises(AssertionError, match="float scalar"):
+        tk._Launch(tk._xa_kernel, (1,), 4, (*args, 0.5), meta, {}, False, False)
+
+
+def test_jit_helpers_keep_their_names():
+    """Inductor copies a user kernel's source and the @triton.jit functions it calls into its own
+    module under their ``__name__``; a helper imported under another name (``import f32_of as
+    _f32_of``) then fails to compile there with a NameError. Every JIT function a kernel module
+    holds is bound to its own name."""
+    import importlib
+
+    from triton.runtime.interpreter import InterpretedFunction
+
+    for mod in ("lowrank_linear.triton", "performer.triton", "performer.chunked", "performer.chunked_bwd"):
+        m = importlib.import_module(f"panther.kernels.{mod}")
+        for name, obj in vars(m).items():
+            if isinstance(obj, (triton.runtime.JITFunction, InterpretedFunction)):
+                assert obj.fn.__name__ == name, f"{mod}: {obj.fn.__name__} bound as {name}"
 
 
 def test_compile_threads_setting_is_checked(monkeypatch):
-    from panther.kernels import _launch
-
     monkeypatch.setenv("PANTHER_COMPILE_THREADS", "many")
     with pytest.raises(ValueError, match="PANTHER_COMPILE_THREADS must be an integer, got 'many'"):
         _launch.compile_ahead(lambda: None)

@@ -150,6 +150,7 @@ def _attend_probe(
     HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den and mq (BH, N)."""
+    rs, log2_sqrt_m, inv_sqrt_m, eps = triton_kernels._f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H

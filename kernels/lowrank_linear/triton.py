@@ -42,7 +42,9 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
 The forward for training also returns h = x·A (``want_h``), and the backward takes it (``h``)
 instead of a pass over x to recompute it.
 
-fp32 accumulation everywhere; an fp32 product follows torch's TF32 setting for CUDA matmuls.
+fp32 accumulation everywhere; an fp32 product follows torch's TF32 setting for CUDA matmuls. The
+kernels take ``scale`` as the int32 bits of its fp32 value (``scale_bits``; see
+``kernels/_launch.f32_bits``), so that Inductor compiles the same binary as an eager call.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ from torch.utils._python_dispatch import _disable_current_modes
 from triton.runtime.errors import OutOfResources
 
 from .._launch import Launch as _Launch, compile_ahead as _compile_ahead, compiling_ahead as _compiling_ahead
-from .._launch import traced as _traced
+from .._launch import f32_bits as _f32_bits, f32_of, traced as _traced
 from . import reference
 
 _log = logging.getLogger(__name__)
@@ -227,10 +229,8 @@ def _hq_tile(
 
 @triton.jit
 def _scale_bias(acc, scale, bias_ptr, s_b, offs_n, N, HAS_BIAS: tl.constexpr):
-    # scale·acc + bias[offs_n] in fp32 (the h·B epilogues, before rounding to y's dtype). The cast:
-    # Inductor's launcher types a Python float fp64, which made this epilogue fp64 arithmetic
-    # (compiled _hq_kernel 2x slower than eager, H200, 8192², k = 16, T = 4096: 41.5 vs 20.8 µs).
-    acc = acc * tl.cast(scale, tl.float32)
+    # scale·acc + bias[offs_n] in fp32 (the h·B epilogues, before rounding to y's dtype).
+    acc = acc * scale
     if HAS_BIAS:
         b = tl.load(bias_ptr + offs_n * s_b, mask=offs_n < N, other=0.0)
         acc = acc + b.to(tl.float32)[None, :]
@@ -289,12 +289,13 @@ def _xa_kernel(
     M, K, R1, R2, K_PER_SPLIT,
     s_xm, s_xk, s_hs, s_hm,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
-    scale,
+    scale_bits,
     KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, R1P: tl.constexpr, R2P: tl.constexpr,
     PREC: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # Partial pid_k of h: h[pid_k, :, 0:R1] = scale·x·P1, h[pid_k, :, R1:R1+R2] = scale·x·P2 over
     # this program's slice of K.
+    scale = f32_of(scale_bits)
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -309,7 +310,6 @@ def _xa_kernel(
     h_rows = h_ptr + pid_k.to(tl.int64) * s_hs + offs_m.to(tl.int64)[:, None] * s_hm
     m_mask = offs_m[:, None] < M
     j1 = tl.arange(0, R1P)
-    scale = tl.cast(scale, tl.float32)  # (fp64 under Inductor's launcher: see _scale_bias)
     tl.store(h_rows + j1[None, :], (acc1 * scale).to(h_ty), mask=m_mask & (j1[None, :] < R1))
     if HAS_SECOND:
         j2 = tl.arange(0, R2P)
@@ -322,7 +322,7 @@ def _hq_kernel(
     M, N, R1, R2, N_PER_PROG,
     s_hs, s_hm, s_ym, s_yn, s_b,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
-    scale,
+    scale_bits,
     KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
     R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, SPLIT_H: tl.constexpr, WRITE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -331,6 +331,7 @@ def _hq_kernel(
     # rows of h are loaded (summed over their partials, rounded to the operand dtype) once, then
     # kept in registers for every column block of the range. WRITE_H: the programs of the first
     # column range also store those rows of h (M × R1+R2, operand dtype) for the backward.
+    scale = f32_of(scale_bits)
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -358,7 +359,7 @@ def _hq_persistent_kernel(
     M, N, R1, R2, NUM_PROGS,
     s_hs, s_hm, s_ym, s_yn, s_b,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
-    scale,
+    scale_bits,
     KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
     PREC: tl.constexpr, SPLIT_H: tl.constexpr, WRITE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
@@ -370,6 +371,7 @@ def _hq_persistent_kernel(
     # and nothing overlapping its epilogue; the flattened tile loop lets the next tile's loads
     # start under this one's epilogue. WRITE_H: programs on the first column block also store h
     # (summed over its partials, operand dtype).
+    scale = f32_of(scale_bits)
     pid = tl.program_id(0)
     R = R1 + R2
     n_pid_n = tl.cdiv(N, BLOCK_N)
@@ -408,7 +410,7 @@ def _hq_tma_kernel(
     h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
     M, N, R1, R2, NUM_PROGS,
     s_hm, s_q, s_b,
-    scale,
+    scale_bits,
     HAS_SECOND: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
@@ -427,6 +429,7 @@ def _hq_tma_kernel(
     #   than PAIR at ranks 128/256 (H200, bf16, T = 4096, do_bench µs: 8192², L = 2, k = 64: 54.7
     #   against 43.6; 4096², k = 64: 23.8 against 21.3), faster than the non-TMA h·B there.
     # hout_ptr: unused (h is the unsplit one the plan keeps).
+    scale = f32_of(scale_bits)
     hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
     yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // EPI])
     if PAIR:
@@ -484,7 +487,7 @@ def _fused_kernel(
     s_xm, s_xk, s_ym, s_yn, s_b,
     s_p1l, s_p1i, s_p1c, s_p2l, s_p2i, s_p2c,
     s_q1l, s_q1n, s_q1c, s_q2l, s_q2n, s_q2c,
-    scale,
+    scale_bits,
     KT1: tl.constexpr, KT2: tl.constexpr, HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr,
     R1P: tl.constexpr, R2P: tl.constexpr, PREC: tl.constexpr, EVEN_K: tl.constexpr, WRITE_H: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -492,6 +495,7 @@ def _fused_kernel(
     # One row block: h = x·[P1 P2] over all of K (registers), then y = scale·h·[Q1; Q2] + bias
     # streamed out in column blocks. x is read once and y written once. WRITE_H: h is stored too
     # (M × R1+R2, operand dtype), for the backward.
+    scale = f32_of(scale_bits)
     pid_m = tl.program_id(0)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     acc1, acc2 = _xa_rows(
@@ -516,13 +520,14 @@ def _wgrad_kernel(
     x_ptr, h_ptr, d_ptr, db_ptr,
     M, N, R, T_PER_SPLIT, h_col0,
     s_xm, s_xn, s_hs, s_hm, s_dsplit, s_dl, s_dn, s_dc, s_dbsplit,
-    scale,
+    scale_bits,
     KT: tl.constexpr, HAS_DB: tl.constexpr, RP: tl.constexpr, PREC: tl.constexpr, SPLIT_H: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_T: tl.constexpr,
 ):
     # D[offs_n, j] = scale·Σ_t x[t, offs_n]·h[t, h_col0 + j] over this program's slice of T, written
     # through the factor view (l, n, c) at partial pid_t (pid_t·s_dsplit); db[offs_n] =
     # Σ_t x[t, offs_n] likewise when HAS_DB.
+    scale = f32_of(scale_bits)
     pid_n = tl.program_id(0)
     pid_t = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -542,7 +547,7 @@ def _wgrad_kernel(
         acc = _dot(tl.trans(x), h, acc, PREC)
         if HAS_DB:
             colsum += tl.sum(x.to(tl.float32), axis=0)
-    acc = acc * tl.cast(scale, tl.float32)  # (fp64 under Inductor's launcher: see _scale_bias)
+    acc = acc * scale
     d_base = d_ptr + pid_t.to(tl.int64) * s_dsplit
     ptrs = d_base + offs_n[:, None] * s_dn + _rank_off(j, KT, s_dl, s_dc)[None, :]
     tl.store(ptrs, acc.to(d_ptr.dtype.element_ty), mask=n_mask[:, None] & (j[None, :] < R))
@@ -1296,7 +1301,7 @@ class _Xa:
         even_k = K % BK == 0 and k_per % BK == 0
         self.launch = _Launch(
             _xa_kernel, (row_blocks, split), 4,
-            (M, K, R1, R2, k_per, *s_src, self.s_hs, self.s_hm, *f1.strides(), *f2.strides(), float(scale)),
+            (M, K, R1, R2, k_per, *s_src, self.s_hs, self.s_hm, *f1.strides(), *f2.strides(), _f32_bits(scale)),
             {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "R1P": _rank_pad(R1), "R2P": _rank_pad(R2), "PREC": prec,
                  "EVEN_K": even_k, "BLOCK_M": BM, "BLOCK_K": BK},
             {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
@@ -1329,7 +1334,7 @@ def _hq_launch(
         tiles = _cdiv(M, cfg.BLOCK_M) * _cdiv(N, cfg.BLOCK_N)
         progs = max(1, min(tiles, cfg.per_sm * n_sm))
         return _Launch(
-            _hq_tma_kernel, (progs,), 6, (M, N, f1.R, f2.R, progs, xa.s_hm, s_q, s_b, float(scale)),
+            _hq_tma_kernel, (progs,), 6, (M, N, f1.R, f2.R, progs, xa.s_hm, s_q, s_b, _f32_bits(scale)),
             {"HAS_SECOND": has2, "PAIR": cfg.pair, "HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M,
                  "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "EPI": cfg.epi},
             {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
@@ -1339,7 +1344,7 @@ def _hq_launch(
         progs = max(1, min(tiles, cfg.per_sm * n_sm))
         return _Launch(
             _hq_persistent_kernel, (progs,), 6,
-            (M, N, f1.R, f2.R, progs, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), float(scale)),
+            (M, N, f1.R, f2.R, progs, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), _f32_bits(scale)),
             {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "HAS_BIAS": has_bias, "PREC": prec, "SPLIT_H": xa.split,
                  "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K},
             {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
@@ -1349,7 +1354,7 @@ def _hq_launch(
     n_per = _cdiv(col_blocks, _hq_groups(M, N, cfg, n_sm)) * cfg.BLOCK_N
     return _Launch(
         _hq_kernel, (row_blocks, _cdiv(N, n_per)), 6,
-        (M, N, f1.R, f2.R, n_per, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), float(scale)),
+        (M, N, f1.R, f2.R, n_per, xa.s_hs, xa.s_hm, *s_y, s_b, *f1.strides(), *f2.strides(), _f32_bits(scale)),
         {"KT1": f1.kt(), "KT2": f2.kt(), "HAS_SECOND": has2, "HAS_BIAS": has_bias, "R1P": _rank_pad(f1.R), "R2P": _rank_pad(f2.R),
              "PREC": prec, "SPLIT_H": xa.split, "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_N": cfg.BLOCK_N},
         {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
@@ -1371,7 +1376,7 @@ def _fused_launch(M, K, N, s_x, s_y, a, b, has_bias, s_b, scale, prec, cfg: _Fus
     return _Launch(
         _fused_kernel, (_cdiv(M, cfg.BLOCK_M),), 8,
         (M, K, N, p1.R, p2.R, *s_x, *s_y, s_b, *p1.strides(), *p2.strides(), *q1.strides(), *q2.strides(),
-         float(scale)),
+         _f32_bits(scale)),
         {"KT1": kt1, "KT2": kt2, "HAS_SECOND": has2, "HAS_BIAS": has_bias, "R1P": _rank_pad(p1.R), "R2P": _rank_pad(p2.R),
              "PREC": prec, "EVEN_K": K % cfg.BLOCK_K == 0, "WRITE_H": write_h, "BLOCK_M": cfg.BLOCK_M, "BLOCK_K": cfg.BLOCK_K,
              "BLOCK_N": cfg.BLOCK_N},
@@ -1652,7 +1657,7 @@ class _Wgrad:
         self.out_view = (s_dsplit, s_l, s_long, s_c)
         self.kt = kt
         self._scalars = (M, N, f.R, t_per, col0, *s_src, xa.s_hs, xa.s_hm, s_dsplit, s_l, s_long, s_c, s_dbsplit,
-                         float(scale))  # fmt: skip
+                         _f32_bits(scale))  # fmt: skip
         self._meta = {"KT": kt, "HAS_DB": want_db, "RP": _rank_pad(f.R), "PREC": prec, "SPLIT_H": xa.split,
                           **({"BLOCK_N": cfg.BLOCK_N, "BLOCK_T": cfg.BLOCK_T} if cfg is not None else {})}  # fmt: skip
         self.launch = None

@@ -41,6 +41,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._launch import Launch as _Launch
+from .._launch import f32_bits as _f32_bits
 from . import triton as _tri
 from .reference import RELU_EPS
 from .triton import (
@@ -614,7 +615,7 @@ class ChunkScan:
         self.reverse = reverse
         self.device = x.device
         interp = x.device.type == "cpu"
-        scal = (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS)
+        scal = tuple(_f32_bits(v) for v in (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS))
         meta = {
             "BN": chunk, "BD": self.BD, "BE": self.BE, "BMT": self.BMT, "SOFTMAX": kernel_fn == "softmax",
             "QUERY": query, "HAS_MASK": has_mask and not query, "WEIGHTED": weighted, "REVERSE": reverse,

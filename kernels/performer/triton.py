@@ -56,6 +56,8 @@ from triton.runtime.errors import OutOfResources
 
 from .._launch import Launch as _Launch
 from .._launch import compile_ahead as _compile_ahead
+from .._launch import f32_bits as _f32_bits
+from .._launch import f32_of
 from .._launch import traced as _traced
 from .reference import RELU_EPS
 
@@ -181,8 +183,9 @@ def _mm(a, b, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
 
 @triton.jit
 def _f32(a, b, c, d):
-    """Scalar arguments as fp32 (Inductor's launcher may type Python floats as fp64)."""
-    return tl.cast(a, tl.float32), tl.cast(b, tl.float32), tl.cast(c, tl.float32), tl.cast(d, tl.float32)
+    """The four float scalars a kernel takes as fp32 bits (``_launch.f32_bits``: Inductor would type
+    Python floats fp64, and compile a binary of its own)."""
+    return f32_of(a), f32_of(b), f32_of(c), f32_of(d)
 
 
 @triton.jit
@@ -677,7 +680,7 @@ def _reduce_kernel(
         tl.store(S_OUT + bh * BM * BE + tile, _cast(acc, S_OUT.dtype.element_ty, INTERP))
         tl.store(Z_OUT + bh * BM + offs_m, accz)
     if MODE == 1 and tl.program_id(1) == 0:
-        tl.store(C_OUT + bh, cmax + tl.cast(log2_sqrt_m, tl.float32))
+        tl.store(C_OUT + bh, cmax + f32_of(log2_sqrt_m))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -784,7 +787,7 @@ class _Cfg:
             "HAS_MASK": key_mask is not None, "FEAT_F32": feat_f32, "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
             "INTERP": self.interp,
         }  # fmt: skip
-        self.scal = (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS)
+        self.scal = tuple(_f32_bits(v) for v in (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS))
         self.small = self.BM * max(self.BE, BDF) < 128 * 64
         self.settings = TUNED if not feat_f32 and max(BDF, self.BE) <= 64 and self.BM <= 256 else SAFE
         # Software-pipelining depth: the loop's loads (ω, q/k, v tiles; every block of them when
