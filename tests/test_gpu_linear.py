@@ -237,7 +237,9 @@ def test_torch_compile_takes_tuned_configs(poison, monkeypatch):
 
     monkeypatch.setattr(tk, "_tuned_among", record)
     rng = torch.cuda.get_rng_state()
-    compiled = torch.compile(layer, fullgraph=True)
+    # dynamic=False: the stand-in timing needs static shapes, which Dynamo's automatic dynamic
+    # shapes would drop had another test compiled SKLinear.forward at other shapes first.
+    compiled = torch.compile(layer, fullgraph=True, dynamic=False)
     got = compiled(x)
     got.float().sum().backward()
     assert torch.equal(torch.cuda.get_rng_state(), rng)
@@ -247,10 +249,10 @@ def test_torch_compile_takes_tuned_configs(poison, monkeypatch):
     assert traced and all(timed for *_, timed in traced), traced
     if tk._tma_device(x.device):
         # The forward's stand-in timing recorded its choices under keys of its own: a traced plan
-        # takes the TMA h·B with a descriptor per factor, the eager timing assumes PAIR.
+        # takes the TMA h·B that checks its B descriptor's span itself, and no hq_alt.
         fwd = [k for k in tk.TUNE_LOG if k[0] in ("xa_f", "hq_f", "xa_hq")]
         assert fwd and all("traced" in k for k in fwd), fwd
-        assert not any(isinstance(c, tk._HqTCfg) and c.pair for k in fwd for c in tk.TUNE_LOG[k])
+        assert not any(isinstance(c, tk._HqTCfg) and not c.device_check for k in fwd for c in tk.TUNE_LOG[k])
     assert_close(got, want, name="compiled y")
     for p, w in zip(layer.parameters(), want_grads):
         assert_close(p.grad, w, name="compiled grad")
@@ -258,11 +260,12 @@ def test_torch_compile_takes_tuned_configs(poison, monkeypatch):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 def test_torch_compile_runs_the_tma_hq(dtype, poison, monkeypatch):
-    """Under torch.compile the traced plans take the TMA h·B (a descriptor per B factor) where the
-    timing picks it (forced here through that choice): its descriptors are built on the device in
-    a workspace that Inductor's launcher allocates. SKLinear's op (two B factors) with its
-    backward, and the plain op (one), against float64; a B factor that starts off a 16-byte
-    boundary keeps its traced plan off TMA and is still right."""
+    """Under torch.compile the traced plans take the TMA h·B (its B descriptor's span checked by
+    the kernel) where the timing picks it (forced here through that choice): its descriptors are
+    built on the device in a workspace that Inductor's launcher allocates. SKLinear's op (two B
+    factors) with its backward, and the plain op (one), against float64; B factors the one
+    descriptor cannot span (the same memory twice) take the kernel's fallback; a B factor that
+    starts off a 16-byte boundary keeps its traced plan off TMA; each still right."""
     if not tk._tma_device(torch.device("cuda")):
         pytest.skip("the TMA h·B needs a Hopper GPU")
     pick = tk._pick
@@ -292,7 +295,7 @@ def test_torch_compile_runs_the_tma_hq(dtype, poison, monkeypatch):
     y = f(*leaves)
     y.backward(g)
     traced = [p for p in built if p.hq is not None and p.hq.trace]
-    assert traced and all(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["PAIR"] is False for p in traced)
+    assert traced and all(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["DEVICE_CHECK"] is True for p in traced)
     assert_close(y, ref.sklinear_forward(*_f64([x, S1s, S2s, U1s, U2s, b])), name="compiled y")
     want = ref.sklinear_backward(*_f64([g, x, S1s, S2s, U1s, U2s]), True, True, True)
     for name, t, w in zip(("dx", "dS1s", "dS2s", "db"), leaves, want):
@@ -304,6 +307,12 @@ def test_torch_compile_runs_the_tma_hq(dtype, poison, monkeypatch):
     tma = [p.hq.fn is tk._hq_tma_kernel for p in built if p.hq is not None and p.hq.trace]
     assert tma and all(tma)  # (one plan each time the op is traced)
     assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="compiled y (one factor)")
+    built.clear()
+    alias = U1s.view(U1s.shape)  # (S2 and U1 in one memory: distance 0, the kernel's fallback)
+    y = torch.compile(lambda x, S2: torch.ops.panther.sklinear(x, S1s, S2, U1s, U2s, b), fullgraph=True)(x, alias)
+    tma = [p.hq.fn is tk._hq_tma_kernel for p in built if p.hq is not None and p.hq.trace]
+    assert tma and all(tma)
+    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="compiled y (aliased factors)")
     buf = torch.empty(S2s.numel() + 1, device="cuda", dtype=dtype)
     S2m = buf[1:].view(S2s.shape).copy_(S2s)
     built.clear()

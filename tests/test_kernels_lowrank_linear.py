@@ -167,32 +167,34 @@ def test_persistent_hq(case, dtype, splits, poison, monkeypatch):
 TMA_CASES = [(70, 33, 40, 2, 8), (129, 24, 72, 1, 32), (65, 17, 8, 3, 16)]
 
 
-@pytest.mark.parametrize("pair", [True, False], ids=["pair", "per_factor"])
+@pytest.mark.parametrize("device_check", [False, True], ids=["host_check", "device_check"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", TMA_CASES, ids=_id)
-def test_tma_hq(case, dtype, pair, poison, monkeypatch):
+def test_tma_hq(case, dtype, device_check, poison, monkeypatch):
     # _hq_tma_kernel (on the GPU the tuner's candidate for 16-bit h·B from T = 1024; forced here at
-    # any T): both B factors through its one descriptor (PAIR, eager plans), in either order in
-    # memory, or through one each (traced plans; here the stand-in call's plan, which takes what a
-    # traced one does); one factor (lowrank); y and the kept h against float64.
+    # any T): both B factors through its one descriptor, in either order in memory, its span checked
+    # on the host (eager plans, with an hq_alt) or by the kernel (DEVICE_CHECK: traced plans; here
+    # the stand-in call's plan, which takes what a traced one does); one factor (lowrank); y and
+    # the kept h against float64.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)  # (row blocks fill the "GPU": x·A unsplit)
-    token = tk._STAND_IN.set(not pair)
+    token = tk._STAND_IN.set(device_check)
     try:
-        _check_tma_hq(case, dtype, pair)
+        _check_tma_hq(case, dtype, device_check)
     finally:
         tk._STAND_IN.reset(token)
 
 
-def _check_tma_hq(case, dtype, pair):
+def _check_tma_hq(case, dtype, device_check):
     i = TMA_CASES.index(case)
     x, S1s, S2s, U1s, U2s, b = _layer(case, dtype, bias=i != 1, x_layout="strided" if i == 2 else "contiguous")
-    if i == 1:  # S2s below U1s in memory: PAIR's descriptor's base is the second factor
+    if i == 1:  # S2s below U1s in memory: the B descriptor's base is the second factor
         S2s, U1s = torch.stack([S2s, U1s]).unbind(0)
     args = (x, S1s, S2s, U1s, U2s, b)
     y, h = tk.sklinear_forward(*args, want_h=True, path="split")
     plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
-    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq.meta["PAIR"] is pair and (plan.hq_alt is not None) is pair
+    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq.meta["DEVICE_CHECK"] is device_check
+    assert (plan.hq_alt is not None) is not device_check
     y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
     assert_close(y, y_ref, name="y")
     assert_close(h, h_ref, name="h")
@@ -201,7 +203,7 @@ def _check_tma_hq(case, dtype, pair):
     B = (torch.randn(2 * L * k, n_out, device=DEV) * (L * k) ** -0.5).to(dtype)
     y = tk.lowrank_forward(x, A, B, b, 0.5, path="split")
     plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p is not plan]
-    assert any(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["PAIR"] is pair for p in plans)
+    assert any(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["DEVICE_CHECK"] is device_check for p in plans)
     assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="y (lowrank)")
 
 
@@ -221,11 +223,30 @@ def test_tma_hq_falls_back_per_call(poison, monkeypatch):
     assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
 
 
-def test_stand_in_plans_take_the_tma_hq_per_factor(poison, monkeypatch):
+def test_tma_hq_device_check_falls_back_in_the_kernel(poison, monkeypatch):
+    # A plan whose kernel checks the B descriptor's span (DEVICE_CHECK: traced plans, here the
+    # stand-in's), called with B factors it cannot span (the same memory under two tensors:
+    # distance 0), takes the kernel's descriptor per factor: still the reference's y, same plan.
+    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
+    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
+    x, S1s, S2s, U1s, U2s, b = _layer(TMA_CASES[0], torch.bfloat16)
+    alias = U1s.view(U1s.shape)
+    token = tk._STAND_IN.set(True)
+    try:
+        tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, path="split")
+        y = tk.sklinear_forward(x, S1s, alias, U1s, U2s, b, path="split")
+    finally:
+        tk._STAND_IN.reset(token)
+    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
+    assert plan.hq.meta["DEVICE_CHECK"] is True and plan.hq_alt is None and len(tk._PLANS) == 1
+    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
+
+
+def test_stand_in_plans_check_the_tma_span_on_the_device(poison, monkeypatch):
     # The stand-in call that tunes for a traced one (_STAND_IN set, as _tune_while_tracing sets it)
-    # plans the TMA h·B the way a traced plan takes it, a descriptor per B factor, under a plan key
-    # and tuning keys of its own; an eager call of the same shapes after it still gets PAIR. Both
-    # against float64.
+    # plans the TMA h·B the way a traced plan takes it (DEVICE_CHECK, no hq_alt), under a plan key
+    # and tuning keys of its own; an eager call of the same shapes after it still checks on the
+    # host. Both against float64.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
     args = _layer(TMA_CASES[0], torch.bfloat16)
@@ -237,7 +258,7 @@ def test_stand_in_plans_take_the_tma_hq_per_factor(poison, monkeypatch):
         tk._STAND_IN.reset(token)
     y_eager = tk.sklinear_forward(*args, path="split")
     plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan)]
-    assert [(p.hq.fn is tk._hq_tma_kernel, p.hq.meta["PAIR"]) for p in plans] == [(True, False), (True, True)]
+    assert [(p.hq.fn is tk._hq_tma_kernel, p.hq.meta["DEVICE_CHECK"]) for p in plans] == [(True, True), (True, False)]
     assert_close(y_stand_in, want, name="y (stand-in)")
     assert_close(y_eager, want, name="y (eager)")
     monkeypatch.setattr(tk, "_TUNE", True)  # (the keys the two plans would time under)
@@ -256,8 +277,8 @@ def test_stand_in_plans_take_the_tma_hq_per_factor(poison, monkeypatch):
 
 
 def test_traced_plans_take_the_tma_hq_for_aligned_factors(monkeypatch):
-    # A traced plan (no data pointers) takes the TMA h·B, a descriptor per factor, where the B
-    # factors' storage offsets keep them 16-byte aligned, and not for a factor one element off.
+    # A traced plan (no data pointers) takes the TMA h·B, its span checked by the kernel, where the
+    # B factors' storage offsets keep them 16-byte aligned, and not for a factor one element off.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
     x, S1s, S2s, U1s, U2s, b = _layer(TMA_CASES[0], torch.bfloat16)
@@ -270,13 +291,13 @@ def test_traced_plans_take_the_tma_hq_for_aligned_factors(monkeypatch):
                                True, False)  # fmt: skip
 
     aligned, off = traced(S2s), traced(S2m)
-    assert aligned.hq.fn is tk._hq_tma_kernel and aligned.hq.meta["PAIR"] is False and aligned.hq.trace
+    assert aligned.hq.fn is tk._hq_tma_kernel and aligned.hq.meta["DEVICE_CHECK"] is True and aligned.hq.trace
     assert off.hq.fn is not tk._hq_tma_kernel
 
 
 def test_tma_hq_only_where_it_applies(monkeypatch):
     # Eligibility: 16-bit operands, out rows of 16 bytes, rows of B back to back with unit column
-    # stride, a rank slice of 16 dividing both ranks, and without PAIR one rank for both factors. A
+    # stride, a rank slice of 16 dividing both ranks. A
     # traced plan takes the fastest config the stand-in timing recorded among its own candidates
     # (_tuned_among).
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
@@ -289,8 +310,6 @@ def test_tma_hq_only_where_it_applies(monkeypatch):
     wide = torch.randn(3, 16, 40, device=DEV)
     one, three = tk._stacked_long_last(wide[:1]), tk._stacked_long_last(wide)
     assert tk._tma_layout([one, three], 40, torch.bfloat16) == (40, 16)  # ranks 16 and 48
-    assert tk._tma_layout([one, three], 40, torch.bfloat16, pair=False) is None
-    assert tk._tma_layout([one, one], 40, torch.bfloat16, pair=False) == (40, 16)
     col_major = U1s.transpose(1, 2).contiguous().transpose(1, 2)  # long dim not of unit stride
     assert tk._tma_layout([tk._stacked_long_last(col_major)], 40, torch.bfloat16) is None
     key = ("hq_f", 1, "layer")

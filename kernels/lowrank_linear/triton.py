@@ -24,8 +24,8 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
 * ``_hq_persistent_kernel``  the same Y as a GEMM over the rank in slices, one or two programs an
   SM walking output tiles: a tuning candidate for ranks ≥ 64 (chosen for fp32 at rank 256).
 * ``_hq_tma_kernel``  that persistent GEMM with TMA copies for every load and store (descriptors
-  built on the device; in eager calls both B factors through one 3-D descriptor, in traced ones a
-  descriptor per factor): the tuned candidate for 16-bit operands from T = 1024 on Hopper, where
+  built on the device; both B factors through one 3-D descriptor, whose span traced calls check
+  on the device): the tuned candidate for 16-bit operands from T = 1024 on Hopper, where
   h is unsplit (chosen at ranks 128 and 256, and at T = 16384 of the headline layer).
 * ``_fused_kernel``  both in one pass: each program keeps its rows of h in registers, so x is read
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
@@ -405,69 +405,32 @@ def _hq_persistent_kernel(
         _store_y(acc, scale, bias_ptr, s_b, y_ptr, s_ym, s_yn, offs_m, offs_n, M, N, HAS_BIAS)
 
 
-@triton.jit(do_not_specialize=["M"])
-def _hq_tma_kernel(
-    h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
-    M, N, R1, R2, NUM_PROGS,
-    s_hm, s_q, s_b,
-    scale_bits,
-    HAS_SECOND: tl.constexpr, PAIR: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+@triton.jit
+def _hq_tma_tiles(
+    hd, yd, y_ptr, qd, q1d, q2d, sel_second, pid, n_mine, NUM_PROGS, n_pid_n, KT1, KT, scale, bias_ptr, s_b, N,
+    HAS_BIAS: tl.constexpr, PREC: tl.constexpr, ONE_DESC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
-    # The same y = scale·h·[Q1; Q2] + bias as _hq_persistent_kernel, with every load and store a TMA
-    # copy (descriptors built on the device): h (M × R1+R2, unsplit) in (BLOCK_M × BLOCK_K) slices,
-    # y in EPI stores of (BLOCK_M × BLOCK_N/EPI), the B factors rows s_q apart, unit column stride.
-    # A branch between two descriptors inside the rank loop keeps Triton's pipeliner from
-    # prefetching the loads, and pointer loads of B cost more too (H200, 8192², L = 2, k = 64,
-    # T = 16384: 280 and 192 µs against 142). So:
-    # * PAIR: both B factors through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is
-    #   the distance between the two tensors, the lower one its base; one slice a step. The host
-    #   launches it only where that distance is a positive multiple of 16 bytes below 2**40 (TMA's
-    #   stride rules; _tma_pair_ok), which it checks per call: eager plans.
-    # * else a descriptor per factor, of one rank (R2 = R1: SKLinear's two terms), and each step
-    #   takes the same slice of both: traced plans, which cannot check a distance per call. Slower
-    #   than PAIR at ranks 128/256 (H200, bf16, T = 4096, do_bench µs: 8192², L = 2, k = 64: 54.7
-    #   against 43.6; 4096², k = 64: 23.8 against 21.3), faster than the non-TMA h·B there.
-    # hout_ptr: unused (h is the unsplit one the plan keeps).
-    scale = f32_of(scale_bits)
-    hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
-    yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // EPI])
-    if PAIR:
-        ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
-        d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
-        swap = d < 0
-        base = tl.where(swap, q2_ptr, q1_ptr)
-        # One factor (q2 is q1): any valid outer stride; the second slot is never read.
-        dist = tl.where(d == 0, R1 * s_q, tl.abs(d) // ES)
-        qd = tl.make_tensor_descriptor(base, shape=[2, tl.maximum(R1, R2), N], strides=[dist, s_q, 1],
-                                       block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
-        KT1 = R1 // BLOCK_K
-        KT = KT1 + R2 // BLOCK_K
-    else:
-        q1d = tl.make_tensor_descriptor(q1_ptr, shape=[R1, N], strides=[s_q, 1], block_shape=[BLOCK_K, BLOCK_N])
-        q2d = tl.make_tensor_descriptor(q2_ptr, shape=[R1, N], strides=[s_q, 1], block_shape=[BLOCK_K, BLOCK_N])
-        KT = R1 // BLOCK_K
-    pid = tl.program_id(0)
-    n_pid_n = tl.cdiv(N, BLOCK_N)
-    n_tiles = tl.cdiv(M, BLOCK_M) * n_pid_n
-    n_mine = tl.cdiv(n_tiles - pid, NUM_PROGS)
+    # _hq_tma_kernel's loop: this program's output tiles, each over the rank in BLOCK_K slices (KT1
+    # of the first factor, then KT - KT1 of the second), as one flat loop over (tile, slice) so the
+    # next tile's loads are issued under this one's epilogue. ONE_DESC: both factors through qd,
+    # whose outer index sel_second(second) picks the factor; else q1d / q2d by a branch per slice.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    # One flat loop over (tile, rank slice): the next tile's loads are issued under this one's epilogue.
     for it in tl.range(0, n_mine * KT, flatten=True):
         tile = pid + (it // KT) * NUM_PROGS
         kk = it % KT
         pm = tile // n_pid_n
         pn = tile % n_pid_n
-        if PAIR:
-            second = kk >= KT1
-            h = hd.load([pm * BLOCK_M, kk * BLOCK_K])
-            q = qd.load([(second != swap).to(tl.int32), tl.where(second, kk - KT1, kk) * BLOCK_K, pn * BLOCK_N])
-            acc = _dot(h, q.reshape(BLOCK_K, BLOCK_N), acc, PREC)
+        second = kk >= KT1
+        h = hd.load([pm * BLOCK_M, kk * BLOCK_K])
+        row = tl.where(second, kk - KT1, kk) * BLOCK_K
+        if ONE_DESC:
+            q = qd.load([(second != sel_second).to(tl.int32), row, pn * BLOCK_N]).reshape(BLOCK_K, BLOCK_N)
+        elif second:
+            q = q2d.load([row, pn * BLOCK_N])
         else:
-            acc = _dot(hd.load([pm * BLOCK_M, kk * BLOCK_K]), q1d.load([kk * BLOCK_K, pn * BLOCK_N]), acc, PREC)
-            if HAS_SECOND:
-                h2 = hd.load([pm * BLOCK_M, R1 + kk * BLOCK_K])
-                acc = _dot(h2, q2d.load([kk * BLOCK_K, pn * BLOCK_N]), acc, PREC)
+            q = q1d.load([row, pn * BLOCK_N])
+        acc = _dot(h, q, acc, PREC)
         if kk == KT - 1:
             offs_n = pn * BLOCK_N + tl.arange(0, BLOCK_N)
             out = _scale_bias(acc, scale, bias_ptr, s_b, offs_n, N, HAS_BIAS).to(y_ptr.dtype.element_ty)
@@ -478,6 +441,62 @@ def _hq_tma_kernel(
                 yd.store([pm * BLOCK_M, pn * BLOCK_N], o0)
                 yd.store([pm * BLOCK_M, pn * BLOCK_N + BLOCK_N // 2], o1)
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _hq_tma_kernel(
+    h_ptr, y_ptr, q1_ptr, q2_ptr, bias_ptr, hout_ptr,
+    M, N, R1, R2, NUM_PROGS,
+    s_hm, s_q, s_b,
+    scale_bits,
+    HAS_SECOND: tl.constexpr, DEVICE_CHECK: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
+):
+    # The same y = scale·h·[Q1; Q2] + bias as _hq_persistent_kernel, with every load and store a TMA
+    # copy (descriptors built on the device): h (M × R1+R2, unsplit) in (BLOCK_M × BLOCK_K) slices,
+    # y in EPI stores of (BLOCK_M × BLOCK_N/EPI), the B factors rows s_q apart, unit column stride.
+    # Both B factors go through ONE 3-D descriptor [2, max(R1, R2), N] whose outer stride is the
+    # distance between the two tensors, the lower one its base: one slice a step. A branch between
+    # two descriptors inside the rank loop keeps Triton's pipeliner from prefetching the loads, and
+    # pointer loads of B cost more too (H200, 8192², L = 2, k = 64, T = 16384: 280 and 192 µs
+    # against 142); a descriptor per factor loading slices of both a step lost 15-27% at ranks
+    # 128/256 (54.7 against 43.6 at T = 4096). TMA's stride rules need that distance to be a
+    # positive multiple of 16 bytes below 2**40. Eager plans check it on the host per call
+    # (_tma_pair_ok; a call where it fails takes the plan's other h·B). A traced plan cannot, so
+    # with DEVICE_CHECK the kernel checks it and, where it fails, takes a descriptor per factor
+    # and the branch per slice: slower, but right for any two factor tensors.
+    # hout_ptr: unused (h is the unsplit one the plan keeps).
+    scale = f32_of(scale_bits)
+    hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
+    yd = tl.make_tensor_descriptor(y_ptr, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, BLOCK_N // EPI])
+    pid = tl.program_id(0)
+    n_pid_n = tl.cdiv(N, BLOCK_N)
+    n_mine = tl.cdiv(tl.cdiv(M, BLOCK_M) * n_pid_n - pid, NUM_PROGS)
+    KT1 = R1 // BLOCK_K
+    KT = KT1 + R2 // BLOCK_K
+    ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
+    d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
+    one_desc = True
+    if DEVICE_CHECK:
+        # (One factor, q2 passed as q1: any outer stride serves, the second slot is never read.)
+        one_desc = (d % 16 == 0) & (tl.abs(d) < (1 << 40)) & ((d != 0) | (not HAS_SECOND))
+    if one_desc:
+        swap = d < 0
+        base = tl.where(swap, q2_ptr, q1_ptr)
+        dist = tl.where(d == 0, R1 * s_q, tl.abs(d) // ES)
+        qd = tl.make_tensor_descriptor(base, shape=[2, tl.maximum(R1, R2), N], strides=[dist, s_q, 1],
+                                       block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
+        _hq_tma_tiles(
+            hd, yd, y_ptr, qd, qd, qd, swap, pid, n_mine, NUM_PROGS, n_pid_n, KT1, KT, scale, bias_ptr, s_b, N,
+            HAS_BIAS, PREC, True, BLOCK_M, BLOCK_N, BLOCK_K, EPI,
+        )  # fmt: skip
+    else:
+        q1d = tl.make_tensor_descriptor(q1_ptr, shape=[R1, N], strides=[s_q, 1], block_shape=[BLOCK_K, BLOCK_N])
+        q2d = tl.make_tensor_descriptor(q2_ptr, shape=[R2, N], strides=[s_q, 1], block_shape=[BLOCK_K, BLOCK_N])
+        _hq_tma_tiles(
+            hd, yd, y_ptr, q1d, q1d, q2d, False, pid, n_mine, NUM_PROGS, n_pid_n, KT1, KT, scale, bias_ptr, s_b, N,
+            HAS_BIAS, PREC, False, BLOCK_M, BLOCK_N, BLOCK_K, EPI,
+        )  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -798,13 +817,13 @@ def _tma_rows(f: Factor) -> int | None:
     return s_c
 
 
-def _tma_layout(b: list[Factor], N: int, dtype: torch.dtype, pair: bool = True) -> tuple[int, int] | None:
+def _tma_layout(b: list[Factor], N: int, dtype: torch.dtype) -> tuple[int, int] | None:
     """(row stride of the B factors, largest rank slice dividing both ranks) where _hq_tma_kernel
-    can read them (without ``pair``: two factors only of one rank), else None."""
+    can read them, else None."""
     if dtype not in (torch.bfloat16, torch.float16) or (2 * N) % 16:
         return None
     rows = {_tma_rows(f) for f in b}
-    if None in rows or len(rows) != 1 or (not pair and len({f.R for f in b}) != 1):
+    if None in rows or len(rows) != 1:
         return None
     bk = next((bk for bk in (64, 32, 16) if all(f.R % bk == 0 for f in b)), None)
     return None if bk is None else (rows.pop(), bk)
@@ -899,8 +918,8 @@ class _HqPCfg(NamedTuple):
 
 class _HqTCfg(NamedTuple):
     """A config of _hq_tma_kernel: output tile, rank slice, warps, stages, programs per SM, the
-    number of TMA stores the epilogue splits a tile's columns into, and PAIR (one descriptor over
-    both B factors, one slice a step; else one per factor, a slice of both a step)."""
+    number of TMA stores the epilogue splits a tile's columns into, and whether the kernel checks
+    its one B descriptor's span itself (DEVICE_CHECK: traced plans)."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -909,7 +928,7 @@ class _HqTCfg(NamedTuple):
     stages: int
     per_sm: int = 1
     epi: int = 1
-    pair: bool = True
+    device_check: bool = False
 
 
 class _FusedCfg(NamedTuple):
@@ -1048,21 +1067,19 @@ def _hq_candidates(M, rp: int, es: int, summed: bool = False) -> list[_HqCfg]:
     return list(dict.fromkeys(out))
 
 
-def _hq_tma_candidates(bk: int, pair: bool = True) -> list[_HqTCfg]:
-    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit), with
-    one descriptor over both factors (``pair``, eager plans) or one per factor (traced plans)."""
+def _hq_tma_candidates(bk: int, device_check: bool = False) -> list[_HqTCfg]:
+    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit), the
+    span of its B descriptor checked on the host (eager plans) or by the kernel (``device_check``:
+    traced plans)."""
+    dc = device_check
     if _INTERPRET:
-        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2, pair)]
+        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2, dc)]
     if bk == 64:
         # From sweeps on the H200 (8192², L = 2, k = 64; 4096², k = 64; 768→3072, k = 64; T = 4096
         # and 16384): the 128 × 256 tile in 8 warps with two half-width stores won every time, by
         # 3-25% over 128 × 128 tiles two programs an SM; 3 or 4 stages within 3% of each other.
-        # Without PAIR a step loads slices of both factors, twice the shared memory a stage: 64-row
-        # slices in 2 stages and 32-row ones in 3 were the best there (4 stages of 64 do not fit).
-        if pair:
-            return [_HqTCfg(128, 256, 64, 8, 4, 1, 2), _HqTCfg(128, 256, 64, 8, 3, 1, 2)]
-        return [_HqTCfg(128, 256, 64, 8, 2, 1, 2, False), _HqTCfg(128, 256, 32, 8, 3, 1, 2, False)]
-    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2, pair), _HqTCfg(128, 128, bk, 4, 4, 2, 2, pair)]
+        return [_HqTCfg(128, 256, 64, 8, 4, 1, 2, dc), _HqTCfg(128, 256, 64, 8, 3, 1, 2, dc)]
+    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2, dc), _HqTCfg(128, 128, bk, 4, 4, 2, 2, dc)]
 
 
 def _fused_candidates(rp: int, es: int) -> list[_FusedCfg]:
@@ -1174,7 +1191,7 @@ def _pick(key, cands: list, make_run, allowed: bool):
 # Calls already tuned on stand-ins while tracing: (function, operands' shapes/strides/dtypes, flags).
 _TRACE_TUNED: set = set()
 # Set while a stand-in call tunes for a traced one: its forward plans take the TMA h·B as traced
-# plans do (a descriptor per B factor, not PAIR), and are cached and tuned apart from eager ones.
+# plans do (DEVICE_CHECK, no per-call host check), and are cached and tuned apart from eager ones.
 _STAND_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("panther_lowrank_stand_in", default=False)
 
 
@@ -1335,7 +1352,7 @@ def _hq_launch(
         progs = max(1, min(tiles, cfg.per_sm * n_sm))
         return _Launch(
             _hq_tma_kernel, (progs,), 6, (M, N, f1.R, f2.R, progs, xa.s_hm, s_q, s_b, _f32_bits(scale)),
-            {"HAS_SECOND": has2, "PAIR": cfg.pair, "HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M,
+            {"HAS_SECOND": has2, "DEVICE_CHECK": cfg.device_check, "HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M,
                  "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "EPI": cfg.epi},
             {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
         )  # fmt: skip
@@ -1457,8 +1474,8 @@ class _ForwardPlan:
         dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
         traced = trace or _STAND_IN.get()
         if traced and _tma_device(x.device):
-            # A traced plan (and the stand-in timing for it) takes the TMA h·B without PAIR, so it
-            # keeps its choices under keys of its own: the pairs an eager plan times assume PAIR.
+            # A traced plan (and the stand-in timing for it) takes the TMA h·B with DEVICE_CHECK and
+            # without an hq_alt, so it keeps its choices under keys of its own.
             dims = ("traced",) + dims
         pa, pb = _ptrs(a), _ptrs(b)
         tune = _can_time(trace, M)
@@ -1470,12 +1487,12 @@ class _ForwardPlan:
             fine = _fine_split(M, rp, es)
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
 
-        # The TMA h·B, on Hopper, for B factors it can read. Eager: PAIR, for these factor tensors
+        # The TMA h·B, on Hopper, for B factors it can read. Eager: for these factor tensors
         # (whose distance its one descriptor spans; a call with tensors where it cannot takes
-        # hq_alt, the fastest other h·B). Traced: a descriptor per factor, for factors 16-byte
-        # aligned by their storage offsets (Inductor copies a graph input it compiled as aligned
-        # that comes misaligned); under torch.compile Inductor's launcher gives the kernel the
-        # workspace its descriptors are built in.
+        # hq_alt, the fastest other h·B). Traced: the kernel checks that distance itself
+        # (DEVICE_CHECK), for factors 16-byte aligned by their storage offsets (Inductor copies a
+        # graph input it compiled as aligned that comes misaligned); under torch.compile
+        # Inductor's launcher gives the kernel the workspace its descriptors are built in.
         tma = None
         if _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
             if not traced:
@@ -1483,7 +1500,7 @@ class _ForwardPlan:
                 if tma is not None and not _tma_pair_ok(*pb):
                     tma = None
             elif fast or (trace and _offsets_aligned(*pb)):
-                tma = _tma_layout(b, N, dtype, pair=False)
+                tma = _tma_layout(b, N, dtype)
 
         def hq_for(xa, cfg):
             # (Unsplit, the h that _xa writes is already the one to keep.)
@@ -1539,11 +1556,11 @@ class _ForwardPlan:
                 xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
                 cands = hq_c
                 if tma is not None and xa.split == 1:  # (the TMA kernel reads h unsplit)
-                    tma_c = _hq_tma_candidates(tma[1], pair=not traced)
+                    tma_c = _hq_tma_candidates(tma[1], device_check=traced)
                     cands = tma_c if _HQ_TMA_FORCE else hq_c + tma_c
                 key = ("hq_f", xa.split) + dims
                 hq_cfg = _pick(key, cands, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
-                alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) and hq_cfg.pair else None
+                alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) and not hq_cfg.device_check else None
                 pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, alt, None)
             n = M * self.R
             one = next((p for p in pairs.values() if p[0].split == 1 and isinstance(p[2], _HqTCfg)), None)
@@ -1611,7 +1628,7 @@ class _ForwardPlan:
         elif self.want_h:
             h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
         hq = self.hq
-        if self.hq_alt is not None and not _tma_pair_ok(*pb):  # (PAIR's descriptor cannot span these)
+        if self.hq_alt is not None and not _tma_pair_ok(*pb):  # (the one B descriptor cannot span these)
             hq = self.hq_alt
         _ensure_tma(hq)
         hq(h, y, *pb, b, h_o if h_o is not None and self.red is None else y)
