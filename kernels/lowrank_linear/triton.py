@@ -478,11 +478,12 @@ def _hq_tma_kernel(
     d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
     one_desc = True
     if DEVICE_CHECK:
-        # (One factor, q2 passed as q1: any outer stride serves, the second slot is never read.)
+        # (d = 0 only for one factor, q2 passed as q1: two factors in one memory take the fallback.)
         one_desc = (d % 16 == 0) & (tl.abs(d) < (1 << 40)) & ((d != 0) | (not HAS_SECOND))
     if one_desc:
         swap = d < 0
         base = tl.where(swap, q2_ptr, q1_ptr)
+        # (One factor: any valid outer stride serves, the second slot is never read.)
         dist = tl.where(d == 0, R1 * s_q, tl.abs(d) // ES)
         qd = tl.make_tensor_descriptor(base, shape=[2, tl.maximum(R1, R2), N], strides=[dist, s_q, 1],
                                        block_shape=[1, BLOCK_K, BLOCK_N])  # fmt: skip
