@@ -414,7 +414,8 @@ def _hq_tma_tiles(
     # _hq_tma_kernel's loop: this program's output tiles, each over the rank in BLOCK_K slices (KT1
     # of the first factor, then KT - KT1 of the second), as one flat loop over (tile, slice) so the
     # next tile's loads are issued under this one's epilogue. ONE_DESC: both factors through qd,
-    # whose outer index sel_second(second) picks the factor; else q1d / q2d by a branch per slice.
+    # the first at outer index sel_second and the second at 1 - sel_second (sel_second: the second
+    # factor lies below the first in memory, qd's base); else q1d / q2d by a branch per slice.
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for it in tl.range(0, n_mine * KT, flatten=True):
         tile = pid + (it // KT) * NUM_PROGS
