@@ -167,25 +167,14 @@ def test_persistent_hq(case, dtype, splits, poison, monkeypatch):
 TMA_CASES = [(70, 33, 40, 2, 8), (129, 24, 72, 1, 32), (65, 17, 8, 3, 16)]
 
 
-@pytest.mark.parametrize("device_check", [False, True], ids=["host_check", "device_check"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("case", TMA_CASES, ids=_id)
-def test_tma_hq(case, dtype, device_check, poison, monkeypatch):
+def test_tma_hq(case, dtype, poison, monkeypatch):
     # _hq_tma_kernel (on the GPU the tuner's candidate for 16-bit h·B from T = 1024; forced here at
-    # any T): both B factors through its one descriptor, in either order in memory, its span checked
-    # on the host (eager plans, with an hq_alt) or by the kernel (DEVICE_CHECK: traced plans; here
-    # the stand-in call's plan, which takes what a traced one does); one factor (lowrank); y and
-    # the kept h against float64.
+    # any T): both B factors through its one descriptor, in either order in memory; one factor
+    # (lowrank); y and the kept h against float64.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)  # (row blocks fill the "GPU": x·A unsplit)
-    token = tk._STAND_IN.set(device_check)
-    try:
-        _check_tma_hq(case, dtype, device_check)
-    finally:
-        tk._STAND_IN.reset(token)
-
-
-def _check_tma_hq(case, dtype, device_check):
     i = TMA_CASES.index(case)
     x, S1s, S2s, U1s, U2s, b = _layer(case, dtype, bias=i != 1, x_layout="strided" if i == 2 else "contiguous")
     if i == 1:  # S2s below U1s in memory: the B descriptor's base is the second factor
@@ -193,8 +182,7 @@ def _check_tma_hq(case, dtype, device_check):
     args = (x, S1s, S2s, U1s, U2s, b)
     y, h = tk.sklinear_forward(*args, want_h=True, path="split")
     plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
-    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq.meta["DEVICE_CHECK"] is device_check
-    assert (plan.hq_alt is not None) is not device_check
+    assert plan.hq.fn is tk._hq_tma_kernel
     y_ref, h_ref = ref.sklinear_forward(*_f64(args), want_h=True)
     assert_close(y, y_ref, name="y")
     assert_close(h, h_ref, name="h")
@@ -203,77 +191,24 @@ def _check_tma_hq(case, dtype, device_check):
     B = (torch.randn(2 * L * k, n_out, device=DEV) * (L * k) ** -0.5).to(dtype)
     y = tk.lowrank_forward(x, A, B, b, 0.5, path="split")
     plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan) and p is not plan]
-    assert any(p.hq.fn is tk._hq_tma_kernel and p.hq.meta["DEVICE_CHECK"] is device_check for p in plans)
+    assert any(p.hq.fn is tk._hq_tma_kernel for p in plans)
     assert_close(y, ref.lowrank_forward(*_f64([x, A, B, b]), 0.5), name="y (lowrank)")
 
 
-def test_tma_hq_falls_back_per_call(poison, monkeypatch):
-    # A plan that chose the TMA h·B, called with B factors its descriptor cannot span (the same
-    # memory under two tensors: distance 0), runs the other h·B: still the reference's y.
+def test_tma_hq_falls_back_in_the_kernel(poison, monkeypatch):
+    # A plan that chose the TMA h·B, called with B factors its one descriptor cannot span (the same
+    # memory under two tensors: distance 0), takes the kernel's descriptor per factor: still the
+    # reference's y, the same plan.
     monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
     monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
     x, S1s, S2s, U1s, U2s, b = _layer(TMA_CASES[0], torch.bfloat16)
     tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, path="split")
     plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
-    assert plan.hq.fn is tk._hq_tma_kernel and plan.hq_alt.fn is not tk._hq_tma_kernel
+    assert plan.hq.fn is tk._hq_tma_kernel
     alias = U1s.view(U1s.shape)
-    assert not tk._tma_pair_ok(U1s, alias) and tk._tma_pair_ok(U1s, U1s) and tk._tma_pair_ok(U1s, S2s)
     y = tk.sklinear_forward(x, S1s, alias, U1s, U2s, b, path="split")
     assert len(tk._PLANS) == 1  # the same plan
     assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
-
-
-def test_tma_hq_device_check_falls_back_in_the_kernel(poison, monkeypatch):
-    # A plan whose kernel checks the B descriptor's span (DEVICE_CHECK: traced plans, here the
-    # stand-in's), called with B factors it cannot span (the same memory under two tensors:
-    # distance 0), takes the kernel's descriptor per factor: still the reference's y, same plan.
-    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
-    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
-    x, S1s, S2s, U1s, U2s, b = _layer(TMA_CASES[0], torch.bfloat16)
-    alias = U1s.view(U1s.shape)
-    token = tk._STAND_IN.set(True)
-    try:
-        tk.sklinear_forward(x, S1s, S2s, U1s, U2s, b, path="split")
-        y = tk.sklinear_forward(x, S1s, alias, U1s, U2s, b, path="split")
-    finally:
-        tk._STAND_IN.reset(token)
-    plan = next(p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan))
-    assert plan.hq.meta["DEVICE_CHECK"] is True and plan.hq_alt is None and len(tk._PLANS) == 1
-    assert_close(y, ref.sklinear_forward(*_f64([x, S1s, U1s, U1s, U2s, b])), name="y")
-
-
-def test_stand_in_plans_check_the_tma_span_on_the_device(poison, monkeypatch):
-    # The stand-in call that tunes for a traced one (_STAND_IN set, as _tune_while_tracing sets it)
-    # plans the TMA h·B the way a traced plan takes it (DEVICE_CHECK, no hq_alt), under a plan key
-    # and tuning keys of its own; an eager call of the same shapes after it still checks on the
-    # host. Both against float64.
-    monkeypatch.setattr(tk, "_HQ_TMA_FORCE", True)
-    monkeypatch.setattr(tk, "_num_sms", lambda device: 4)
-    args = _layer(TMA_CASES[0], torch.bfloat16)
-    want = ref.sklinear_forward(*_f64(args))
-    token = tk._STAND_IN.set(True)
-    try:
-        y_stand_in = tk.sklinear_forward(*args, path="split")
-    finally:
-        tk._STAND_IN.reset(token)
-    y_eager = tk.sklinear_forward(*args, path="split")
-    plans = [p for p in tk._PLANS.values() if isinstance(p, tk._ForwardPlan)]
-    assert [(p.hq.fn is tk._hq_tma_kernel, p.hq.meta["DEVICE_CHECK"]) for p in plans] == [(True, True), (True, False)]
-    assert_close(y_stand_in, want, name="y (stand-in)")
-    assert_close(y_eager, want, name="y (eager)")
-    monkeypatch.setattr(tk, "_TUNE", True)  # (the keys the two plans would time under)
-    seen = []
-    monkeypatch.setattr(tk, "_pick", lambda key, cands, make_run, allowed: seen.append(key) or cands[0])
-    for stand_in in (True, False):
-        token = tk._STAND_IN.set(stand_in)
-        try:
-            tk._ForwardPlan(args[0], [tk._stacked_long_mid(args[1]), tk._stacked_long_mid(args[4])],
-                            [tk._stacked_long_last(args[3]), tk._stacked_long_last(args[2])], args[5], 0.5, "split",
-                            False, False)  # fmt: skip
-        finally:
-            tk._STAND_IN.reset(token)
-    marked = [k for k in seen if "traced" in k]
-    assert marked and len(marked) == len(seen) - len(marked)
 
 
 def test_traced_plans_take_the_tma_hq_for_aligned_factors(monkeypatch):
@@ -291,7 +226,7 @@ def test_traced_plans_take_the_tma_hq_for_aligned_factors(monkeypatch):
                                True, False)  # fmt: skip
 
     aligned, off = traced(S2s), traced(S2m)
-    assert aligned.hq.fn is tk._hq_tma_kernel and aligned.hq.meta["DEVICE_CHECK"] is True and aligned.hq.trace
+    assert aligned.hq.fn is tk._hq_tma_kernel and aligned.hq.trace
     assert off.hq.fn is not tk._hq_tma_kernel
 
 

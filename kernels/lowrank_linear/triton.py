@@ -24,8 +24,8 @@ backward reuses the forward kernels: gh = g·Bᵀ is ``_xa`` over the B factors,
 * ``_hq_persistent_kernel``  the same Y as a GEMM over the rank in slices, one or two programs an
   SM walking output tiles: a tuning candidate for ranks ≥ 64 (chosen for fp32 at rank 256).
 * ``_hq_tma_kernel``  that persistent GEMM with TMA copies for every load and store (descriptors
-  built on the device; both B factors through one 3-D descriptor, whose span traced calls check
-  on the device): the tuned candidate for 16-bit operands from T = 1024 on Hopper, where
+  built on the device; both B factors through one 3-D descriptor, whose span the kernel checks):
+  the tuned candidate for 16-bit operands from T = 1024 on Hopper, where
   h is unsplit (chosen at ranks 128 and 256, and at T = 16384 of the headline layer).
 * ``_fused_kernel``  both in one pass: each program keeps its rows of h in registers, so x is read
   once and y written once with no launch in between (rank ≤ ``_FUSED_MAX_RANK``).
@@ -450,7 +450,7 @@ def _hq_tma_kernel(
     M, N, R1, R2, NUM_PROGS,
     s_hm, s_q, s_b,
     scale_bits,
-    HAS_SECOND: tl.constexpr, DEVICE_CHECK: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
+    HAS_SECOND: tl.constexpr, HAS_BIAS: tl.constexpr, PREC: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, EPI: tl.constexpr,
 ):
     # The same y = scale·h·[Q1; Q2] + bias as _hq_persistent_kernel, with every load and store a TMA
@@ -462,10 +462,12 @@ def _hq_tma_kernel(
     # pointer loads of B cost more too (H200, 8192², L = 2, k = 64, T = 16384: 280 and 192 µs
     # against 142); a descriptor per factor loading slices of both a step lost 15-27% at ranks
     # 128/256 (54.7 against 43.6 at T = 4096). TMA's stride rules need that distance to be a
-    # positive multiple of 16 bytes below 2**40. Eager plans check it on the host per call
-    # (_tma_pair_ok; a call where it fails takes the plan's other h·B). A traced plan cannot, so
-    # with DEVICE_CHECK the kernel checks it and, where it fails, takes a descriptor per factor
-    # and the branch per slice: slower, but right for any two factor tensors.
+    # positive multiple of 16 bytes below 2**40, which a plan cannot check once for every call (a
+    # traced one cannot check it at all): the kernel checks it, one branch before the loop, and
+    # where it fails takes a descriptor per factor and the branch per slice: slower (H200, 8192²,
+    # L = 2, k = 64, T = 4096: 78.1 against 43.5 µs), but right for any two factor tensors; in
+    # practice only for one memory under two names. The check costs nothing measurable (43.5
+    # against 43.7 µs with the host checking instead). Base pointers: 16-byte aligned (the plan's).
     # hout_ptr: unused (h is the unsplit one the plan keeps).
     scale = f32_of(scale_bits)
     hd = tl.make_tensor_descriptor(h_ptr, shape=[M, R1 + R2], strides=[s_hm, 1], block_shape=[BLOCK_M, BLOCK_K])
@@ -477,11 +479,8 @@ def _hq_tma_kernel(
     KT = KT1 + R2 // BLOCK_K
     ES: tl.constexpr = q1_ptr.dtype.element_ty.primitive_bitwidth // 8
     d = q2_ptr.to(tl.int64) - q1_ptr.to(tl.int64)
-    one_desc = True
-    if DEVICE_CHECK:
-        # (d = 0 only for one factor, q2 passed as q1: two factors in one memory take the fallback.)
-        one_desc = (d % 16 == 0) & (tl.abs(d) < (1 << 40)) & ((d != 0) | (not HAS_SECOND))
-    if one_desc:
+    # (d = 0 only for one factor, q2 passed as q1: two factors in one memory take the fallback.)
+    if (d % 16 == 0) & (tl.abs(d) < (1 << 40)) & ((d != 0) | (not HAS_SECOND)):
         swap = d < 0
         base = tl.where(swap, q2_ptr, q1_ptr)
         # (One factor: any valid outer stride serves, the second slot is never read.)
@@ -837,13 +836,6 @@ def _offsets_aligned(*ts: Tensor) -> bool:
     return all(t.storage_offset() * t.element_size() % 16 == 0 for t in ts)
 
 
-def _tma_pair_ok(q1: Tensor, q2: Tensor) -> bool:
-    """Whether _hq_tma_kernel's one descriptor over both B factors is valid for these tensors: both
-    16-byte aligned, their distance nonzero (or one tensor passed twice: one factor) and below 2**40."""
-    d = abs(q2.data_ptr() - q1.data_ptr())
-    return _aligned(q1, q2) and d < 1 << 40 and (d > 0 or q1 is q2)
-
-
 # tl.dot input precision of an fp32 product when torch allows no TF32: 2, "tf32x3" (each operand
 # split into a TF32 high part and a TF32 remainder, three tensor-core products, fp32 accumulation),
 # whose error measured at or below that of fp32 FMAs ("ieee", 0) and of cuBLAS's fp32 GEMM on the
@@ -920,8 +912,7 @@ class _HqPCfg(NamedTuple):
 
 class _HqTCfg(NamedTuple):
     """A config of _hq_tma_kernel: output tile, rank slice, warps, stages, programs per SM, the
-    number of TMA stores the epilogue splits a tile's columns into, and whether the kernel checks
-    its one B descriptor's span itself (DEVICE_CHECK: traced plans)."""
+    number of TMA stores the epilogue splits a tile's columns into."""
 
     BLOCK_M: int
     BLOCK_N: int
@@ -930,7 +921,6 @@ class _HqTCfg(NamedTuple):
     stages: int
     per_sm: int = 1
     epi: int = 1
-    device_check: bool = False
 
 
 class _FusedCfg(NamedTuple):
@@ -1069,19 +1059,16 @@ def _hq_candidates(M, rp: int, es: int, summed: bool = False) -> list[_HqCfg]:
     return list(dict.fromkeys(out))
 
 
-def _hq_tma_candidates(bk: int, device_check: bool = False) -> list[_HqTCfg]:
-    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit), the
-    span of its B descriptor checked on the host (eager plans) or by the kernel (``device_check``:
-    traced plans)."""
-    dc = device_check
+def _hq_tma_candidates(bk: int) -> list[_HqTCfg]:
+    """Configs of _hq_tma_kernel for B factors whose ranks the slice ``bk`` divides (16-bit)."""
     if _INTERPRET:
-        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2, dc)]
+        return [_HqTCfg(16, 32, 16, 4, 1, 1, 2)]
     if bk == 64:
         # From sweeps on the H200 (8192², L = 2, k = 64; 4096², k = 64; 768→3072, k = 64; T = 4096
         # and 16384): the 128 × 256 tile in 8 warps with two half-width stores won every time, by
         # 3-25% over 128 × 128 tiles two programs an SM; 3 or 4 stages within 3% of each other.
-        return [_HqTCfg(128, 256, 64, 8, 4, 1, 2, dc), _HqTCfg(128, 256, 64, 8, 3, 1, 2, dc)]
-    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2, dc), _HqTCfg(128, 128, bk, 4, 4, 2, 2, dc)]
+        return [_HqTCfg(128, 256, 64, 8, 4, 1, 2), _HqTCfg(128, 256, 64, 8, 3, 1, 2)]
+    return [_HqTCfg(64, 256, bk, 4, 4, 2, 2), _HqTCfg(128, 128, bk, 4, 4, 2, 2)]
 
 
 def _fused_candidates(rp: int, es: int) -> list[_FusedCfg]:
@@ -1192,9 +1179,6 @@ def _pick(key, cands: list, make_run, allowed: bool):
 
 # Calls already tuned on stand-ins while tracing: (function, operands' shapes/strides/dtypes, flags).
 _TRACE_TUNED: set = set()
-# Set while a stand-in call tunes for a traced one: its forward plans take the TMA h·B as traced
-# plans do (DEVICE_CHECK, no per-call host check), and are cached and tuned apart from eager ones.
-_STAND_IN: contextvars.ContextVar[bool] = contextvars.ContextVar("panther_lowrank_stand_in", default=False)
 
 
 def _meta(a):
@@ -1206,8 +1190,7 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
     every tracing mode, on real tensors of the traced operands' shapes, strides and dtypes (random
     values from a private generator, so the caller's RNG stream is untouched). Its eager plan times
     the candidates, and the traced plan built next takes the choices it recorded (_tuned_among) as
-    if an eager call had come first. The stand-in plans take the TMA h·B as traced plans do
-    (_STAND_IN), and keep their plans and choices apart from eager ones. Only for static shapes of
+    if an eager call had come first (an eager plan of the same shapes shares them). Only for static shapes of
     ≥ _TUNE_MIN_M rows (args[0]'s) on CUDA, once per call signature; a failure here is logged and
     leaves the traced plan untuned."""
     tensors = [a for a in (*args, *kwargs.values()) if isinstance(a, Tensor)]
@@ -1231,7 +1214,6 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
                 t = torch.empty_strided(tuple(a.shape), a.stride(), dtype=a.dtype, device=a.device)
                 return t.normal_(generator=gen)
 
-            _STAND_IN.set(True)  # (this thread's context only)
             fn(*map(real, args), **{k: real(v) for k, v in kwargs.items()})
 
     try:
@@ -1247,8 +1229,8 @@ def _tune_while_tracing(fn, *args, **kwargs) -> None:
 
 
 def _tuned_among(key, cands: list):
-    """The config timed fastest for ``key`` among ``cands`` (a traced plan's candidates leave out
-    the TMA kernel, which the timing may have picked), else the first."""
+    """The config timed fastest for ``key`` among ``cands`` (the one recorded in _TUNED where it is
+    among them), else the first."""
     best = _TUNED.get(key)
     if best in cands:
         return best
@@ -1354,7 +1336,7 @@ def _hq_launch(
         progs = max(1, min(tiles, cfg.per_sm * n_sm))
         return _Launch(
             _hq_tma_kernel, (progs,), 6, (M, N, f1.R, f2.R, progs, xa.s_hm, s_q, s_b, _f32_bits(scale)),
-            {"HAS_SECOND": has2, "DEVICE_CHECK": cfg.device_check, "HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M,
+            {"HAS_SECOND": has2, "HAS_BIAS": has_bias, "PREC": prec, "BLOCK_M": cfg.BLOCK_M,
                  "BLOCK_N": cfg.BLOCK_N, "BLOCK_K": cfg.BLOCK_K, "EPI": cfg.epi},
             {"num_warps": cfg.warps, "num_stages": cfg.stages}, fast, trace,
         )  # fmt: skip
@@ -1474,11 +1456,6 @@ class _ForwardPlan:
         self.R = sum(f.R for f in a)
         self.want_h = want_h
         dims = (K, N, _sig(a), _sig(b), dtype, prec, _m_bucket(M))
-        traced = trace or _STAND_IN.get()
-        if traced and _tma_device(x.device):
-            # A traced plan (and the stand-in timing for it) takes the TMA h·B with DEVICE_CHECK and
-            # without an hq_alt, so it keeps its choices under keys of its own.
-            dims = ("traced",) + dims
         pa, pb = _ptrs(a), _ptrs(b)
         tune = _can_time(trace, M)
         if tune:  # buffers for the timing runs
@@ -1489,19 +1466,14 @@ class _ForwardPlan:
             fine = _fine_split(M, rp, es)
             return _Xa(M, K, s_x, a, 1.0, dtype, prec, n_sm, cfg, fast, trace, cfg.BLOCK_K if fine else None)
 
-        # The TMA h·B, on Hopper, for B factors it can read. Eager: for these factor tensors
-        # (whose distance its one descriptor spans; a call with tensors where it cannot takes
-        # hq_alt, the fastest other h·B). Traced: the kernel checks that distance itself
-        # (DEVICE_CHECK), for factors 16-byte aligned by their storage offsets (Inductor copies a
-        # graph input it compiled as aligned that comes misaligned); under torch.compile
-        # Inductor's launcher gives the kernel the workspace its descriptors are built in.
+        # The TMA h·B, on Hopper, for B factors it can read, 16-byte aligned: an eager plan's
+        # operands are (``fast``), a traced plan's where their storage offsets keep them so
+        # (Inductor copies a graph input it compiled as aligned that comes misaligned). The kernel
+        # checks the distance between the two factors itself; under torch.compile Inductor's
+        # launcher gives it the workspace its descriptors are built in.
         tma = None
         if _tma_device(x.device) and (_HQ_TMA_FORCE or (isinstance(M, int) and M >= _TUNE_MIN_M)):
-            if not traced:
-                tma = _tma_layout(b, N, dtype)
-                if tma is not None and not _tma_pair_ok(*pb):
-                    tma = None
-            elif fast or (trace and _offsets_aligned(*pb)):
+            if fast or (trace and _offsets_aligned(*pb)):
                 tma = _tma_layout(b, N, dtype)
 
         def hq_for(xa, cfg):
@@ -1542,7 +1514,7 @@ class _ForwardPlan:
 
         if path is None and rp > _FUSED_MAX_RANK[dtype]:
             path = "split"
-        self.fused = self.xa = self.hq = self.red = self.hq_alt = None
+        self.fused = self.xa = self.hq = self.red = None
         if path != "split":
             self.fused_cfg = _pick(("fused",) + dims, _fused_candidates(rp, es), run_fused, tune)
             self.fused = fused_for(self.fused_cfg)
@@ -1558,12 +1530,11 @@ class _ForwardPlan:
                 xa = xa_for(_pick(("xa_f", sp) + dims, [c for c in xa_c if c.split == sp], run_xa, tune))
                 cands = hq_c
                 if tma is not None and xa.split == 1:  # (the TMA kernel reads h unsplit)
-                    tma_c = _hq_tma_candidates(tma[1], device_check=traced)
+                    tma_c = _hq_tma_candidates(tma[1])
                     cands = tma_c if _HQ_TMA_FORCE else hq_c + tma_c
                 key = ("hq_f", xa.split) + dims
                 hq_cfg = _pick(key, cands, lambda cfg, xa=xa: run_hq(xa, cfg), tune)
-                alt = _tuned_among(key, hq_c) if isinstance(hq_cfg, _HqTCfg) and not hq_cfg.device_check else None
-                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, alt, None)
+                pairs[sp] = (xa, hq_for(xa, hq_cfg), hq_cfg, None)
             n = M * self.R
             one = next((p for p in pairs.values() if p[0].split == 1 and isinstance(p[2], _HqTCfg)), None)
             if one is not None:
@@ -1575,11 +1546,9 @@ class _ForwardPlan:
                 for sp in [g for g in groups if pairs[g][0].split > 1]:
                     red = _reduce_launch([(n, pairs[sp][0].split, n)], fast, trace)
                     hv = _HView(1, n, self.R)
-                    pairs[f"sum{sp}"] = (pairs[sp][0], hq_for(hv, one[2]), one[2], one[3], red)
-            sp = _pick(("xa_hq",) + dims, list(pairs), lambda sp: run_pair(*pairs[sp][:2], pairs[sp][4]), tune)
-            self.xa, self.hq, hq_cfg, alt, self.red = pairs[sp]
-            if alt is not None:
-                self.hq_alt = hq_for(_HView(1, n, self.R) if self.red is not None else self.xa, alt)
+                    pairs[f"sum{sp}"] = (pairs[sp][0], hq_for(hv, one[2]), one[2], red)
+            sp = _pick(("xa_hq",) + dims, list(pairs), lambda sp: run_pair(*pairs[sp][:2], pairs[sp][3]), tune)
+            self.xa, self.hq, hq_cfg, self.red = pairs[sp]
             split = self.xa.split
             summed = self.red is None and _sum_first(M, split, self.R, 1, _REDUCE_FWD_ROW_BYTES)
             if self.red is None and not summed and isinstance(hq_cfg, _HqCfg):
@@ -1629,11 +1598,8 @@ class _ForwardPlan:
             h_o = hr if self.want_h else None
         elif self.want_h:
             h_o = h if self.xa.split == 1 else torch.empty((self.M, self.R), device=x.device, dtype=self.dtype)
-        hq = self.hq
-        if self.hq_alt is not None and not _tma_pair_ok(*pb):  # (the one B descriptor cannot span these)
-            hq = self.hq_alt
-        _ensure_tma(hq)
-        hq(h, y, *pb, b, h_o if h_o is not None and self.red is None else y)
+        _ensure_tma(self.hq)
+        self.hq(h, y, *pb, b, h_o if h_o is not None and self.red is None else y)
         return h_o
 
 
@@ -2083,8 +2049,7 @@ def sklinear_forward(
         _tune_while_tracing(sklinear_forward, x, S1s, S2s, U1s, U2s, bias, want_h=want_h, path=path)
         return make(True, False)(x, (S1s, U2s), (U1s, S2s), bias)
     aligned = _aligned(x, S1s, S2s, U1s, U2s, bias)
-    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned,
-           _STAND_IN.get())  # fmt: skip
+    key = ("skf", _key(x, S1s, S2s, U1s, U2s, bias), x.dtype, x.device, _precision(x.dtype), path, want_h, aligned)
     return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (S1s, U2s), (U1s, S2s), bias)
 
 
@@ -2107,8 +2072,7 @@ def lowrank_forward(
         _tune_while_tracing(lowrank_forward, x, A, B, bias, scale, want_h=want_h, path=path)
         return make(True, False)(x, (A, A), (B, B), bias)
     aligned = _aligned(x, A, B, bias)
-    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned,
-           _STAND_IN.get())  # fmt: skip
+    key = ("lrf", _key(x, A, B, bias), x.dtype, x.device, _precision(x.dtype), path, scale, want_h, aligned)
     return _plan(key, lambda: make(False, aligned), x.shape[0])(x, (A, A), (B, B), bias)
 
 
