@@ -33,7 +33,6 @@ once per head for the chunk kernels.
 
 from __future__ import annotations
 
-import math
 
 import torch
 import triton
@@ -41,9 +40,7 @@ import triton.language as tl
 from torch import Tensor
 
 from .._launch import Launch as _Launch
-from .._launch import f32_bits as _f32_bits
 from . import triton as _tri
-from .reference import RELU_EPS
 from .triton import (
     MAX_TILE,
     WHOLE_D_F32,
@@ -58,6 +55,7 @@ from .triton import (
     _phi_key,
     _pow2,
     _run,
+    _scalars,
 )
 
 __all__ = [
@@ -615,7 +613,7 @@ class ChunkScan:
         self.reverse = reverse
         self.device = x.device
         interp = x.device.type == "cpu"
-        scal = tuple(_f32_bits(v) for v in (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS))
+        scal = _scalars(scale, m)
         meta = {
             "BN": chunk, "BD": self.BD, "BE": self.BE, "BMT": self.BMT, "SOFTMAX": kernel_fn == "softmax",
             "QUERY": query, "HAS_MASK": has_mask and not query, "WEIGHTED": weighted, "REVERSE": reverse,

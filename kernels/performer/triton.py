@@ -181,6 +181,12 @@ def _mm(a, b, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr):
         return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16))
 
 
+def _scalars(scale: float, m: int) -> tuple[int, int, int, int]:
+    """The four float scalars every kernel takes (√scale, log2 √m, 1/√m, RELU_EPS), as the fp32 bits
+    ``_f32`` decodes."""
+    return tuple(_f32_bits(v) for v in (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS))
+
+
 @triton.jit
 def _f32(a, b, c, d):
     """The four float scalars a kernel takes as fp32 bits (``_launch.f32_bits``: Inductor would type
@@ -787,7 +793,7 @@ class _Cfg:
             "HAS_MASK": key_mask is not None, "FEAT_F32": feat_f32, "PREC": "ieee" if q.dtype == torch.float32 else "tf32",
             "INTERP": self.interp,
         }  # fmt: skip
-        self.scal = tuple(_f32_bits(v) for v in (math.sqrt(scale), 0.5 * math.log2(m), 1.0 / math.sqrt(m), RELU_EPS))
+        self.scal = _scalars(scale, m)
         self.small = self.BM * max(self.BE, BDF) < 128 * 64
         self.settings = TUNED if not feat_f32 and max(BDF, self.BE) <= 64 and self.BM <= 256 else SAFE
         # Software-pipelining depth: the loop's loads (ω, q/k, v tiles; every block of them when
