@@ -417,6 +417,59 @@ def test_plans_are_cached_and_knobs_take_effect(poison, monkeypatch):
     assert plan.fwd.opts["num_warps"] == 2 and plan.scan.scan.opts["num_warps"] == 1
 
 
+# (B, H, N, D, E, m): ids read as shapes. Under ``small`` (chunks and feature tiles of 16, 16
+# interpreter programs) the output pass takes 16 // (B·H) programs per (batch, head).
+OUT_SHAPES = {
+    "B2H2-N100-D20-E28-m40": (2, 2, 100, 20, 28, 40),  # 7 chunks in groups of 2 (the last alone); 3 tiles, the last partial
+    "B1H2-N45-D16-E16-m64": (1, 2, 45, 16, 16, 64),  # 4 whole tiles; 3 chunks, one a program
+    "B1H1-N1-D32-E20-m12": (1, 1, 1, 32, 20, 12),  # one query, one partial tile
+}
+
+
+@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", list(OUT_SHAPES), ids=list(OUT_SHAPES))
+def test_out_pass_kernel_matches_reference(poison, small, monkeypatch, shape, dtype, kernel_fn):
+    """The non-causal output pass with the feature tiles held across query chunks
+    (_out_pass_kernel, forced for every dtype), against float64, with a key mask."""
+    monkeypatch.setattr(chunked, "OUT_PERSIST", True)
+    monkeypatch.setattr(chunked, "OUT_MAX_TILES", 4)  # (the most the kernel holds)
+    B, H, N, D, E, m = OUT_SHAPES[shape]
+    _check(*_inputs(B, H, N, N + 3, D, E, m, dtype, True), kernel_fn, False)
+    plan = _last_plan()
+    nc = triton.cdiv(N, CHUNK)
+    cpp = triton.cdiv(nc, min(nc, 16 // (B * H)))
+    assert plan.out_pass is not None and plan.out_pass.grid[:2] == (triton.cdiv(nc, cpp), B * H)
+    assert plan.out_pass.meta["NT"] == triton.cdiv(m, TILE) and plan.out_pass.scalars[-3] == cpp
+
+
+def test_out_pass_kernel_choice(poison, small, monkeypatch):
+    """Auto (None): the held-tiles output pass for bf16 (bf16 features and state) with padded
+    D = 64, padded E ≤ 64, m in ≤ OUT_MAX_TILES tiles (2 by default; the kernel holds up to 4) and
+    ≥ OUT_MIN_CHUNKS chunks a program; False: never; True: any dtype; never causal. The plan then
+    has no _fwd_chunk_kernel launch."""
+    # N = 130: 9 chunks of 16, 16 // (B·H = 2) = 8 programs: 2 chunks a program (the last 1).
+    monkeypatch.setattr(chunked, "OUT_MIN_CHUNKS", 2)
+
+    def out_pass(dtype, m=32, D=40, E=40, causal=False, N=130):
+        _check(*_inputs(1, 2, N, N, D, E, m, dtype, False), "softmax", causal)
+        plan = _last_plan()
+        assert (plan.out_pass is None) != (plan.fwd is None)
+        return plan.out_pass is not None
+
+    assert out_pass(torch.bfloat16) and not out_pass(torch.float16) and not out_pass(torch.float32)
+    assert not out_pass(torch.bfloat16, m=40)  # 3 tiles of 16
+    assert not out_pass(torch.bfloat16, D=80, E=80) and not out_pass(torch.bfloat16, D=20)  # padded D 128, 32
+    assert not out_pass(torch.bfloat16, N=100)  # 7 chunks: 1 a program
+    assert not out_pass(torch.bfloat16, causal=True)
+    monkeypatch.setattr(chunked, "OUT_MAX_TILES", 8)
+    assert out_pass(torch.bfloat16, m=64) and not out_pass(torch.bfloat16, m=80)  # 4 tiles; 5
+    monkeypatch.setattr(chunked, "OUT_PERSIST", False)
+    assert not out_pass(torch.bfloat16)
+    monkeypatch.setattr(chunked, "OUT_PERSIST", True)
+    assert out_pass(torch.float32) and not out_pass(torch.float32, m=80)
+
+
 @pytest.mark.parametrize(
     "D,E,dtype,ok",
     [

@@ -24,7 +24,9 @@ Passes: :class:`ChunkScan` (``_scan_kernel``, grid (feature tiles, segments, B·
 ``_segment_scan_kernel`` for SG/ZG); the forward :class:`ChunkedForwardPlan` runs the key scan and
 ``_fwd_chunk_kernel`` (grid (chunks, B·H)) when causal, and when not the key pass
 ``_key_pass_kernel`` (segment totals only, grid (feature tiles, segments, B·H)), triton.py's
-``_reduce_kernel``, then ``_fwd_chunk_kernel`` as the output pass. Shapes (:func:`chunked_supports`): the whole
+``_reduce_kernel``, then the output pass: ``_out_pass_kernel`` (grid (query groups, B·H), the
+head's feature tiles loaded once per program) where they fit in registers, else
+``_fwd_chunk_kernel``. Shapes (:func:`chunked_supports`): the whole
 padded head dim in one tile (≤ 128 for bf16, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32), padded E ≤
 128, any m. Causal softmax keys use triton.py's stabilizer c2 (maxⱼ‖ωⱼ‖²/2 − 40, log2 units, log2
 √m folded in), computed tile by tile (:func:`_causal_c2_tiles`) by the key scan, which stores it
@@ -85,6 +87,25 @@ SCAN_PROGRAMS_PER_SM = 2
 # B=4, H=12, N=4096, d=64, m=256: 384 programs 50.4 µs, 576 programs 59.1 µs), fewer leave SMs
 # part idle (B=1, N=65536: 288 programs 236 µs, 528 programs 169 µs).
 KEY_PROGRAMS_PER_SM = 4
+# The non-causal output pass. _fwd_chunk_kernel reads the head's ω and state tiles again for
+# every chunk of BN queries; _out_pass_kernel loads them once per program (up to 4 tiles, held in
+# registers) and walks ~NC·B·H / (OUT_PROGRAMS_PER_SM · SMs) chunks. OUT_PERSIST None: that
+# kernel where it was measured faster, else _fwd_chunk_kernel; True: that kernel wherever m takes
+# ≤ min(OUT_MAX_TILES, 4) feature tiles (any dtype or width; for tests); False: never.
+# H200, bf16, B = 4, H = 12, non-causal softmax, output pass µs (profiler), _fwd_chunk_kernel →
+# _out_pass_kernel (4 warps, 2 programs an SM): d = 64, m = 128 (2 tiles): N = 4096 36.3 → 30.0
+# (forward 71.2 → 65.1), N = 16384 138.6 → 108.5 (241.5 → 214.7), relu N = 4096 29.1 → 25.6;
+# m = 64: 29.7 → 20.1. Slower: m = 256 (4 tiles: 255 registers and 38 spilled; 53.1 → 55.9–57.9
+# at N = 4096), d = 32 (m = 128: 25.4 → 26.8–27.5), few chunks a program (N = 1024, m = 128,
+# 4 a program: 9.9 → 10.8), and 8 warps everywhere (62.3 at d = 64, m = 128, N = 4096). Hence
+# None takes it for bf16 features and state (bf16 inputs; fp16 and fp32 keep them fp32, twice
+# the registers), padded D = 64, padded E ≤ 64, m in ≤ OUT_MAX_TILES tiles and ≥ OUT_MIN_CHUNKS
+# chunks a program.
+OUT_PERSIST: bool | None = None
+OUT_MAX_TILES = 2
+OUT_MIN_CHUNKS = 8
+OUT_PROGRAMS_PER_SM = 2
+OUT_WARPS = 4
 # (The plans are cached per call signature with these knobs and triton.py's: changing any of them
 # between calls takes effect at the next call.)
 
@@ -151,6 +172,35 @@ def _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BMT: tl.constexp
 
 
 @triton.jit
+def _phi_query(projq, mq, half, fvalid, a2, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX: tl.constexpr, EVEN_M: tl.constexpr):
+    """Query features of one feature tile from its projection projq = xq·ωᵀ (BN, BMT) fp32:
+    (φq, alpha, mq). Softmax: mq is the running row max of the logits lg = a2·projq − half
+    (log2 units; half = ‖xs‖²/2 per row), updated by this tile, alpha = exp2(old − new mq) the
+    factor by which what was accumulated from earlier tiles is rescaled, and φq = exp2(lg − mq −
+    log2 √m). Relu: φq = max(projq·rs, 0)/√m + eps, alpha and mq unchanged. Padded features
+    (fvalid false; none when EVEN_M) give φq = 0 and do not enter the max."""
+    alpha = tl.zeros_like(mq) + 1.0
+    if SOFTMAX:
+        # The logits are a2·proj − half with a2 ≥ 0, so their row max is a2·max(proj) − half:
+        # the max is taken on proj, and φ costs one FFMA and one exp2 per element.
+        if EVEN_M:
+            pmax = tl.max(projq, 1)
+        else:
+            pmax = tl.max(tl.where(fvalid[None, :], projq, float("-inf")), 1)
+        mnew = tl.maximum(mq, pmax * a2 - half)
+        alpha = tl.exp2(mq - mnew)
+        mq = mnew
+        phq = tl.exp2(projq * a2 - (mq + half + log2_sqrt_m)[:, None])
+        if not EVEN_M:
+            phq = tl.where(fvalid[None, :], phq, 0.0)
+    elif EVEN_M:
+        phq = tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps
+    else:
+        phq = tl.where(fvalid[None, :], tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps, 0.0)
+    return phq, alpha, mq
+
+
+@triton.jit
 def _chunk_attend(
     Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
     sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
@@ -206,27 +256,12 @@ def _chunk_attend(
         w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
         fvalid = (m0 + tl.arange(0, BMT)) < M
         projq = _dot(xq, tl.trans(w), PREC, INTERP)
+        phq, alpha, mq = _phi_query(projq, mq, half, fvalid, a2, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, EVEN_M)
         if SOFTMAX:
-            # The logits are a2·proj − half with a2 ≥ 0, so their row max is a2·max(proj) − half:
-            # the max is taken on proj, and φ costs one FFMA and one exp2 per element.
-            if EVEN_M:
-                pmax = tl.max(projq, 1)
-            else:
-                pmax = tl.max(tl.where(fvalid[None, :], projq, float("-inf")), 1)
-            mnew = tl.maximum(mq, pmax * a2 - half)
-            alpha = tl.exp2(mq - mnew)
             num = num * alpha[:, None]
             den = den * alpha
             if CAUSAL:
                 A = A * alpha[:, None]
-            mq = mnew
-            phq = tl.exp2(projq * a2 - (mq + half + log2_sqrt_m)[:, None])
-            if not EVEN_M:
-                phq = tl.where(fvalid[None, :], phq, 0.0)
-        elif EVEN_M:
-            phq = tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps
-        else:
-            phq = tl.where(fvalid[None, :], tl.maximum(projq * rs, 0.0) * inv_sqrt_m + eps, 0.0)
         # The key tile first, so that its (C × BMT) tiles are dead before the state tile loads.
         if CAUSAL:
             projk = _dot(xk, tl.trans(w), PREC, INTERP)
@@ -507,6 +542,107 @@ def _fwd_chunk_kernel(
     )
 
 
+@triton.jit
+def _out_tile(W, SL, ZL, h, bh, t, D, M, MP, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, DT: tl.constexpr,
+              INTERP: tl.constexpr):  # fmt: skip
+    """Feature tile t (rows [t·BMT, (t+1)·BMT)) for _out_pass_kernel: head h's ω (BMT, BD) in DT,
+    (batch·head) bh's whole-sequence state S (BMT, BE) as stored and z (BMT,) fp32, and which rows
+    are real features (< M)."""
+    mrows = t * BMT + tl.arange(0, BMT)
+    w = _omega_tile(W, h, D, M, t * BMT, BD, BMT, DT, INTERP)
+    S = tl.load(SL + bh * MP * BE + mrows[:, None] * BE + tl.arange(0, BE)[None, :])
+    z = tl.load(ZL + bh * MP + mrows)
+    return w, S, z, mrows < M
+
+
+@triton.jit
+def _out_step(
+    xq, w, S, z, fvalid, num, den, mq, half, a2, rs, log2_sqrt_m, inv_sqrt_m, eps,
+    SOFTMAX: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """(num, den, mq) of a chunk of queries xq with one feature tile (w, S, z) added: the
+    non-causal step of _chunk_attend's feature loop."""
+    projq = _dot(xq, tl.trans(w), PREC, INTERP)
+    phq, alpha, mq = _phi_query(projq, mq, half, fvalid, a2, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, EVEN_M)
+    if SOFTMAX:
+        num = num * alpha[:, None]
+        den = den * alpha
+    num += _mm(phq, S, FEAT_F32, PREC, INTERP)
+    den += tl.sum(phq * z[None, :], 1)
+    return num, den, mq
+
+
+@triton.jit
+def _out_pass_kernel(
+    Q, W, SL, ZL, O,
+    N, D, E, M, H,
+    sqb, sqh, sqn, sqd, sob, soh, son, soe,
+    rs, log2_sqrt_m, inv_sqrt_m, eps, CPP, NC, MP,
+    BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, NT: tl.constexpr,
+    SOFTMAX: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Non-causal output pass with the head's features held on chip: grid (G, B·H). Program (g, bh)
+    loads the NT ≤ 4 feature tiles of ω and of the whole-sequence state (SL (BH, MP, BE), ZL
+    (BH, MP), as _fwd_chunk_kernel reads them when not CAUSAL) once, then computes out for the
+    query chunks [g·CPP, min((g+1)·CPP, NC)) of bh, each as _chunk_attend does: _fwd_chunk_kernel
+    reads every tile again for every chunk of BN queries (for d = 64, m = 256: 64 KB of ω and S
+    against the chunk's 8 KB of queries). The arguments are _fwd_chunk_kernel's, less the causal
+    ones; the tiles take registers, so the plan picks this kernel only where they fit."""
+    g = tl.program_id(0)
+    bh = tl.program_id(1)
+    rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
+    b = bh // H
+    h = bh % H
+    DT = Q.dtype.element_ty
+    a2 = rs * 1.4426950408889634
+    hq = 0.5 * rs * rs * 1.4426950408889634
+    w0, S0, z0, f0 = _out_tile(W, SL, ZL, h, bh, 0, D, M, MP, BD, BE, BMT, DT, INTERP)
+    if NT > 1:
+        w1, S1, z1, f1 = _out_tile(W, SL, ZL, h, bh, 1, D, M, MP, BD, BE, BMT, DT, INTERP)
+    if NT > 2:
+        w2, S2, z2, f2 = _out_tile(W, SL, ZL, h, bh, 2, D, M, MP, BD, BE, BMT, DT, INTERP)
+    if NT > 3:
+        w3, S3, z3, f3 = _out_tile(W, SL, ZL, h, bh, 3, D, M, MP, BD, BE, BMT, DT, INTERP)
+    Qb = Q + b * sqb + h * sqh
+    Ob = O + b * sob + h * soh
+    offs_d = tl.arange(0, BD)
+    offs_e = tl.arange(0, BE)
+    c_lo = g * CPP
+    for c in range(c_lo, tl.minimum(c_lo + CPP, NC)):
+        rows = c * BN + tl.arange(0, BN)
+        xq = _load_rows(Qb, rows, offs_d, N, D, sqn, sqd)
+        xf = xq.to(tl.float32)
+        half = hq * tl.sum(xf * xf, 1)
+        num = tl.zeros((BN, BE), tl.float32)
+        den = tl.zeros((BN,), tl.float32)
+        mq = tl.full((BN,), -1e30, tl.float32)
+        num, den, mq = _out_step(
+            xq, w0, S0, z0, f0, num, den, mq, half, a2, rs, log2_sqrt_m, inv_sqrt_m, eps,
+            SOFTMAX, EVEN_M, FEAT_F32, PREC, INTERP,
+        )  # fmt: skip
+        if NT > 1:
+            num, den, mq = _out_step(
+                xq, w1, S1, z1, f1, num, den, mq, half, a2, rs, log2_sqrt_m, inv_sqrt_m, eps,
+                SOFTMAX, EVEN_M, FEAT_F32, PREC, INTERP,
+            )  # fmt: skip
+        if NT > 2:
+            num, den, mq = _out_step(
+                xq, w2, S2, z2, f2, num, den, mq, half, a2, rs, log2_sqrt_m, inv_sqrt_m, eps,
+                SOFTMAX, EVEN_M, FEAT_F32, PREC, INTERP,
+            )  # fmt: skip
+        if NT > 3:
+            num, den, mq = _out_step(
+                xq, w3, S3, z3, f3, num, den, mq, half, a2, rs, log2_sqrt_m, inv_sqrt_m, eps,
+                SOFTMAX, EVEN_M, FEAT_F32, PREC, INTERP,
+            )  # fmt: skip
+        out = num / tl.where(den == 0.0, 1.0, den)[:, None]
+        tl.store(
+            Ob + rows[:, None] * son + offs_e[None, :] * soe,
+            _cast(out, O.dtype.element_ty, INTERP),
+            mask=(rows[:, None] < N) & (offs_e[None, :] < E),
+        )
+
+
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
@@ -679,7 +815,8 @@ class ChunkedForwardPlan:
     called as ``plan(q, k, v, omega, mptr) -> out`` (B, H, N, E) in v's dtype, with mptr the bool
     key mask or, without one, q (never read). Causal: the key scan (:class:`ChunkScan`), then
     ``_fwd_chunk_kernel``. Non-causal: ``_key_pass_kernel`` and triton.py's reduce (the
-    whole-sequence state), then ``_fwd_chunk_kernel`` as the output pass.
+    whole-sequence state), then the output pass: ``_out_pass_kernel`` where its tiles fit
+    (``OUT_PERSIST``; ``out_pass`` is then its launch), else ``_fwd_chunk_kernel``.
 
     With ``stats=True`` (causal only) the call returns ``(out, stats)``: stats (B, H, 2, N) fp32
     holds each query row's stabilizer mq and normalizer den, which
@@ -740,6 +877,22 @@ class ChunkedForwardPlan:
             meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
         )  # fmt: skip
 
+        self.out_pass = None
+        NTO = triton.cdiv(c.m, BMT)
+        G = max(1, min(NC, _tri._target_programs(q.device, OUT_PROGRAMS_PER_SM) // c.BH))
+        cpp = triton.cdiv(NC, G)
+        persist = OUT_PERSIST
+        if persist is None:
+            persist = not c.feat_f32 and c.BD == 64 and c.BE <= 64 and cpp >= OUT_MIN_CHUNKS
+        if not causal and persist and NTO <= min(OUT_MAX_TILES, 4):  # (the kernel holds at most 4)
+            out_meta = {k_: meta[k_] for k_ in ("BN", "BD", "BE", "BMT", "SOFTMAX", "EVEN_M", "FEAT_F32", "PREC", "INTERP")}
+            self.out_pass = _Launch(
+                _out_pass_kernel, (triton.cdiv(NC, cpp), c.BH), 5,
+                (c.N, c.D, c.E, c.m, c.H, *q.stride(), *_contiguous_strides(*self.out_shape), *c.scal, cpp, NC, c.BM),
+                {**out_meta, "NT": NTO}, {"num_warps": OUT_WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
+            )  # fmt: skip
+            self.fwd = None
+
     def __call__(self, q, k, v, omega, mask) -> Tensor | tuple[Tensor, Tensor]:
         if self.causal:
             SL, ZL, SG, ZG, c2 = self.scan(k, v, omega, mask, None, None)
@@ -749,6 +902,9 @@ class ChunkedForwardPlan:
             c2 = None
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
         c = self.cfg
+        if self.out_pass is not None:
+            _run(self, "out_pass", q, omega, SL, ZL, out)
+            return out
         stats = torch.empty(c.B, c.H, 2, c.N, device=q.device, dtype=torch.float32) if self.stats else out
         _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, ZL if c2 is None else c2)
         return (out, stats) if self.stats else out

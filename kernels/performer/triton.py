@@ -955,7 +955,9 @@ def _knobs() -> tuple:
     return (
         NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
         tuple(SAFE.items()), PATH, CHUNKED_MAX_N, _CHUNKED.chunked.CHUNK, _CHUNKED.chunked.M_TILE, _CHUNKED.chunked.WARPS, _CHUNKED.chunked.SCAN_WARPS,
-        _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM, _CHUNKED.chunked.KEY_PROGRAMS_PER_SM,
+        _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM, _CHUNKED.chunked.KEY_PROGRAMS_PER_SM, _CHUNKED.chunked.OUT_PERSIST,
+        _CHUNKED.chunked.OUT_MAX_TILES, _CHUNKED.chunked.OUT_MIN_CHUNKS, _CHUNKED.chunked.OUT_PROGRAMS_PER_SM,
+        _CHUNKED.chunked.OUT_WARPS,
     )  # fmt: skip
 
 
