@@ -119,6 +119,37 @@ def test_op_under_compile(poison, D, train):
         assert_close(a, b, name=f"compiled {name}")
 
 
+@pytest.mark.parametrize("train", [False, True], ids=["op", "train_op"])
+def test_held_tile_output_pass_under_compile(poison, train):
+    """The non-causal forward whose output pass the plan runs as chunked._out_pass_kernel (bf16,
+    d = 64, m = 128: two feature tiles; B·H = 48 and N = 4096 give 13 chunks a program), eager and
+    under torch.compile, against float64 (and, for the training op, its gradients)."""
+    ops = pytest.importorskip("panther.ops.attention")
+    from panther.kernels.performer import triton as tk
+
+    q, k, v, omega, key_mask = _inputs(4, 12, 4096, 4096, 64, 128, torch.bfloat16, True)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+
+    def f(q, k, v):
+        if train:
+            return ops.performer_attention_train(q, k, v, omega, key_mask, "softmax", False, 0.125)[0]
+        return ops.performer_attention(q, k, v, omega, key_mask, "softmax", False, 0.125)
+
+    up = [t.detach().double() for t in (q, k, v, omega)]
+    exp = ref.performer_attention(*up, key_mask, "softmax", False, 0.125)
+    tk._PLANS.clear()
+    assert_close(f(q, k, v), exp, name="eager out")
+    assert any(getattr(p, "out_pass", None) is not None for p in tk._PLANS.values())
+    out = torch.compile(f, fullgraph=True)(q, k, v)
+    assert_close(out, exp, name="compiled out")
+    if train:
+        grad = torch.randn_like(out)
+        got = torch.autograd.grad(out, (q, k, v), grad)
+        want = ref.performer_attention_backward(grad.double(), *up, key_mask, "softmax", False, 0.125)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert_close(a, b, name=f"compiled {name}")
+
+
 @pytest.mark.parametrize("dtype", list(DTYPES), ids=list(DTYPES))
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_wide_head_dim_full_size(poison, dtype, causal):
