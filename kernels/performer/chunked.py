@@ -870,28 +870,36 @@ class ChunkedForwardPlan:
             "HAS_MASK": key_mask is not None, "WRITE_STATS": stats, "EVEN_M": c.m % BMT == 0, "FEAT_F32": c.feat_f32,
             "PREC": c.meta["PREC"], "INTERP": c.interp,
         }  # fmt: skip
-        self.fwd = _Launch(
-            _fwd_chunk_kernel, (NC, c.BH), 12,
-            (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
-             *_contiguous_strides(*self.out_shape), *c.scal, CPS, NC, P, MP),
-            meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
-        )  # fmt: skip
+        # The non-causal output pass: _out_pass_kernel where the plan takes it, else _fwd_chunk_kernel.
+        self.out_pass = None if causal else self._out_pass(q, BMT, NC, meta, fast, trace)
+        self.fwd = None
+        if self.out_pass is None:
+            self.fwd = _Launch(
+                _fwd_chunk_kernel, (NC, c.BH), 12,
+                (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
+                 *_contiguous_strides(*self.out_shape), *c.scal, CPS, NC, P, MP),
+                meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
+            )  # fmt: skip
 
-        self.out_pass = None
-        NTO = triton.cdiv(c.m, BMT)
+    def _out_pass(self, q, BMT: int, NC: int, meta: dict, fast: bool, trace: bool) -> _Launch | None:
+        """The _out_pass_kernel launch of a non-causal plan, where OUT_PERSIST takes it (else None):
+        the NC query chunks of each (batch, head) shared out among ~OUT_PROGRAMS_PER_SM programs an
+        SM, the m features in NT tiles of BMT."""
+        c = self.cfg
+        NT = triton.cdiv(c.m, BMT)
         G = max(1, min(NC, _tri._target_programs(q.device, OUT_PROGRAMS_PER_SM) // c.BH))
         cpp = triton.cdiv(NC, G)
         persist = OUT_PERSIST
         if persist is None:
             persist = not c.feat_f32 and c.BD == 64 and c.BE <= 64 and cpp >= OUT_MIN_CHUNKS
-        if not causal and persist and NTO <= min(OUT_MAX_TILES, 4):  # (the kernel holds at most 4)
-            out_meta = {k_: meta[k_] for k_ in ("BN", "BD", "BE", "BMT", "SOFTMAX", "EVEN_M", "FEAT_F32", "PREC", "INTERP")}
-            self.out_pass = _Launch(
-                _out_pass_kernel, (triton.cdiv(NC, cpp), c.BH), 5,
-                (c.N, c.D, c.E, c.m, c.H, *q.stride(), *_contiguous_strides(*self.out_shape), *c.scal, cpp, NC, c.BM),
-                {**out_meta, "NT": NTO}, {"num_warps": OUT_WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
-            )  # fmt: skip
-            self.fwd = None
+        if not persist or NT > min(OUT_MAX_TILES, 4):  # (the kernel holds at most 4)
+            return None
+        out_meta = {k_: meta[k_] for k_ in ("BN", "BD", "BE", "BMT", "SOFTMAX", "EVEN_M", "FEAT_F32", "PREC", "INTERP")}
+        return _Launch(
+            _out_pass_kernel, (triton.cdiv(NC, cpp), c.BH), 5,
+            (c.N, c.D, c.E, c.m, c.H, *q.stride(), *_contiguous_strides(*self.out_shape), *c.scal, cpp, NC, c.BM),
+            {**out_meta, "NT": NT}, {"num_warps": OUT_WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
+        )  # fmt: skip
 
     def __call__(self, q, k, v, omega, mask) -> Tensor | tuple[Tensor, Tensor]:
         if self.causal:
