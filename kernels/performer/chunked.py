@@ -786,12 +786,13 @@ class ChunkScan:
 
 
 def _check_tiles(c: _Cfg, dtype: torch.dtype) -> None:
-    """ValueError unless the chunk kernels' tiles hold the shapes of ``c``: the whole head dim in
-    one tile and E ≤ MAX_TILE (what both chunked plans need; chunked_supports also gates E < D)."""
-    if c.ND != 1 or c.BE > MAX_TILE:
+    """ValueError unless ``c`` has the shapes :func:`chunked_supports` accepts: the whole head dim
+    in one tile and padded D ≤ padded E ≤ MAX_TILE (E below D gave wrong results on the H200, see
+    there), so that a plan built directly cannot run them either."""
+    if c.ND != 1 or not c.BD <= c.BE <= MAX_TILE:
         raise ValueError(
-            f"the chunked kernels need the whole head dim in one tile and E <= {MAX_TILE}, got D={c.D}, "
-            f"E={c.E} for {dtype} (see chunked_supports)"
+            f"the chunked kernels need the whole head dim in one tile and padded D <= padded E <= {MAX_TILE}, "
+            f"got D={c.D}, E={c.E} for {dtype} (see chunked_supports)"
         )
 
 
