@@ -98,7 +98,8 @@ def check_input(
 
 
 def warn_budget(layer: str, num_terms: int, low_rank: int, n_in: int, n_out: int, stacklevel: int = 3) -> None:
-    """Warn when the sketch's parameter budget 2·L·k·(in+out) is not below the dense in·out."""
+    """Warn when the sketch's stored values 2·L·k·(in+out) (trainable S and fixed U alike) are not
+    fewer than the dense in·out."""
     import warnings
 
     sketched = 2 * num_terms * low_rank * (n_in + n_out)
@@ -106,7 +107,7 @@ def warn_budget(layer: str, num_terms: int, low_rank: int, n_in: int, n_out: int
     if sketched >= dense:
         warnings.warn(
             f"{layer}: the sketch holds 2*num_terms*low_rank*(in+out) = 2*{num_terms}*{low_rank}*"
-            f"({n_in}+{n_out}) = {sketched} parameters, not fewer than the dense layer's "
+            f"({n_in}+{n_out}) = {sketched} values (trainable S and fixed U), not fewer than the dense layer's "
             f"{n_in}*{n_out} = {dense}; lower num_terms or low_rank to save memory",
             UserWarning,
             stacklevel=stacklevel,

@@ -544,7 +544,7 @@ def test_from_conv2d_errors(conv, exc, match):
 
 def test_budget_warning():
     # 2·1·8·(27 + 4) = 496 >= 27·4 = 108
-    with pytest.warns(UserWarning, match=r"SKConv2d: the sketch holds .* = 496 parameters, not fewer than .* 108"):
+    with pytest.warns(UserWarning, match=r"SKConv2d: the sketch holds .* = 496 values \(trainable S and fixed U\), not fewer than .* 108"):
         pr.nn.SKConv2d(3, 4, 3, num_terms=1, low_rank=8)
     with pytest.warns(UserWarning, match="SKConv2d: the sketch holds"):
         pr.nn.SKConv2d.from_conv2d(nn.Conv2d(3, 4, 3), 1, 8)

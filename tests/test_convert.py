@@ -7,6 +7,7 @@ compiled by Inductor.
 from __future__ import annotations
 
 import copy
+import math
 import importlib
 
 import pytest
@@ -96,6 +97,26 @@ def test_low_rank_conv_at_full_rank_is_the_conv(kw):
     assert rel_err(layer(x), conv(x)) <= 1e-5
     assert rel_err(layer.dense_weight(), conv.weight) <= 1e-5
     assert sum(p.numel() for p in layer.parameters()) == 6 * (4 * conv.kernel_size[0] * conv.kernel_size[1] + 6) + 6
+
+
+def test_low_rank_conv_generator():
+    """generator= reproduces the initialization, leaves the global RNG alone, and draws from
+    nn.Conv2d's distributions (kaiming-uniform weights, biases within 1/√fan_in)."""
+    def make(seed):
+        return pr.nn.LowRankConv2d(5, 7, 3, rank=4, generator=torch.Generator().manual_seed(seed))
+
+    state = torch.get_rng_state()
+    a, b, c = make(3), make(3), make(4)
+    assert torch.equal(torch.get_rng_state(), state)
+    for (name, pa), pb, pc in zip(a.named_parameters(), b.parameters(), c.parameters()):
+        assert torch.equal(pa, pb) and not torch.equal(pa, pc), name
+    for conv in (a.reduce, a.expand):
+        fan_in = conv.weight[0].numel()
+        assert conv.weight.abs().max() <= 1.0 / math.sqrt(fan_in)  # kaiming_uniform_(a=√5)
+        if conv.bias is not None:
+            assert conv.bias.abs().max() <= 1.0 / math.sqrt(fan_in)
+    with pytest.raises(TypeError, match="generator must be a torch.Generator"):
+        pr.nn.LowRankConv2d(5, 7, 3, rank=4, generator=3)
 
 
 # -- convert --------------------------------------------------------------------------------

@@ -356,7 +356,7 @@ def test_forward_errors(x, exc, match):
 
 
 def test_budget_warning():
-    with pytest.warns(UserWarning, match=r"2\*1\*16\*\(256\+10\) = 8512 parameters, not fewer than .* 2560"):
+    with pytest.warns(UserWarning, match=r"2\*1\*16\*\(256\+10\) = 8512 values \(trainable S and fixed U\), not fewer than .* 2560"):
         pr.nn.SKLinear(256, 10, num_terms=1, low_rank=16)
     with warnings.catch_warnings():
         warnings.simplefilter("error")

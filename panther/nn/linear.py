@@ -25,8 +25,9 @@ class SKLinear(nn.Module):
         y = \frac{1}{2L} \sum_{i=1}^{L} \left(x S1_i U1_i + x U2_i S2_i\right) + b
 
     which is an unbiased estimate of ``x·Wᵀ`` (``E[U1ᵢᵀU1ᵢ] = I``, ``E[U2ᵢU2ᵢᵀ] = I``) holding
-    ``2·L·k·(in+out)`` parameters instead of ``in·out``. It is a rank-``2Lk`` product, so the
-    forward costs ``2·T·2Lk·(in+out)`` FLOPs instead of ``2·T·in·out``.
+    ``2·L·k·(in+out)`` values instead of ``in·out`` (``L·k·(in+out)`` trainable, the rest fixed
+    buffers). It is a rank-``2Lk`` product, so the forward costs ``2·T·2Lk·(in+out)`` FLOPs
+    instead of ``2·T·in·out``.
 
     Args:
         in_features: size of each input sample.

@@ -10,6 +10,7 @@ singular directions cannot be written into it without losing what they bought (i
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -42,7 +43,8 @@ class LowRankLinear(nn.Module):
 
     Holds ``r·(in + out)`` weight parameters instead of ``in·out`` and costs ``2·T·r·(in + out)``
     FLOPs for ``T`` rows. The forward and backward are ``torch.ops.panther.lowrank_linear``, the
-    op (and Triton kernels on CUDA) the compiler backend emits for a rewritten linear layer.
+    op (and Triton kernels on CUDA) the compiler backend emits for a rewritten linear layer; eager
+    calls on CUDA launch the same kernels without the op's dispatch layers.
 
     Args:
         in_features: size of each input sample.
@@ -181,6 +183,8 @@ class LowRankConv2d(nn.Module):
             ``nn.Conv2d`` (groups and dilation are 1).
         rank: r (> 0).
         dtype, device: of the parameters.
+        generator: optional ``torch.Generator`` for the initialization (that of ``nn.Conv2d``
+            for both convolutions). Default: the global RNG.
 
     Shape:
         as ``nn.Conv2d``: (N, C, H, W) or (C, H, W) in, (N, out, Ho, Wo) or (out, Ho, Wo) out.
@@ -205,14 +209,28 @@ class LowRankConv2d(nn.Module):
         padding_mode: str = "zeros",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
+        *,
+        generator: torch.Generator | None = None,
     ) -> None:
         super().__init__()
         self.rank = check_int("rank", rank)
         check_choice("padding_mode", padding_mode, ("zeros", "reflect", "replicate", "circular"))
-        factory = {"dtype": dtype, "device": device}
-        self.reduce = nn.Conv2d(in_channels, rank, kernel_size, stride, padding, bias=False, padding_mode=padding_mode, **factory)
-        self.expand = nn.Conv2d(rank, out_channels, 1, bias=bias, **factory)
+        if generator is not None and not isinstance(generator, torch.Generator):
+            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        factory = {"dtype": dtype, "device": device if device is not None else torch.get_default_device()}
+        # With a generator the convs are built uninitialized (no draw from the global RNG) and
+        # then given nn.Conv2d.reset_parameters' distributions from the caller's generator.
+        make = nn.Conv2d if generator is None else functools.partial(nn.utils.skip_init, nn.Conv2d)
+        self.reduce = make(in_channels, rank, kernel_size, stride, padding, bias=False, padding_mode=padding_mode, **factory)
+        self.expand = make(rank, out_channels, 1, bias=bias, **factory)
         self.in_channels, self.out_channels = in_channels, out_channels
+        if generator is not None:
+            with torch.no_grad():
+                for conv in (self.reduce, self.expand):
+                    nn.init.kaiming_uniform_(conv.weight, a=math.sqrt(5), generator=generator)
+                    if conv.bias is not None:
+                        bound = 1.0 / math.sqrt(conv.weight[0].numel())
+                        conv.bias.uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_factors(cls, conv: nn.Conv2d, A: Tensor, B: Tensor) -> LowRankConv2d:

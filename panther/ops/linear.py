@@ -4,13 +4,16 @@ Both are ``torch.library.triton_op``s: under ``torch.compile`` Inductor traces i
 so on CPU they lower to generated C++ (and Inductor's GEMM templates), and on CUDA it sees the
 Triton kernels of ``panther.kernels.lowrank_linear.triton`` (launched through ``wrap_triton``).
 Outside of compile they run eagerly. On CUDA, operands the kernels do not take (mixed dtypes,
-float64) go through the reference.
+float64) go through the reference. The layers' eager calls on CUDA (:func:`sklinear_apply`,
+:func:`lowrank_linear_apply`) launch the same kernels without the custom-op layers
+(``_EagerLowRank``): their Python dispatch took ~200 µs of host time per forward+backward.
 
 The backward of each op is itself an op, so the GPU path can swap in backward kernels.
 
 Training goes through ``panther::sklinear_train`` / ``panther::lowrank_linear_train``: the same
 forward, also returning h = x·A (T × r, small), which the backward then reads instead of making
-one more pass over x to recompute it (SKLinear and LowRankLinear pick these when autograd records).
+one more pass over x to recompute it (SKLinear and LowRankLinear pick these when autograd records,
+under ``torch.compile`` and on CPU; eager CUDA calls keep h the same way through ``_EagerLowRank``).
 """
 
 from __future__ import annotations
