@@ -227,6 +227,32 @@ def test_causal_softmax_refuses_feature_dims_it_cannot_represent():
     assert torch.isfinite(y).all() and y.abs().mean() > 1e-3
 
 
+def test_causal_range_check_under_compile_and_inference_mode():
+    """The check above also holds for a compiled layer (it raises while tracing instead of
+    compiling a layer whose output would be the bias), follows an omega loaded from a state
+    dict, and runs on a layer built inside torch.inference_mode (no version counter there)."""
+    torch._dynamo.reset()
+    x = torch.randn(1, 8, 512, generator=gen(30))
+    wide = RandMultiHeadAttention(512, 2, 16, iscausal=True, generator=gen(31)).eval()
+    with pytest.raises(ValueError, match="iscausal=True with kernel_fn='softmax'"):
+        torch.compile(wide, backend="eager")(x, x, x)
+    ok = make(E=32, m=16, kernel_fn="softmax", iscausal=True, dtype=torch.float32)
+    y = torch.randn(2, 8, 32, generator=gen(32))
+    compiled = torch.compile(ok, backend="eager")
+    assert torch.isfinite(compiled(y, y, y)[0]).all()
+    state = {k: v.clone() for k, v in ok.state_dict().items()}
+    state["omega"] *= 4  # maxⱼ‖ωⱼ‖²/2 grows 16-fold: past the fp32 limit
+    ok.load_state_dict(state)
+    torch._dynamo.reset()
+    with pytest.raises(ValueError, match="iscausal=True with kernel_fn='softmax'"):
+        torch.compile(ok, backend="eager")(y, y, y)
+    with torch.inference_mode():
+        inf = make(E=32, m=16, kernel_fn="softmax", iscausal=True, dtype=torch.float32)
+        assert torch.isfinite(inf(y, y, y)[0]).all()
+        inf.double()
+        assert torch.isfinite(inf(y.double(), y.double(), y.double())[0]).all()
+
+
 @pytest.mark.parametrize("kernel_fn", KERNELS)
 @pytest.mark.parametrize("srpe", [False, True], ids=["plain", "srpe"])
 def test_causal_outputs_ignore_later_positions(kernel_fn, srpe):
@@ -300,6 +326,24 @@ def test_leading_dims_and_unbatched_input():
         single = layer(x[0, 0], x[0, 0], x[0, 0], mask[0, 0])[0]
         assert single.shape == (7, 16)
         assert_close(single, out[0, 0])
+
+
+@pytest.mark.parametrize("kernel_fn", KERNELS)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_empty_batch_and_sequences(kernel_fn, causal):
+    """A batch of 0, a sequence of 0, and (non-causal) queries with no keys at all, as
+    nn.MultiheadAttention takes them: the right shapes, gradients of the right shapes, and the
+    output projection's bias where a query sees no key (the class docstring's rule for masked ones)."""
+    layer = make(kernel_fn=kernel_fn, iscausal=causal)
+    cases = [((2, 0), (2, 0)), ((0, 5), (0, 5))] + ([] if causal else [((2, 3), (2, 0))])
+    for (B, Nq), (_, Nk) in cases:
+        q = torch.randn(B, Nq, 16, generator=gen(40), dtype=F64, requires_grad=True)
+        kv = torch.randn(B, Nk, 16, generator=gen(41), dtype=F64, requires_grad=True)
+        out = layer(q, kv, kv)[0]
+        assert out.shape == (B, Nq, 16)
+        assert_close(out, layer.out_proj.bias.expand_as(out))
+        out.sum().backward()
+        assert q.grad.shape == q.shape and kv.grad.shape == kv.shape
 
 
 def test_cross_attention_with_other_key_length_and_kdim_vdim():

@@ -46,8 +46,11 @@ def feature_map(
             c = causal_key_shift(w).view(1, -1, 1, 1)
         else:
             masked = logits if key_mask is None else logits.masked_fill(~key_mask[:, None, :, None], float("-inf"))
-            c = masked.amax(dim=(-2, -1), keepdim=True)
-            c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # every key masked
+            if masked.shape[-2] == 0:  # no keys: nothing to stabilize (amax has no identity)
+                c = masked.new_zeros(*masked.shape[:-2], 1, 1)
+            else:
+                c = masked.amax(dim=(-2, -1), keepdim=True)
+                c = torch.where(torch.isfinite(c), c, torch.zeros_like(c))  # every key masked
         phi = torch.exp(logits - c.detach()) / math.sqrt(m)
     else:
         raise ValueError(f"kernel_fn must be one of ['softmax', 'relu'], got {kernel_fn!r}")
@@ -106,7 +109,7 @@ def _chunk(x: Tensor, C: int) -> Tensor:
     pad = (-N) % C
     if pad:
         x = F.pad(x, (0, 0, 0, pad))
-    return x.reshape(B, H, -1, C, Fd)
+    return x.reshape(B, H, (N + pad) // C, C, Fd)  # (no -1: B = 0 would leave it ambiguous)
 
 
 def linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, reverse: bool = False, chunk_size: int = DEFAULT_CHUNK) -> Tensor:
@@ -127,7 +130,7 @@ def linear_attention(q: Tensor, k: Tensor, v: Tensor, causal: bool, reverse: boo
     prefix = torch.cumsum(F.pad(state[:, :, :-1], (0, 0, 0, 0, 1, 0)), dim=2)
     scores = (qc @ kc.transpose(-1, -2)).tril()  # (B, H, nc, C, C)
     out = qc @ prefix + scores @ vc
-    return out.reshape(q.shape[0], q.shape[1], -1, v.shape[-1])[:, :, :N]
+    return out.reshape(q.shape[0], q.shape[1], qc.shape[2] * C, v.shape[-1])[:, :, :N]
 
 
 def _augment(v: Tensor) -> Tensor:

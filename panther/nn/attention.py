@@ -45,6 +45,11 @@ def _init_(param: Tensor, init, generator: torch.Generator | None, shape: tuple[
     param.copy_(t.reshape(param.shape))
 
 
+def _refresh_after_load(module: RandMultiHeadAttention, incompatible_keys) -> None:
+    """load_state_dict post hook: the loaded ``omega``'s causal stabilizer, for compiled calls."""
+    module._refresh_causal_shift()
+
+
 class RandMultiHeadAttention(nn.Module):
     r"""Multi-head attention with random-feature (Performer / FAVOR+) kernels: linear in sequence length.
 
@@ -189,6 +194,7 @@ class RandMultiHeadAttention(nn.Module):
         )
         self._reset_parameters(generator)
         self.redraw_features(generator)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _reset_parameters(self, generator: torch.Generator | None) -> None:
         """Initialize as ``nn.MultiheadAttention`` does: xavier-uniform inputs, zero biases."""
@@ -208,23 +214,42 @@ class RandMultiHeadAttention(nn.Module):
                 nn.init.zeros_(proj.bias)
 
     @torch.no_grad()
+    def _refresh_causal_shift(self) -> None:
+        """Compute the causal key stabilizer of the current ``omega`` (see _check_causal_range) and
+        remember it with the version of ``omega`` it belongs to (None for an inference tensor,
+        which has no version counter)."""
+        from panther.kernels.performer.reference import causal_key_shift
+
+        omega = self.omega
+        key = None if omega.is_inference() else (omega._version, omega.data_ptr())
+        self._causal_shift = (key, float(causal_key_shift(omega).max()))
+
     def _check_causal_range(self) -> None:
         """Raise where causal softmax features cannot be represented: their data-independent key
         stabilizer (kernels/performer/reference.causal_key_shift) grows like D/2 with the feature
         dim D, and past CAUSAL_SHIFT_LIMIT every typical key's feature flushes to zero, which would
-        make the output silently 0. Cached per version of ``omega`` (redraws, loads)."""
-        from panther.kernels.performer.reference import CAUSAL_SHIFT_LIMIT, causal_key_shift
+        make the output silently 0.
 
-        key = (self.omega._version, self.omega.data_ptr())
-        if getattr(self, "_causal_shift", (None,))[0] != key:
-            self._causal_shift = (key, float(causal_key_shift(self.omega).max()))
+        The stabilizer is computed when ``omega`` is drawn or loaded and again in eager calls
+        whenever ``omega`` changed since (its version counter); under ``torch.compile`` the value
+        from eager is used, so the check raises at trace time without a graph break."""
+        from panther.kernels.performer.reference import CAUSAL_SHIFT_LIMIT
+
+        omega = self.omega
+        cached = getattr(self, "_causal_shift", None)
+        if cached is None or (
+            not torch.compiler.is_compiling()
+            and not omega.is_inference()
+            and cached[0] != (omega._version, omega.data_ptr())
+        ):
+            self._refresh_causal_shift()
         shift = self._causal_shift[1]
-        limit = CAUSAL_SHIFT_LIMIT[torch.float64 if self.omega.dtype == torch.float64 else torch.float32]
+        limit = CAUSAL_SHIFT_LIMIT[torch.float64 if omega.dtype == torch.float64 else torch.float32]
         if shift > limit:
             raise ValueError(
                 f"iscausal=True with kernel_fn='softmax' cannot represent the features at feature dim "
-                f"{self.omega.shape[-1]}: the causal key stabilizer maxⱼ‖ωⱼ‖²/2 − 40 is {shift:.1f}, over "
-                f"{limit:.0f} for {self.omega.dtype}, so typical keys' features would flush to zero. "
+                f"{omega.shape[-1]}: the causal key stabilizer maxⱼ‖ωⱼ‖²/2 − 40 is {shift:.1f}, over "
+                f"{limit:.0f} for {omega.dtype}, so typical keys' features would flush to zero. "
                 "Use kernel_fn='relu', a float64 layer, or a feature dim (head_dim, or sinSRPE's R) of at most ~160"
             )
 
@@ -236,6 +261,7 @@ class RandMultiHeadAttention(nn.Module):
                 H, m, d, generator=_check_generator(generator), device=self.omega.device, dtype=self.omega.dtype
             )
         )
+        self._refresh_causal_shift()
 
     def _key_mask(self, attention_mask: Tensor, key: Tensor) -> Tensor:
         """Validate the (..., Nk) mask and return it as bool, True = attend."""
@@ -290,7 +316,7 @@ class RandMultiHeadAttention(nn.Module):
             )
         if self.iscausal and Nq != Nk:
             raise ValueError(f"causal attention needs equal query and key lengths, got {Nq} and {Nk}")
-        if self.iscausal and self.kernel_fn == "softmax" and not torch.compiler.is_compiling():
+        if self.iscausal and self.kernel_fn == "softmax":
             self._check_causal_range()
         mask = None if attention_mask is None else self._key_mask(attention_mask, key)
 

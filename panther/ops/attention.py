@@ -58,8 +58,9 @@ _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 def _triton_impl(name: str, q: Tensor, v: Tensor, omega: Tensor) -> Callable | None:
     """The Triton implementation of ``name`` for CUDA fp32/fp16/bf16 tensors of shapes its
-    kernels support (``supports``), else None."""
-    if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES:
+    kernels support (``supports``), else None. Empty q or v (a batch, head count or sequence of
+    0) take the reference, which has nothing to launch either."""
+    if q.device.type == "cuda" and q.dtype in _TRITON_DTYPES and q.numel() and v.numel():
         fn = _triton_fn(name)
         supports = _triton_fn("supports")
         if fn is not None and supports is not None and supports(q, v, omega):
