@@ -40,6 +40,13 @@ def check_choice(name: str, value: Any, allowed: tuple[str, ...]) -> str:
     return value
 
 
+def check_bool(name: str, value: Any) -> bool:
+    """Return ``value`` if it is a bool; raise TypeError otherwise (a truthy string is no flag)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
+    return value
+
+
 def check_dtype(dtype: Any) -> torch.dtype | None:
     """Return ``dtype`` if it is None or a floating-point ``torch.dtype``; raise TypeError otherwise."""
     if dtype is None:

@@ -119,6 +119,21 @@ def test_low_rank_conv_generator():
         pr.nn.LowRankConv2d(5, 7, 3, rank=4, generator=3)
 
 
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: pr.nn.LowRankLinear(16, 8, 2, dtype=torch.int32), "dtype must be a floating-point torch.dtype"),
+        (lambda: pr.nn.LowRankLinear(16, 8, 2, bias="x"), r"bias must be a bool, got str \('x'\)"),
+        (lambda: pr.nn.LowRankConv2d(3, 4, 3, rank=2, dtype=torch.int32), "dtype must be a floating-point torch.dtype"),
+        (lambda: pr.nn.LowRankConv2d(3, 4, 3, rank=2, bias=1), r"bias must be a bool, got int \(1\)"),
+    ],
+    ids=["linear-dtype", "linear-bias", "conv-dtype", "conv-bias"],
+)
+def test_low_rank_layers_validate_dtype_and_bias(make, match):
+    with pytest.raises(TypeError, match=match):
+        make()
+
+
 # -- convert --------------------------------------------------------------------------------
 
 

@@ -331,6 +331,9 @@ def test_global_rng_reproducibility_and_generator_isolation():
         (dict(W_init=[[1.0]]), TypeError, "W_init must be a torch.Tensor"),
         (dict(W_init=torch.ones(16, 20, dtype=torch.int64)), TypeError, "W_init must be a floating-point"),
         (dict(generator=3), TypeError, "generator must be a torch.Generator"),
+        (dict(bias="no"), TypeError, r"bias must be a bool, got str \('no'\)"),
+        (dict(dtype=torch.int32), TypeError, "dtype must be a floating-point torch.dtype.*got torch.int32"),
+        (dict(dtype="float32"), TypeError, "dtype must be a floating-point torch.dtype.*got 'float32'"),
     ],
 )
 def test_constructor_errors(kwargs, exc, match):

@@ -153,8 +153,9 @@ def test_rng_generator_and_global():
         ((2, 4, -1, 8), ValueError, "sines must be a positive integer"),
         ((2, 4, 3, 0), ValueError, "num_realizations must be a positive integer"),
         ((2, 4.0, 3, 8), TypeError, "perHead_in must be an int"),
+        ((2, 4, 3, 8, None, torch.int64), TypeError, "dtype must be a floating-point torch.dtype.*got torch.int64"),
     ],
-    ids=["heads", "perHead_in", "sines", "realizations", "float"],
+    ids=["heads", "perHead_in", "sines", "realizations", "float", "int-dtype"],
 )
 def test_constructor_validation(args, exc, match):
     with pytest.raises(exc, match=match):

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_input, check_int, check_tensor, warn_budget
+from panther._validation import check_bool, check_dtype, check_input, check_int, check_tensor, warn_budget
 from panther.ops.linear import sklinear_apply
 from panther.sketch import sign_matrix
 
@@ -77,6 +77,8 @@ class SKLinear(nn.Module):
         self.out_features = check_int("out_features", out_features)
         self.num_terms = check_int("num_terms", num_terms)
         self.low_rank = check_int("low_rank", low_rank)
+        check_bool("bias", bias)
+        check_dtype(dtype)
         if W_init is not None:
             check_tensor("W_init", W_init)
             if tuple(W_init.shape) != (out_features, in_features):

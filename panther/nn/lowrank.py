@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_choice, check_input, check_int, check_tensor
+from panther._validation import check_bool, check_choice, check_dtype, check_input, check_int, check_tensor
 from panther.ops.linear import lowrank_linear_apply
 
 __all__ = ["LowRankLinear", "LowRankConv2d"]
@@ -89,8 +89,8 @@ class LowRankLinear(nn.Module):
         self.in_features = check_int("in_features", in_features)
         self.out_features = check_int("out_features", out_features)
         self.rank = check_int("rank", rank)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__} ({bias!r})")
+        check_bool("bias", bias)
+        check_dtype(dtype)
         factory = {"dtype": dtype, "device": device}
         At = torch.empty(rank, in_features, **factory)
         Bt = torch.empty(out_features, rank, **factory)
@@ -215,6 +215,8 @@ class LowRankConv2d(nn.Module):
         super().__init__()
         self.rank = check_int("rank", rank)
         check_choice("padding_mode", padding_mode, ("zeros", "reflect", "replicate", "circular"))
+        check_bool("bias", bias)
+        check_dtype(dtype)
         if generator is not None and not isinstance(generator, torch.Generator):
             raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
         factory = {"dtype": dtype, "device": device if device is not None else torch.get_default_device()}

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_input, check_int
+from panther._validation import check_dtype, check_input, check_int
 
 __all__ = ["sinSRPE"]
 
@@ -100,6 +100,7 @@ class sinSRPE(nn.Module):
         self.perHead_in = check_int("perHead_in", perHead_in)
         self.sines = check_int("sines", sines)
         self.num_realizations = check_int("num_realizations", num_realizations)
+        check_dtype(dtype)
         H, D, S, R = self.num_heads, self.perHead_in, self.sines, self.num_realizations
         factory = {"device": device, "dtype": dtype}
         self.frequencies = nn.Parameter(torch.empty(H, D, S, **factory))
