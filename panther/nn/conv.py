@@ -11,6 +11,8 @@ from torch import Tensor, nn
 
 from panther._validation import check_choice, check_input, check_int, check_tensor, warn_budget
 from panther.sketch import sign_matrix
+from panther.ops._transforms import under_transform
+from panther.ops.conv import skconv2d_math
 
 
 def _pair(name: str, value: Any, *, minimum: int) -> tuple[int, int]:
@@ -225,9 +227,9 @@ class SKConv2d(nn.Module):
                     f"input {axis} {size} (+ padding {2 * pad}) is smaller than the kernel ({kern}); "
                     f"input shape {tuple(x.shape)}"
                 )
-        y = torch.ops.panther.skconv2d(
-            x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, list(self.stride), self._op_padding
-        )
+        args = (x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, list(self.stride), self._op_padding)
+        # (Under torch.func transforms the op's reverse-only autograd would give zero tangents.)
+        y = skconv2d_math(*args) if under_transform(x, self.S1s, self.S2s, self.bias) else torch.ops.panther.skconv2d(*args)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

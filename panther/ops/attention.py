@@ -27,6 +27,8 @@ from torch.library import triton_op
 
 from panther.kernels.performer import reference as ref
 
+from ._transforms import under_transform
+
 _TRITON_MODULE = "panther.kernels.performer.triton"
 
 
@@ -236,8 +238,11 @@ def performer_attention_apply(
     :func:`performer_attention_train`, whose saved stats the backward reuses; otherwise it runs
     :func:`performer_attention`, which keeps nothing. Under ``torch.compile`` and on CPU these
     are the ops; in eager mode on CUDA the same functions are called without the custom-op
-    dispatch (:class:`_EagerPerformer`).
+    dispatch (:class:`_EagerPerformer`). Under torch.func transforms and forward-mode AD it is
+    the reference math (:mod:`._transforms`).
     """
+    if under_transform(q, k, v):
+        return ref.performer_attention(q, k, v, omega, key_mask, kernel_fn, causal, scale)
     args = (q, k, v, omega, key_mask, kernel_fn, causal, scale)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     if q.is_cuda and not torch.compiler.is_compiling():

@@ -58,6 +58,12 @@ def skconv2d(
     stride and padding are [sh, sw] and [ph, pw] (symmetric zero padding).
     Returns (N, out, Ho, Wo) with Ho, Wo as for ``nn.Conv2d``.
     """
+    return skconv2d_math(x, S1s, S2s, U1s, U2s, bias, stride, padding)
+
+
+def skconv2d_math(x, S1s, S2s, U1s, U2s, bias, stride, padding) -> Tensor:
+    """The body of :func:`skconv2d` as plain aten ops (same arguments): what SKConv2d runs under
+    torch.func transforms and forward-mode AD (:mod:`._transforms`)."""
     h = F.conv2d(x, _stage1_weight(S1s, U2s), None, stride, padding)  # (N, 2Lk, Ho, Wo)
     proj = _stage2_matrix(U1s, S2s).t().contiguous()  # (out, 2Lk)
     return F.conv2d(h, proj[:, :, None, None], bias)

@@ -24,6 +24,8 @@ from torch.library import triton_op
 
 from panther.kernels.lowrank_linear import reference as ref
 
+from ._transforms import under_transform
+
 try:  # triton comes with torch's CUDA wheels; a CPU-only install may lack it
     from panther.kernels.lowrank_linear import triton as tk
 except ImportError:  # pragma: no cover - depends on the install
@@ -269,8 +271,12 @@ def sklinear_apply(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor
     Shapes as :func:`sklinear`. Under ``torch.compile`` (and on CPU) it is the op: ``sklinear``,
     or ``sklinear_train`` when autograd records (its saved h spares the backward a pass over x).
     In eager mode on CUDA the same kernels are called without the custom-op layers
-    (:class:`_EagerLowRank`).
+    (:class:`_EagerLowRank`). Under torch.func transforms and forward-mode AD it is the reference
+    math (:mod:`._transforms`).
     """
+    if under_transform(x, S1s, S2s, bias):
+        y = ref.sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
     if _eager_cuda(x):
         if records_grad(x, S1s, S2s, bias):
             return _EagerLowRank.apply("sk", x, 0.0, bias, S1s, S2s, U1s, U2s)
@@ -284,6 +290,9 @@ def sklinear_apply(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor
 def lowrank_linear_apply(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: float = 1.0) -> Tensor:
     """LowRankLinear's function y = scale·(x·A)·B + bias, as the layer calls it (dispatch as in
     :func:`sklinear_apply`). Shapes as :func:`lowrank_linear`."""
+    if under_transform(x, A, B, bias):
+        y = ref.lowrank_forward(_flat(x), A, B, bias, float(scale))
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
     if _eager_cuda(x):
         if records_grad(x, A, B, bias):
             return _EagerLowRank.apply("lr", x, float(scale), bias, A, B)
