@@ -212,20 +212,51 @@ def _index_axis(node: Any) -> int | None:
         base = _peel(base.args[0])
     if not (isinstance(base, fx.Node) and is_target(base, torch.arange)):
         return None
-    if len(base.args) >= 2 and base.args[0] != 0:
+    # arange(end) or arange(start, end, step), positionally or by keyword: only start 0, step 1.
+    start = base.args[0] if len(base.args) >= 2 else base.kwargs.get("start", 0)
+    step = base.args[2] if len(base.args) >= 3 else base.kwargs.get("step", 1)
+    if start != 0 or step != 1:
         return None
     return axes[0]
 
 
-def _bool_terms(node: Any, negated: bool, out: dict) -> None:
-    """Split a boolean mask (True = attend, unless ``negated``) into key / causal / true terms."""
-    node = _peel(node)
+_INPLACE_OPERATORS = (operator.setitem, operator.iand, operator.ior, operator.ixor, operator.imul, operator.iadd)
+
+
+def _mutated(node: Any) -> bool:
+    """Whether a user of ``node`` writes into it in place (``x[i] = v``, ``x.fill_()``, ...): its
+    recipe (e.g. ``torch.ones``) then no longer says what it holds."""
+    if not isinstance(node, fx.Node):
+        return False
+    for user in node.users:
+        if not user.args or user.args[0] is not node:
+            continue
+        target = user.target
+        if target in _INPLACE_OPERATORS:
+            return True
+        # Tensor methods and torch functions with a trailing underscore write into their first
+        # argument (the operator module's and_/or_/not_ do not).
+        if getattr(target, "__module__", None) == "_operator":
+            continue
+        name = target if isinstance(target, str) else getattr(target, "__name__", "")
+        if name.endswith("_") and not name.endswith("__"):
+            return True
+    return False
+
+
+def _bool_terms(node: Any, negated: bool, out: dict, facing: Any = None) -> None:
+    """Split a boolean mask (True = attend, unless ``negated``) into key / causal / true terms.
+    ``facing``: the node whose shape enters the broadcast to the scores, where it is not ``node``
+    itself (a reshape above the ``where``/``masked_fill`` that turned ``node`` into a float mask)."""
+    outer, node = (node if facing is None else facing), _peel(node)
     if negated:
-        if isinstance(node, fx.Node) and _key_term_shape(node):
+        if isinstance(node, fx.Node) and _key_term_shape(outer, node):
             out["key"].append((node, True))
             return
         raise Dense("mask", f"negated mask term {getattr(node, 'name', node)} is not a key padding mask")
     if node is True or (isinstance(node, fx.Node) and is_target(node, "new_ones", torch.ones, torch.ones_like)):
+        if _mutated(node):  # (ones whose entries are then set: the recipe no longer says what it holds)
+            raise Dense("mask", f"mask term {node.name} is built by {node.target} and then written in place")
         return
     if isinstance(node, fx.Node) and is_target(node, operator.and_, torch.logical_and, torch.bitwise_and, "__and__", "logical_and"):
         _bool_terms(node.args[0], False, out)
@@ -241,18 +272,27 @@ def _bool_terms(node: Any, negated: bool, out: dict) -> None:
             out["causal"] = True
             return
         raise Dense("mask", f"comparison mask {node.name} is not causal (kv_index <= q_index with no offset)")
-    if isinstance(node, fx.Node) and _key_term_shape(node):
+    if isinstance(node, fx.Node) and _key_term_shape(outer, node):
         out["key"].append((node, False))
         return
     raise Dense("mask", f"mask term {getattr(node, 'name', node)} is neither key padding nor causal")
 
 
-def _key_term_shape(node: fx.Node) -> bool:
-    """A tensor that is constant along queries and heads: (B|1, Nk), (B|1, 1, Nk) or (B|1, 1, 1, Nk)."""
-    val = node_val(node)
-    if not isinstance(val, torch.Tensor) or val.dim() not in (2, 3, 4):
+def _key_term_shape(outer: Any, base: fx.Node) -> bool:
+    """Whether ``outer`` (a mask term; ``base`` is it with the shape-only ops peeled off) is constant
+    along queries and heads once broadcast right-aligned, as SDPA and the score addition broadcast
+    it, to (B, H, Nq, Nk). Its shape is read where it enters the broadcast (below any reshape or
+    view, above the expands): (1, Nk), (1, 1, Nk) or (B|1, 1, 1, Nk). A 2-D mask is (Nq, Nk) and a
+    3-D one (H, Nq, Nk) there, so their leading dim must be 1 — a (B, Nk) padding mask has to be
+    viewed as (B, 1, 1, Nk), as nn.MultiheadAttention does. ``base`` must hold the same entries
+    (its leading dim is then the batch, as :func:`key_mask` reads it)."""
+    while isinstance(outer, fx.Node) and is_target(outer, "expand", "to", "bool", "contiguous"):
+        outer = outer.args[0]
+    val, base_val = node_val(outer), node_val(base)
+    if not isinstance(val, torch.Tensor) or not isinstance(base_val, torch.Tensor) or val.dim() not in (2, 3, 4):
         return False
-    return all(d == 1 for d in val.shape[1:-1])
+    lead = val.shape[1:-1] if val.dim() == 4 else val.shape[:-1]
+    return all(d == 1 for d in lead) and base_val.numel() == val.numel() and base_val.dim() >= 1
 
 
 def mask_recipe(mask: Any) -> dict:
@@ -275,15 +315,15 @@ def mask_recipe(mask: Any) -> dict:
         cond, a, b = node.args[:3]
         ca, cb = _const(a), _const(b)
         if ca == 0.0 and cb is not None and cb <= _NEG_BIG:
-            _bool_terms(cond, False, out)
+            _bool_terms(cond, False, out, facing=mask)
             return out
         if cb == 0.0 and ca is not None and ca <= _NEG_BIG:
-            _bool_terms(cond, True, out)
+            _bool_terms(cond, True, out, facing=mask)
             return out
     if isinstance(node, fx.Node) and is_target(node, "masked_fill", "masked_fill_", torch.masked_fill):
         base, cond, value = node.args[:3]
         if _const(_peel(base)) == 0.0 and isinstance(value, (int, float)) and value <= _NEG_BIG:
-            _bool_terms(cond, True, out)
+            _bool_terms(cond, True, out, facing=mask)
             return out
     raise Dense("mask", f"additive float mask {getattr(mask, 'name', mask)} is not a key padding / causal mask")
 

@@ -188,6 +188,42 @@ def test_unrepresentable_mask_stays_dense():
     assert counters.snapshot()["attention"] == {"matched": 1, "skipped:mask": 1}
 
 
+class _MaskedAttention(nn.Module):
+    """sdpa under a boolean mask built in forward: ``kind`` picks its shape and meaning."""
+
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+
+    def forward(self, q, k, v):
+        n = q.shape[2]
+        if self.kind == "2d-tril":  # (Nq, Nk): causal, although its leading dim could read as B
+            mask = torch.ones(n, n, dtype=torch.bool).tril()
+        elif self.kind == "3d-per-head":  # (H, 1, Nk): one key mask per head
+            mask = torch.stack([torch.ones(1, n, dtype=torch.bool), torch.arange(n)[None, :] < n // 2])
+        elif self.kind == "ones-then-set":  # ones, then entries cleared in place
+            mask = torch.ones(q.shape[0], 1, 1, n, dtype=torch.bool)
+            mask[0, ..., n // 2 :] = False
+        else:  # a shifted causal mask, its offset passed by keyword: key j visible from query j + 8
+            qi = torch.arange(n)[None, None, :, None]
+            ki = torch.arange(start=8, end=n + 8)[None, None, None, :]
+            mask = ki <= qi
+        return nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+@pytest.mark.parametrize("kind", ["2d-tril", "3d-per-head", "ones-then-set", "arange-keyword-offset"])
+@torch.no_grad()
+def test_masks_that_are_not_key_padding_stay_dense(kind):
+    """A 2-D mask is (Nq, Nk) and a 3-D one (H, Nq, Nk) under SDPA's broadcast, not (B, Nk); an
+    arange offset given by keyword is still an offset. With the batch equal to the sequence
+    length (2-D) or the head count (3-D) the shapes alone would pass for key padding; a ``ones``
+    mask written in place afterwards is not all-true."""
+    q = torch.randn(16, 2, 16, 8) if kind == "2d-tril" else torch.randn(2, 2, 16, 8)
+    report = explain(_MaskedAttention(kind), q, q, q, require_savings=False, tolerance=None)
+    (c,) = report.candidates
+    assert c.decision == "dense" and c.reason_code == "mask", (c.decision, c.reason)
+
+
 @torch.no_grad()
 def test_returned_attention_probabilities_stay_dense():
     model = bert("eager", layers=1)
