@@ -325,7 +325,8 @@ class ChunkedBackwardPlan:
     Raises:
         ValueError: causal=False (the non-causal backward runs on triton.py's kernels); as
             triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask); grad or out of
-            another shape; shapes :func:`.chunked.chunked_supports` rejects.
+            another shape; a head dim that is not one tile or E above MAX_TILE (E below D is
+            gated by :func:`.chunked.chunked_supports` in the dispatch).
     """
 
     def __init__(
