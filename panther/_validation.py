@@ -47,6 +47,13 @@ def check_bool(name: str, value: Any) -> bool:
     return value
 
 
+def check_generator(generator: Any) -> torch.Generator | None:
+    """Return ``generator`` if it is None or a ``torch.Generator``; raise TypeError otherwise."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    return generator
+
+
 def check_dtype(dtype: Any) -> torch.dtype | None:
     """Return ``dtype`` if it is None or a floating-point ``torch.dtype``; raise TypeError otherwise."""
     if dtype is None:

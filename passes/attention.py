@@ -489,10 +489,9 @@ def factorize(ctx, cand: Candidate, weight: Any = None) -> None:
         # The causal features' data-independent key stabilizer grows like head_dim/2; past the
         # limit every typical key's feature flushes to 0 and the output would be 0 (as
         # RandMultiHeadAttention refuses such layers).
-        from panther.kernels.performer.reference import CAUSAL_SHIFT_LIMIT, causal_key_shift
+        from panther.kernels.performer.reference import causal_key_shift, causal_shift_limit
 
-        shift = float(causal_key_shift(omega).max())
-        limit = CAUSAL_SHIFT_LIMIT[torch.float64 if omega.dtype == torch.float64 else torch.float32]
+        shift, limit = float(causal_key_shift(omega).max()), causal_shift_limit(omega.dtype)
         if shift > limit:
             raise Dense(
                 "causal",

@@ -67,6 +67,11 @@ CAUSAL_SHIFT = 40.0
 CAUSAL_SHIFT_LIMIT = {torch.float64: 700.0, torch.float32: 80.0}
 
 
+def causal_shift_limit(dtype: torch.dtype) -> float:
+    """CAUSAL_SHIFT_LIMIT for features computed from ``dtype`` (fp64 alone has 64-bit exponents)."""
+    return CAUSAL_SHIFT_LIMIT[torch.float64 if dtype == torch.float64 else torch.float32]
+
+
 def causal_key_shift(omega: Tensor) -> Tensor:
     """Per-head causal key stabilizer c = maxⱼ‖ωⱼ‖²/2 − CAUSAL_SHIFT, shape (H,) for ω (H, m, D).
 

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panther._validation import check_choice, check_dtype, check_float, check_input, check_int, check_tensor
+from panther._validation import (
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_float,
+    check_generator,
+    check_input,
+    check_int,
+    check_tensor,
+)
 from panther.features import orthogonal_random_features
 from panther.ops.attention import performer_attention_apply
 
@@ -18,18 +27,6 @@ from .pawXimpl import sinSRPE
 __all__ = ["RandMultiHeadAttention"]
 
 KERNEL_FNS = ("softmax", "relu")
-
-
-def _check_bool(name: str, value: object) -> bool:
-    if not isinstance(value, bool):
-        raise TypeError(f"{name} must be a bool, got {type(value).__name__} ({value!r})")
-    return value
-
-
-def _check_generator(generator: object) -> torch.Generator | None:
-    if generator is not None and not isinstance(generator, torch.Generator):
-        raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
-    return generator
 
 
 @torch.no_grad()
@@ -154,13 +151,13 @@ class RandMultiHeadAttention(nn.Module):
         self.head_dim = self.embed_dim // self.num_heads
         self.num_random_features = check_int("num_random_features", num_random_features)
         self.dropout = check_float("dropout", dropout, low=0.0, high=1.0)
-        bias = _check_bool("bias", bias)
+        bias = check_bool("bias", bias)
         self.kernel_fn = check_choice("kernel_fn", kernel_fn, KERNEL_FNS)
-        self.iscausal = _check_bool("iscausal", iscausal)
+        self.iscausal = check_bool("iscausal", iscausal)
         self.kdim = self.embed_dim if kdim is None else check_int("kdim", kdim)
         self.vdim = self.embed_dim if vdim is None else check_int("vdim", vdim)
         check_dtype(dtype)
-        generator = _check_generator(generator)
+        generator = check_generator(generator)
         self.scale = 1.0 / math.sqrt(self.head_dim)
 
         E = self.embed_dim
@@ -233,7 +230,7 @@ class RandMultiHeadAttention(nn.Module):
         The stabilizer is computed when ``omega`` is drawn or loaded and again in eager calls
         whenever ``omega`` changed since (its version counter); under ``torch.compile`` the value
         from eager is used, so the check raises at trace time without a graph break."""
-        from panther.kernels.performer.reference import CAUSAL_SHIFT_LIMIT
+        from panther.kernels.performer.reference import causal_shift_limit
 
         omega = self.omega
         cached = getattr(self, "_causal_shift", None)
@@ -244,7 +241,7 @@ class RandMultiHeadAttention(nn.Module):
         ):
             self._refresh_causal_shift()
         shift = self._causal_shift[1]
-        limit = CAUSAL_SHIFT_LIMIT[torch.float64 if omega.dtype == torch.float64 else torch.float32]
+        limit = causal_shift_limit(omega.dtype)
         if shift > limit:
             raise ValueError(
                 f"iscausal=True with kernel_fn='softmax' cannot represent the features at feature dim "
@@ -258,7 +255,7 @@ class RandMultiHeadAttention(nn.Module):
         H, m, d = self.omega.shape
         self.omega.copy_(
             orthogonal_random_features(
-                H, m, d, generator=_check_generator(generator), device=self.omega.device, dtype=self.omega.dtype
+                H, m, d, generator=check_generator(generator), device=self.omega.device, dtype=self.omega.dtype
             )
         )
         self._refresh_causal_shift()

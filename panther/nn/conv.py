@@ -9,10 +9,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panther._validation import check_choice, check_input, check_int, check_tensor, warn_budget
+from panther._validation import check_bool, check_choice, check_generator, check_input, check_int, check_tensor, warn_budget
 from panther.sketch import sign_matrix
-from panther.ops._transforms import under_transform
-from panther.ops.conv import skconv2d_math
+from panther.ops.conv import skconv2d_apply
 
 
 def _pair(name: str, value: Any, *, minimum: int) -> tuple[int, int]:
@@ -102,10 +101,8 @@ class SKConv2d(nn.Module):
         self.stride = _pair("stride", stride, minimum=1)
         self.num_terms = check_int("num_terms", num_terms)
         self.low_rank = check_int("low_rank", low_rank)
-        if not isinstance(bias, bool):
-            raise TypeError(f"bias must be a bool, got {type(bias).__name__} ({bias!r})")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_bool("bias", bias)
+        check_generator(generator)
 
         kh, kw = self.kernel_size
         # The op pads symmetrically; "same" with an even kernel also needs one extra row/column
@@ -227,9 +224,7 @@ class SKConv2d(nn.Module):
                     f"input {axis} {size} (+ padding {2 * pad}) is smaller than the kernel ({kern}); "
                     f"input shape {tuple(x.shape)}"
                 )
-        args = (x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, list(self.stride), self._op_padding)
-        # (Under torch.func transforms the op's reverse-only autograd would give zero tangents.)
-        y = skconv2d_math(*args) if under_transform(x, self.S1s, self.S2s, self.bias) else torch.ops.panther.skconv2d(*args)
+        y = skconv2d_apply(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, list(self.stride), self._op_padding)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

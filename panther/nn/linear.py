@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_bool, check_dtype, check_input, check_int, check_tensor, warn_budget
+from panther._validation import check_bool, check_dtype, check_generator, check_input, check_int, check_tensor, warn_budget
 from panther.ops.linear import sklinear_apply
 from panther.sketch import sign_matrix
 
@@ -88,8 +88,7 @@ class SKLinear(nn.Module):
                 )
             if not W_init.is_floating_point():
                 raise TypeError(f"W_init must be a floating-point tensor, got dtype {W_init.dtype}")
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         warn_budget(type(self).__name__, num_terms, low_rank, in_features, out_features)
 
         factory = {"device": device, "dtype": dtype}

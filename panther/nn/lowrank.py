@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_bool, check_choice, check_dtype, check_input, check_int, check_tensor
+from panther._validation import (
+    check_bool,
+    check_choice,
+    check_dtype,
+    check_generator,
+    check_input,
+    check_int,
+    check_tensor,
+)
 from panther.ops.linear import lowrank_linear_apply
 
 __all__ = ["LowRankLinear", "LowRankConv2d"]
@@ -91,6 +99,7 @@ class LowRankLinear(nn.Module):
         self.rank = check_int("rank", rank)
         check_bool("bias", bias)
         check_dtype(dtype)
+        check_generator(generator)
         factory = {"dtype": dtype, "device": device}
         At = torch.empty(rank, in_features, **factory)
         Bt = torch.empty(out_features, rank, **factory)
@@ -217,8 +226,7 @@ class LowRankConv2d(nn.Module):
         check_choice("padding_mode", padding_mode, ("zeros", "reflect", "replicate", "circular"))
         check_bool("bias", bias)
         check_dtype(dtype)
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+        check_generator(generator)
         factory = {"dtype": dtype, "device": device if device is not None else torch.get_default_device()}
         # With a generator the convs are built uninitialized (no draw from the global RNG) and
         # then given nn.Conv2d.reset_parameters' distributions from the caller's generator.

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_dtype, check_input, check_int
+from panther._validation import check_dtype, check_generator, check_input, check_int
 
 __all__ = ["sinSRPE"]
 
@@ -124,8 +124,7 @@ class sinSRPE(nn.Module):
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
         """Draw fresh ``Z1, Z2`` ~ N(0, 1) from ``generator`` (default: the global RNG)."""
-        if generator is not None and not isinstance(generator, torch.Generator):
-            raise TypeError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+        check_generator(generator)
         for z in (self.Z1, self.Z2):
             draw_device = z.device if generator is None else generator.device
             z.copy_(torch.randn(z.shape, generator=generator, device=draw_device, dtype=z.dtype))

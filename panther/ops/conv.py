@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from .linear import _empty
+from ._transforms import under_transform
 
 
 def _stage1_weight(S1s: Tensor, U2s: Tensor) -> Tensor:
@@ -61,9 +62,16 @@ def skconv2d(
     return skconv2d_math(x, S1s, S2s, U1s, U2s, bias, stride, padding)
 
 
+def skconv2d_apply(x, S1s, S2s, U1s, U2s, bias, stride: list[int], padding: list[int]) -> Tensor:
+    """SKConv2d's function as the layer calls it (arguments as :func:`skconv2d`): the op, or,
+    under torch.func transforms and forward-mode AD, its body as plain aten ops (the op's
+    reverse-only autograd would give zero tangents there; :mod:`._transforms`)."""
+    args = (x, S1s, S2s, U1s, U2s, bias, stride, padding)
+    return skconv2d_math(*args) if under_transform(x, S1s, S2s, bias) else torch.ops.panther.skconv2d(*args)
+
+
 def skconv2d_math(x, S1s, S2s, U1s, U2s, bias, stride, padding) -> Tensor:
-    """The body of :func:`skconv2d` as plain aten ops (same arguments): what SKConv2d runs under
-    torch.func transforms and forward-mode AD (:mod:`._transforms`)."""
+    """The body of :func:`skconv2d` as plain aten ops (same arguments)."""
     h = F.conv2d(x, _stage1_weight(S1s, U2s), None, stride, padding)  # (N, 2Lk, Ho, Wo)
     proj = _stage2_matrix(U1s, S2s).t().contiguous()  # (out, 2Lk)
     return F.conv2d(h, proj[:, :, None, None], bias)

@@ -37,6 +37,11 @@ def _flat(x: Tensor) -> Tensor:
     return x if x.dim() == 2 else x.reshape(-1, x.shape[-1])
 
 
+def _unflat(y: Tensor, x: Tensor) -> Tensor:
+    """y (T, out) computed from _flat(x), back to x's leading dims."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
 def _impl(x: Tensor, *weights: Tensor | None):
     """The kernels for these operands: Triton on CUDA where they take them, else the reference."""
     return tk if tk is not None and x.is_cuda and tk.supported(x, *weights) else ref
@@ -71,7 +76,7 @@ def sklinear(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor, bias
     Returns (..., out). U1s and U2s are fixed: no gradient flows to them.
     """
     y = _impl(x, S1s, S2s, U1s, U2s, bias).sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], U1s.shape[2])
+    return _unflat(y, x)
 
 
 @triton_op("panther::sklinear_backward", mutates_args=())
@@ -156,7 +161,7 @@ def lowrank_linear(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, scale: 
     Shapes: x (..., in), A (in, r), B (r, out), bias (out,) or None. Returns (..., out).
     """
     y = _impl(x, A, B, bias).lowrank_forward(_flat(x), A, B, bias, scale)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], B.shape[1])
+    return _unflat(y, x)
 
 
 @triton_op("panther::lowrank_linear_backward", mutates_args=())
@@ -245,7 +250,7 @@ class _EagerLowRank(torch.autograd.Function):
             y, h = impl.lowrank_forward(_flat(x), *w, bias, scale, want_h=True)
         ctx.save_for_backward(x, h, *w)
         ctx.kind, ctx.scale, ctx.has_bias = kind, scale, bias is not None
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+        return _unflat(y, x)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
@@ -276,12 +281,12 @@ def sklinear_apply(x: Tensor, S1s: Tensor, S2s: Tensor, U1s: Tensor, U2s: Tensor
     """
     if under_transform(x, S1s, S2s, bias):
         y = ref.sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+        return _unflat(y, x)
     if _eager_cuda(x):
         if records_grad(x, S1s, S2s, bias):
             return _EagerLowRank.apply("sk", x, 0.0, bias, S1s, S2s, U1s, U2s)
         y = _impl(x, S1s, S2s, U1s, U2s, bias).sklinear_forward(_flat(x), S1s, S2s, U1s, U2s, bias)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+        return _unflat(y, x)
     if records_grad(x, S1s, S2s, bias):
         return torch.ops.panther.sklinear_train(x, S1s, S2s, U1s, U2s, bias)[0]
     return torch.ops.panther.sklinear(x, S1s, S2s, U1s, U2s, bias)
@@ -292,12 +297,12 @@ def lowrank_linear_apply(x: Tensor, A: Tensor, B: Tensor, bias: Tensor | None, s
     :func:`sklinear_apply`). Shapes as :func:`lowrank_linear`."""
     if under_transform(x, A, B, bias):
         y = ref.lowrank_forward(_flat(x), A, B, bias, float(scale))
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+        return _unflat(y, x)
     if _eager_cuda(x):
         if records_grad(x, A, B, bias):
             return _EagerLowRank.apply("lr", x, float(scale), bias, A, B)
         y = _impl(x, A, B, bias).lowrank_forward(_flat(x), A, B, bias, scale)
-        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[1])
+        return _unflat(y, x)
     if records_grad(x, A, B, bias):
         return torch.ops.panther.lowrank_linear_train(x, A, B, bias, scale)[0]
     return torch.ops.panther.lowrank_linear(x, A, B, bias, scale)
