@@ -16,9 +16,14 @@ captures it
 4. lowers the rewritten graph with Inductor's ``compile_fx`` (``mode=`` passed on; the
    factors become frozen constants under max-autotune without grad, so on CPU the sketched
    GEMMs use Inductor's C++ GEMM template);
-5. returns a callable that checks, on every call, that no rewritten weight changed in place
-   since its factors were computed (``_version``): it refreshes them or raises
-   (``on_stale``), never serving stale factors.
+5. returns a callable that checks, on every call, that no rewritten weight changed since its
+   factors were computed: its in-place version (``_version``), its storage (``.data =``,
+   ``vector_to_parameters``, a swapped Parameter) and the optimizer steps that held it (fused
+   optimizers do not bump ``_version``). It refreshes them or raises (``on_stale``), never
+   serving stale factors. A refresh keeps the rank while the new weight still meets the
+   tolerance on the recorded activations; otherwise the graph is compiled again, calibrated on
+   the new weights. Writes through ``weight.data`` (``w.data.copy_(...)``) are invisible, as
+   they are to autograd: write under ``torch.no_grad()`` instead.
 
 Example::
 
@@ -37,6 +42,7 @@ import torch
 import torch.fx as fx
 
 from panther.options import PantherOptions
+from panther.passes.stamp import watch_weight, weight_stamp
 
 __all__ = ["panther_backend", "PantherCompiled", "StaleWeightError"]
 
@@ -87,11 +93,17 @@ class PantherCompiled:
     """
 
     def __init__(self, gm: fx.GraphModule, example_inputs: list[Any], opts: PantherOptions):
+        self.options = opts
+        self._source_gm = gm
+        self._example_inputs = list(example_inputs)
+        self._tracing_context = torch._guards.TracingContext.try_get()
+        self._build(gm, example_inputs, _graph_name())
+
+    def _build(self, gm: fx.GraphModule, example_inputs: list[Any], name: str) -> None:
         from panther import passes
         from panther.passes import dump
 
-        self.options = opts
-        name = _graph_name()
+        opts = self.options
         try:
             ctx = passes.run_passes(gm, example_inputs, opts, graph_name=name)
         except Exception as e:  # never break the model: compile the graph as it is
@@ -103,8 +115,6 @@ class PantherCompiled:
         self._ctx = ctx
         self.report = ctx.report
         self.graph_module = ctx.gm
-        self._example_inputs = list(example_inputs)
-        self._tracing_context = torch._guards.TracingContext.try_get()
         self._set_watch()
         try:
             self._compiled = self._lower(example_inputs)
@@ -117,6 +127,11 @@ class PantherCompiled:
 
     def _set_watch(self) -> None:
         self._watch = [c for c in self._ctx.candidates if c.decision == "rewrite" and c.weight_index is not None]
+        self._stamps = {}
+        for c in self._watch:
+            weight = self._ctx.inputs.example_inputs[c.weight_index]
+            watch_weight(weight)
+            self._stamps[id(c)] = weight_stamp(weight)
         self._freeze = self._wants_freezing()
 
     def _fall_back_dense(self, gm: fx.GraphModule, why: str) -> None:
@@ -165,17 +180,17 @@ class PantherCompiled:
 
     def __call__(self, *args: Any) -> Any:
         for cand in self._watch:
-            if args[cand.weight_index]._version != cand.weight_version:
+            if weight_stamp(args[cand.weight_index]) != self._stamps[id(cand)]:
                 self._stale(args)
                 break
         return self._compiled(*args)
 
     def _stale(self, args: tuple) -> None:
-        changed = [c for c in self._watch if args[c.weight_index]._version != c.weight_version]
+        changed = [c for c in self._watch if weight_stamp(args[c.weight_index]) != self._stamps[id(c)]]
         names = ", ".join(c.label for c in changed[:4]) + (", ..." if len(changed) > 4 else "")
         if self.options.on_stale == "raise":
             raise StaleWeightError(
-                f"panther: weight(s) of {names} changed in place after torch.compile computed their "
+                f"panther: weight(s) of {names} changed after torch.compile computed their "
                 "low-rank factors; recompile (torch._dynamo.reset() or a fresh torch.compile) or pass "
                 "options={'on_stale': 'refresh'}"
             )
@@ -185,11 +200,42 @@ class PantherCompiled:
             for cand in changed:
                 weight = args[cand.weight_index]
                 kind_module(cand.kind).factorize(self._ctx, cand, weight)
+                err = self._refresh_error(cand, weight, args)
+                tol = self._ctx.options.effective_tolerance()
+                if err is not None and tol is not None and err > tol:
+                    log.info("panther: %s no longer meets tolerance %s at rank %d (error %.3g); compiling %s again",
+                             cand.label, tol, cand.rank, err, self.report.graph)
+                    self._rebuild(args)
+                    return
                 for key, buf_name in cand.attrs["buffers"].items():
                     self.graph_module.get_buffer(buf_name).copy_(cand.factors[key])
                 cand.weight_version = weight._version
+                self._stamps[id(cand)] = weight_stamp(weight)
         log.info("panther: refreshed the factors of %s (weights changed after compilation)", names)
         if self._freeze:
             # Frozen factors are constants of the compiled code: compile again with the new ones.
             with torch._guards.tracing(self._tracing_context):
                 self._compiled = self._lower(self._example_inputs)
+
+    def _refresh_error(self, cand: Any, weight: torch.Tensor, args: tuple) -> float | None:
+        """Output error of ``cand``'s refreshed factors on the activations recorded at compile
+        time (bias included), or None when it was not calibrated to a tolerance."""
+        from panther.passes.calibrate import metric_error
+        from panther.passes.kinds import kind_module
+
+        if "mean" not in cand.stats:
+            return None
+        kind = kind_module(cand.kind)
+        bias_index = self._ctx.inputs.index(cand.inputs.get("bias"))
+        bias = args[bias_index] if bias_index is not None else None
+        A, B = kind.factors_to_ab(cand)
+        return metric_error(cand.stats, kind.dense_weight(self._ctx, cand, weight), A, B, bias)
+
+    def _rebuild(self, args: tuple) -> None:
+        """Run the passes and Inductor again on the original graph, with the current weights."""
+        examples = list(self._example_inputs)
+        for cand in self._watch:
+            examples[cand.weight_index] = args[cand.weight_index]
+        self._example_inputs = examples
+        with torch._guards.tracing(self._tracing_context):
+            self._build(self._source_gm, examples, self.report.graph)

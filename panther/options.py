@@ -138,8 +138,10 @@ class PantherOptions:
             example sizes both go down. Default True.
         strict: raise when a pass fails on a layer, instead of leaving it dense. Default False.
         dump_dir: folder for the debugging dumps; default ``$PANTHER_DUMP_DIR`` or none.
-        on_stale: a rewritten weight changed in place after compilation: ``"refresh"``
-            recomputes its factors, ``"raise"`` raises. Default ``"refresh"``.
+        on_stale: a rewritten weight changed after compilation (in place, its storage swapped,
+            or an optimizer step; :mod:`panther.backend`): ``"refresh"`` recomputes its factors
+            (compiling the graph again if their rank no longer meets the tolerance), ``"raise"``
+            raises. Default ``"refresh"``.
         rewrite_trainable: with grad enabled, weights that require grad stay dense unless this
             is True (their factors are then fixed: those weights stop learning). Default False.
         measure_error: run the example inputs at compile time: record activations (tolerance

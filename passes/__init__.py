@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import torch
 import torch.fx as fx
 
 from panther.options import PantherOptions
@@ -75,6 +76,31 @@ def _measure(ctx: PassContext) -> None:
             raise
         ctx.report.notes.append(f"errors were not measured: {type(e).__name__}: {e}")
         log.warning("panther: measuring the rewrites' errors failed: %s: %s", type(e).__name__, e)
+        return
+    tol = ctx.options.effective_tolerance()
+    if tol is None:
+        return
+    for cand in chosen:
+        err = cand.measured_error
+        if err is not None and err > tol * (1 + MEASURED_SLACK) + 2 * _eps_of(cand):
+            cand.dense("measured", f"output error {err:.3g} measured on the example inputs > tolerance {tol}")
+            cand.factors = {}
+            counters.counters[cand.kind]["skipped:measured"] += 1
+            log.warning("panther: %s (%s) left dense: measured output error %.3g > tolerance %s", cand.label, cand.kind, err, tol)
+
+
+# A rewrite whose measured output error exceeds the tolerance by more than this fraction (plus
+# twice its dtype's rounding unit, which the dense layer carries too) stays dense: calibration
+# predicts the error exactly in float64, the measurement runs in the model's dtype.
+MEASURED_SLACK = 0.01
+
+
+def _eps_of(cand: Candidate) -> float:
+    from .graph import node_val
+
+    val = node_val(cand.node)
+    dtype = val.dtype if isinstance(val, torch.Tensor) and val.dtype.is_floating_point else torch.float32
+    return torch.finfo(dtype).eps
 
 
 def _check(ctx: PassContext) -> None:

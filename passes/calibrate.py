@@ -43,6 +43,7 @@ __all__ = [
     "needs_calibration",
     "choose_rank",
     "prefix_errors",
+    "metric_error",
     "gram_root",
     "data_aware_damping",
     "RankChoice",
@@ -105,13 +106,14 @@ def _clone(v: Any) -> Any:
 
 
 def _layer_stats(rows, out: Tensor) -> dict[str, Any]:
-    gram, n = None, 0
+    gram, total, n = None, None, 0
     for X in rows:
         X = X.detach().to(torch.float64)
-        g = X.t() @ X
+        g, t = X.t() @ X, X.sum(0)
         gram = g if gram is None else gram + g
+        total = t if total is None else total + t
         n += X.shape[0]
-    return {"gram": gram, "rows": n, "out_sq": float(out.detach().to(torch.float64).square().sum())}
+    return {"gram": gram, "sum": total, "rows": n, "out_sq": float(out.detach().to(torch.float64).square().sum())}
 
 
 def patch_block(n_cols: int, rows_per_image: int) -> int:
@@ -147,6 +149,26 @@ def prefix_errors(stats: dict[str, Any], W: Tensor, A: Tensor, B: Tensor) -> Ten
     if out_sq <= 0.0:
         return torch.where(err_sq > 0, torch.inf, 0.0).to(err_sq)
     return (err_sq / out_sq).sqrt()
+
+
+def metric_error(stats: dict[str, Any], W: Tensor, A: Tensor, B: Tensor, bias: Tensor | None) -> float:
+    """Relative output error of ``x·A·B`` against ``x·Wᵀ + bias`` over the recorded rows, from
+    their kept summary: ``root`` (Rᵀ·R = the second moment per row) and ``mean`` (the mean row).
+
+    Per row, ‖X·Wᵀ + 1·bᵀ‖² / rows = ‖R·Wᵀ‖² + 2·meanᵀ·Wᵀ·b + ‖b‖², so a weight (and bias) that
+    changed after calibration is measured on the same activations without keeping them.
+    """
+    R, mean = stats["root"], stats["mean"]
+    Wt = W.detach().to(R).t()
+    num_sq = (R @ (Wt - A.detach().to(R) @ B.detach().to(R))).square().sum()
+    den_sq = (R @ Wt).square().sum()
+    if bias is not None:
+        b = bias.detach().to(R).reshape(-1)
+        den_sq = den_sq + 2 * (mean @ Wt @ b) + b.square().sum()
+    num_sq, den_sq = float(num_sq), float(den_sq)
+    if den_sq <= 0.0:
+        return math.inf if num_sq > 0 else 0.0
+    return math.sqrt(num_sq / den_sq)
 
 
 def data_aware_damping(stats: dict[str, Any]) -> float:

@@ -153,6 +153,14 @@ def factors_from(cand: Candidate, A: torch.Tensor, B: torch.Tensor) -> dict[str,
     }
 
 
+def factors_to_ab(cand: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors A (in·kh·kw × r), B (r × out) behind the kernels K1, K2 (inverse of
+    :func:`factors_from`)."""
+    K1, K2 = cand.factors["K1"], cand.factors["K2"]
+    r = K1.shape[0]
+    return K1.reshape(r, -1).t(), K2.reshape(K2.shape[0], r).t()
+
+
 def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
     """Compute the two conv kernels of ``cand.rank`` by ``cand.method`` into ``cand.factors``."""
     A, B, err = candidate_factors(ctx, cand, weight, lambda: dense_weight(ctx, cand, weight), (KIND, None, None))

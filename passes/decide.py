@@ -14,11 +14,14 @@ so only the survivors are recorded):
    parameters, and below the cost model's break-even with ``require_savings``); a layer that
    cannot meet it stays dense (``tolerance``). Without a tolerance: ``2·num_terms·low_rank`` if
    ``low_rank`` is set, else the ``rank_fraction`` budget rank, lowered to the smallest rank
-   that meets ``max_error`` if that is set. Attention: ``num_random_features``, doubled (up to
+   that meets ``max_error`` if that is set. A linear / conv whose example inputs have 0 rows
+   stays dense under a tolerance (``no_rows``: every rank fits an empty batch). Attention: ``num_random_features``, doubled (up to
    :data:`.calibrate.FEATURE_DOUBLINGS` times, while the cost model predicts a win) until the
    measured error meets the tolerance;
 6. with ``require_savings`` (default), the rewrite does not cut both the parameters and the
-   FLOPs estimated by :mod:`.cost` at the example sizes.
+   FLOPs estimated by :mod:`.cost` at the example sizes;
+7. (the ``measure`` pass, after this one) under a tolerance, the rewrite's output error measured
+   on the example inputs exceeds it (``measured``), whatever the calibration predicted.
 
 Otherwise its factors (or random features) are computed and it is marked ``rewrite``. The
 factorization method is ``options.resolved_method``: data-aware where activations were
@@ -32,7 +35,7 @@ import logging
 import warnings
 
 from .counters import counters
-from .calibrate import choose_rank, data_aware_damping, gram_root, svd_errors
+from .calibrate import choose_rank, data_aware_damping, gram_root, prefix_errors, svd_errors
 from .cost import at_example
 from .factorize import cached_factors, rank_for_error, singular_values, weight_error
 from .kinds import kind_module
@@ -92,12 +95,19 @@ def decide(ctx) -> None:
 
 
 def _keep_needed_stats(cand: Candidate) -> None:
-    """Free what calibration recorded, keeping only the data-aware metric of rewritten layers
-    (needed to refactorize a weight that changes after compilation)."""
-    if cand.decision == "rewrite" and cand.method == "data-aware" and "root" in cand.stats:
-        cand.stats = {"root": cand.stats["root"], "damping": cand.stats["damping"]}
-    else:
-        cand.stats = {}
+    """Free what calibration recorded, keeping of rewritten layers what a weight that changes
+    after compilation needs: the data-aware metric (to refactorize in it) and, for ranks
+    calibrated to a tolerance, the metric and the mean row (to check the new factors against it,
+    :func:`.calibrate.metric_error`)."""
+    stats, keep = cand.stats, {}
+    if cand.decision == "rewrite" and "gram" in stats:
+        if cand.method == "data-aware" and "root" in stats:
+            keep.update(root=stats["root"], damping=stats["damping"])
+        if "tolerance" in cand.calibration and stats.get("sum") is not None:
+            keep.update(root=keep.get("root", stats.get("root")), mean=stats["sum"] / stats["rows"])
+            if keep["root"] is None:
+                keep["root"] = gram_root(stats)
+    cand.stats = keep
 
 
 def _screen_one(ctx, cand: Candidate) -> None:
@@ -174,6 +184,12 @@ def plan_rank(ctx, cand: Candidate, kind) -> bool:
     """
     opts = ctx.options
     n_in, n_out = kind.shape_dims(cand)
+    if cand.stats.get("rows") == 0:
+        # An empty batch: every rank has error 0 on it, so nothing can be calibrated or checked
+        # (the compile for the next, non-empty batch calibrates on it).
+        if opts.effective_tolerance() is not None:
+            raise Dense("no_rows", "the example inputs gave this layer 0 rows: no error can be measured on them")
+        cand.stats = {}
     has_acts = "gram" in cand.stats
     cand.method = opts.resolved_method(has_acts)
     if cand.method == "data-aware":
@@ -210,8 +226,15 @@ def _calibrate_rank(ctx, cand: Candidate, kind, tol: float) -> None:
     W = kind.dense_weight(ctx, cand)
     owner = ctx.inputs.example_inputs[cand.weight_index]
     seed = ctx.seed_for(cand)
-    key = ("calibrated", cand.kind, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.method, tol, R, seed)
-    choice = cached_factors(owner, key, lambda: choose_rank(W, cand.stats, cand.method, tol, R, seed, cand.stats.get("root")))
+    # Per call site (a shared weight sees other activations at each), and checked against this
+    # compile's activations when reused: a recompile on other inputs keeps the cached rank only
+    # while it still meets the tolerance on them.
+    key = ("calibrated", cand.kind, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.method, tol, R, seed, cand.name)
+
+    def still_fits(choice) -> bool:
+        return choice.rank is None or float(prefix_errors(cand.stats, W, choice.A, choice.B)[-1]) <= tol
+
+    choice = cached_factors(owner, key, lambda: choose_rank(W, cand.stats, cand.method, tol, R, seed, cand.stats.get("root")), still_fits)
     cand.calibration = {"tolerance": tol, "max_rank": choice.max_rank, "errors": [round(e, 6) for e in choice.errors]}
     if choice.tried:
         cand.calibration["tried"] = {r: round(e, 6) for r, e in sorted(choice.tried.items())}

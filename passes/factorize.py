@@ -26,9 +26,11 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
+from .stamp import weight_stamp
+
 __all__ = ["singular_values", "tail_error", "rank_for_error", "lowrank_factors", "weight_error", "cached_factors"]
 
-# id(weight) -> {(weight._version, *key): factors}; an entry goes when its weight is freed.
+# id(weight) -> {(weight_stamp(weight), *key): factors}; an entry goes when its weight is freed.
 _CACHE: dict[int, dict[tuple, Any]] = {}
 
 def singular_values(W: Tensor) -> Tensor:
@@ -106,20 +108,25 @@ def weight_error(W: Tensor, A: Tensor, B: Tensor) -> float:
     return float((Wt - A.to(Wt.dtype) @ B.to(Wt.dtype)).norm()) / norm if norm > 0 else 0.0
 
 
-def cached_factors(weight: Tensor, key: tuple, compute: Callable[[], Any]) -> Any:
+def cached_factors(weight: Tensor, key: tuple, compute: Callable[[], Any], valid: Callable[[Any], bool] | None = None) -> Any:
     """``compute()``, cached per weight tensor, its in-place version and ``key``.
 
     Dynamo compiles a graph again for new sizes (the second compile is dynamic), and each compile
     would factorize every weight anew; with the cache, a weight is factorized once per version.
+    A cached value that ``valid`` rejects (e.g. calibrated factors that miss the tolerance on this
+    compile's activations) is computed again and replaces the entry.
     """
     if id(weight) not in _CACHE:
         _CACHE[id(weight)] = {}
         weakref.finalize(weight, _CACHE.pop, id(weight), None)
     per_weight = _CACHE[id(weight)]
-    full = (weight._version, *key)
+    stamp = weight_stamp(weight)
+    full = (stamp, *key)
+    if full in per_weight and valid is not None and not valid(per_weight[full]):
+        del per_weight[full]
     if full not in per_weight:
-        if any(k[0] != weight._version for k in per_weight):
-            per_weight.clear()  # factors of an older version are stale
+        if any(k[0] != stamp for k in per_weight):
+            per_weight.clear()  # factors of an older version (or of swapped-out data) are stale
         per_weight[full] = compute()
     return per_weight[full]
 
@@ -134,8 +141,11 @@ def candidate_factors(ctx, cand, weight: Tensor | None, dense: Callable[[], Tens
     opts = ctx.options
     owner = ctx.inputs.example_inputs[cand.weight_index] if weight is None else weight
     seed = ctx.seed_for(cand)
+    # Data-aware factors fit this call site's activations: a weight shared by two call sites
+    # (tied weights) gets one set per site.
+    site = cand.name if "root" in cand.stats else None
     return cached_factors(
-        owner, (*key, cand.rank, cand.method, opts.num_terms, seed),
+        owner, (*key, cand.rank, cand.method, opts.num_terms, seed, site),
         lambda: lowrank_factors(
             dense(), cand.rank, method=cand.method, num_terms=opts.num_terms, seed=seed,
             activations=cand.stats.get("root"), damping=cand.stats.get("damping", 0.0),

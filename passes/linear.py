@@ -177,6 +177,11 @@ def factors_from(cand: Candidate, A: torch.Tensor, B: torch.Tensor) -> dict[str,
     return {"A": A, "B": B}
 
 
+def factors_to_ab(cand: Candidate) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors A (in×r), B (r×out) behind ``cand.factors``."""
+    return cand.factors["A"], cand.factors["B"]
+
+
 def factorize(ctx, cand: Candidate, weight: torch.Tensor | None = None) -> None:
     """Compute the factors of ``cand.rank`` by ``cand.method`` into ``cand.factors`` (and the
     predicted error); data-aware uses the activations recorded by :mod:`.calibrate`."""

@@ -42,6 +42,15 @@ def poison():
         torch.utils.deterministic.fill_uninitialized_memory = old_fill
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _fresh_dynamo():
+    """Each test file starts with Dynamo's caches empty: files that compile the same model code
+    many times would otherwise push later files past Dynamo's recompile limit (it then runs
+    the model eagerly, without calling the backend under test)."""
+    torch._dynamo.reset()
+    yield
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)

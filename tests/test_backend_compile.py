@@ -165,6 +165,69 @@ def test_weight_changed_after_compile(on_stale):
     assert rel_err(fresh, dense) <= PREDICTION_SLACK * err_before
 
 
+@pytest.fixture
+def fresh_dynamo():
+    """For tests that compile MLP.forward again and again: the later tests of this file need
+    its recompile budget."""
+    yield
+    torch._dynamo.reset()
+
+
+def _vector_to_parameters(model, x):
+    torch.nn.utils.vector_to_parameters(torch.nn.utils.parameters_to_vector(model.parameters()) * 0.5, model.parameters())
+
+
+def _assign_data(model, x):
+    model.fc1.weight.data = model.fc1.weight.data * 0.5  # new storage, same Parameter, same _version
+
+
+def _fused_adamw_step(model, x):
+    # Zero gradients: the step is the decoupled weight decay alone, p ← p·(1 − lr·wd) = p / 2,
+    # which keeps the weights' spectra (so the refreshed rank stays as accurate).
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    torch.optim.AdamW(model.parameters(), lr=0.5, weight_decay=1.0, fused=True).step()  # does not bump _version
+
+
+@pytest.mark.parametrize("update", [_vector_to_parameters, _assign_data, _fused_adamw_step], ids=lambda f: f.__name__.strip("_"))
+@pytest.mark.parametrize("on_stale", ["refresh", "raise"])
+def test_weight_changes_that_bypass_version_counters_are_caught(update, on_stale, fresh_dynamo):
+    model = give_spectrum(MLP()).eval()
+    compiled, made = compile_panther(model, min_params=0, on_stale=on_stale, measure_error=False)
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        stale = compiled(x)
+        err_before = rel_err(stale, model(x))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        update(model, x)
+        assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+        if on_stale == "raise":
+            with pytest.raises(StaleWeightError, match="fc1"):
+                compiled(x)
+            return
+        fresh, dense = compiled(x), model(x)
+    assert len(made) == 1  # refreshed in place, not recompiled by Dynamo
+    assert rel_err(fresh, dense) <= PREDICTION_SLACK * max(err_before, 1e-3)
+
+
+def test_refresh_that_misses_the_tolerance_compiles_again(fresh_dynamo):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256)).eval()
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 45)  # rank 8 at compile time
+    compiled, made = compile_panther(model, min_params=0)  # tolerance 5%
+    x = torch.randn(64, 256)
+    with torch.no_grad():
+        assert rel_err(compiled(x), model(x)) <= 1e-4
+        assert made[0].report.rewritten[0].rank == 8
+        # Full-rank weights: rank 8 would now be ~90% off; the graph is calibrated again.
+        model.load_state_dict({"0.weight": torch.randn(256, 256) / 16, "0.bias": model[0].bias.clone()})
+        y, dense = compiled(x), model(x)
+    assert rel_err(y, dense) <= 0.05 * (1 + 1e-3)
+    cand = made[0].report.candidates[0]
+    assert cand.decision == "dense" or cand.rank > 8
+
+
 def test_dynamic_shapes():
     model = fresh_mlp()
     compiled, made = compile_panther(model, min_params=0, measure_error=False)

@@ -68,8 +68,8 @@ def layer_inputs(model: nn.Module, x: torch.Tensor) -> dict[str, torch.Tensor]:
 
 
 def output_error(lin: nn.Linear, X: torch.Tensor, A: torch.Tensor, B: torch.Tensor) -> float:
-    X = X.double()
-    W, b = lin.weight.double(), lin.bias.double()
+    X = X.detach().double()
+    W, b = lin.weight.detach().double(), lin.bias.detach().double()
     return float((X @ W.t() - X @ A.double() @ B.double()).norm() / (X @ W.t() + b).norm())
 
 
@@ -218,14 +218,99 @@ def test_report_and_dump_have_the_calibration(tmp_path):
 
 
 def test_dynamic_recompile_reuses_the_calibration():
+    model, x = structured_mlp(), correlated_inputs(256)
+    results = []
+    with torch.no_grad():
+        results += passes_in_backend(model, x, options={"min_params": 0})
+        # Same rows twice: every output error is the same, so the cached factors still fit.
+        results += passes_in_backend(model, torch.cat([x, x]), options={"min_params": 0})
+    first, second = ([c for c in ctx.candidates if c.decision == "rewrite"] for ctx, _, _ in results)
+    assert [c.rank for c in first] == [c.rank for c in second]
+    assert first[0].factors["A"] is second[0].factors["A"]  # calibrated once per weight version
+
+
+def test_recompile_on_inputs_the_cached_factors_miss_calibrates_again():
     model = structured_mlp()
     results = []
     with torch.no_grad():
         results += passes_in_backend(model, correlated_inputs(256), options={"min_params": 0})
         results += passes_in_backend(model, correlated_inputs(100, seed=3), options={"min_params": 0})
-    first, second = ([c for c in ctx.candidates if c.decision == "rewrite"] for ctx, _, _ in results)
-    assert [c.rank for c in first] == [c.rank for c in second]
-    assert first[0].factors["A"] is second[0].factors["A"]  # calibrated once per weight version
+    (ctx1, _, _), (ctx2, _, _) = results
+    first = {c.path: c for c in ctx1.candidates if c.decision == "rewrite"}
+    second = {c.path: c for c in ctx2.candidates if c.decision == "rewrite"}
+    X2 = layer_inputs(model, correlated_inputs(100, seed=3))
+    recalibrated = 0
+    for path, c in second.items():
+        lin = getattr(model, path)
+        assert output_error(lin, X2[path], c.factors["A"], c.factors["B"]) <= TOL  # on the inputs it was compiled for
+        old = first.get(path)
+        if old is not None and output_error(lin, X2[path], old.factors["A"], old.factors["B"]) > TOL:
+            assert c.factors["A"] is not old.factors["A"]
+            recalibrated += 1
+    assert recalibrated >= 1  # the case under test happened
+
+
+def test_a_shared_weight_is_calibrated_per_call_site():
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.l = nn.Linear(256, 256)
+
+        def forward(self, a, b):
+            return self.l(a), self.l(b)
+
+    torch.manual_seed(0)
+    Q = torch.linalg.qr(torch.randn(256, 256)).Q
+    a = torch.randn(512, 16) @ Q[:, :16].t()  # the two call sites see orthogonal subspaces
+    b = torch.randn(512, 16) @ Q[:, 16:32].t()
+    model = Tied().eval()
+    with torch.no_grad():
+        ((ctx, dense, approx),) = passes_in_backend(model, a, b, options={"min_params": 0})
+    sites = [c for c in ctx.candidates if c.decision == "rewrite"]
+    assert len(sites) == 2 and sites[0].factors["A"] is not sites[1].factors["A"]
+    for c, X in zip(sites, (a, b)):
+        assert output_error(model.l, X, c.factors["A"], c.factors["B"]) <= TOL
+        assert c.measured_error <= TOL * (1 + FP32_ERROR_SLACK)
+    for y, ref in zip(approx, dense):
+        assert rel_err(y, ref) <= TOL * (1 + FP32_ERROR_SLACK)
+
+
+def test_an_empty_example_batch_is_not_calibrated_on():
+    from backend_models import compile_panther
+
+    model, x = structured_mlp(), correlated_inputs(256)
+    compiled, made = compile_panther(model, min_params=0)
+    with torch.no_grad():
+        assert compiled(torch.zeros(0, 64)).shape == (0, 16)
+        compiled(x)
+    empty, full = made[0].report, made[-1].report
+    assert empty.candidates and all(c.decision == "dense" and c.reason_code == "no_rows" for c in empty.candidates)
+    # The next batch is calibrated on, not served factors fit to nothing (every rank fits 0 rows).
+    X = layer_inputs(model, x)
+    assert full.rewritten
+    for c in full.rewritten:
+        lin = getattr(model, c.path)
+        assert c.measured_error <= TOL * (1 + FP32_ERROR_SLACK)
+        assert output_error(lin, X[c.path], c.factors["A"], c.factors["B"]) <= TOL
+
+
+def test_a_rewrite_measured_over_the_tolerance_stays_dense(monkeypatch):
+    decide_mod = importlib.import_module("panther.passes.decide")  # (panther.passes.decide is also the pass)
+    # Calibration believes rank 1 is exact (its errors are forged to 0); the measurement on the
+    # example inputs finds out.
+    monkeypatch.setattr(decide_mod, "choose_rank", _forged_choice)
+    with torch.no_grad():
+        report = explain(structured_mlp(), correlated_inputs(128), min_params=0)
+    assert report.candidates and all(c.decision == "dense" and c.reason_code == "measured" for c in report.candidates)
+    assert all(c.measured_error > TOL for c in report.candidates)
+    assert counters.snapshot()["linear"]["skipped:measured"] == len(report.candidates)
+
+
+def _forged_choice(W, stats, method, tol, max_rank, seed, root=None):
+    from panther.passes.calibrate import RankChoice
+
+    A, B = lowrank(W.detach(), 1, "svd")
+    return RankChoice(method, max_rank, 1, A=A, B=B, error=0.0, errors=[0.0], svd_errors=[0.0])
 
 
 def test_changed_weight_is_refactorized_in_the_recorded_metric():
@@ -235,7 +320,7 @@ def test_changed_weight_is_refactorized_in_the_recorded_metric():
     with torch.no_grad():
         ((ctx, _, _),) = passes_in_backend(model, x, options={"min_params": 0})
     cand = next(c for c in ctx.candidates if c.path == "fc2")
-    assert cand.method == "data-aware" and set(cand.stats) == {"root", "damping"}
+    assert cand.method == "data-aware" and set(cand.stats) == {"root", "damping", "mean"}
     old = cand.factors["A"] @ cand.factors["B"]
     with torch.no_grad():
         model.fc2.weight.mul_(-2.0)
@@ -245,6 +330,24 @@ def test_changed_weight_is_refactorized_in_the_recorded_metric():
     err = float((X @ model.fc2.weight.t() - X @ A @ B).norm() / (X @ model.fc2.weight.t()).norm())
     assert err <= TOL  # same rank, same metric, new weight: as accurate as before
     assert rel_err(A @ B, -2.0 * old) <= 1e-4  # the data-aware factors scale with the weight
+
+
+def test_metric_error_matches_the_recorded_rows():
+    from panther.passes.calibrate import metric_error
+
+    model, x = structured_mlp(), correlated_inputs(256)
+    with torch.no_grad():
+        ((ctx, _, _),) = passes_in_backend(model, x, options={"min_params": 0})
+    X = layer_inputs(model, x)
+    g = torch.Generator().manual_seed(5)
+    for cand in (c for c in ctx.candidates if c.decision == "rewrite"):
+        lin = getattr(model, cand.path)
+        W = lin.weight.detach() * (1 + 0.3 * torch.randn(lin.weight.shape, generator=g))  # a changed weight
+        bias = torch.randn(lin.bias.shape, generator=g)
+        A, B = cand.factors["A"], cand.factors["B"]
+        Xd = X[cand.path].double()
+        direct = float((Xd @ W.double().t() - Xd @ A.double() @ B.double()).norm() / (Xd @ W.double().t() + bias.double()).norm())
+        assert metric_error(cand.stats, W, A, B, bias) == pytest.approx(direct, rel=1e-6)
 
 
 def test_calibration_failure_is_a_note_not_an_error(monkeypatch):
