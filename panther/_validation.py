@@ -80,8 +80,12 @@ def check_input(
     min_ndim: int = 1,
     exact_ndim: int | None = None,
     like: torch.Tensor | None = None,
+    autocast: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Validate a layer input: type, rank, feature size, and dtype/device against ``like``.
+
+    With ``autocast`` (the dtype ``torch.autocast`` is on with, :func:`autocast_dtype`), dtypes
+    that autocast casts to it (floating, not float64) match each other.
 
     Raises:
         TypeError: ``x`` is not a tensor.
@@ -99,7 +103,7 @@ def check_input(
             f"but the layer expects {last_dim}"
         )
     if like is not None:
-        if x.dtype != like.dtype:
+        if x.dtype != like.dtype and not (autocast is not None and _autocast_eligible(x) and _autocast_eligible(like)):
             raise ValueError(
                 f"{name} has dtype {x.dtype}, but the layer's parameters are {like.dtype}; "
                 f"convert one of them (e.g. layer.to({x.dtype}))"
@@ -109,6 +113,42 @@ def check_input(
                 f"{name} is on {x.device}, but the layer's parameters are on {like.device}"
             )
     return x
+
+
+def _autocast_eligible(t: torch.Tensor) -> bool:
+    return t.is_floating_point() and t.dtype != torch.float64
+
+
+def autocast_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype ``torch.autocast`` runs matmuls in on ``x``'s device, or None where it is off."""
+    dev = x.device.type
+    try:
+        on = torch.is_autocast_enabled(dev)
+    except (RuntimeError, ValueError):  # a device type autocast does not know
+        return None
+    return torch.get_autocast_dtype(dev) if on else None
+
+
+def autocast_cast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """``tensors`` as ``torch.autocast`` casts a matmul's arguments: floating tensors other than
+    float64 to ``dtype`` (differentiably: gradients reach the parameters in their own dtype).
+    With ``dtype`` None (autocast off) they come back unchanged.
+
+    panther's ops are custom ops, which autocast does not cast by itself; the layers call this
+    (and run the op under :func:`autocast_off`) so that under ``torch.autocast`` they compute
+    as an explicit copy of the layer in the lower precision would, as ``nn.Linear`` does.
+    """
+    if dtype is None:
+        return tensors
+    return tuple(t.to(dtype) if t is not None and _autocast_eligible(t) else t for t in tensors)
+
+
+def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):
+    """A context with autocast off on ``x``'s device where ``dtype`` says it was on (else a no-op):
+    the ops' reference math keeps its fp32 internals instead of autocast lowering them again."""
+    import contextlib
+
+    return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, enabled=False)
 
 
 def warn_budget(layer: str, num_terms: int, low_rank: int, n_in: int, n_out: int, stacklevel: int = 3) -> None:

@@ -10,6 +10,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from panther._validation import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
     check_bool,
     check_choice,
     check_dtype,
@@ -296,10 +299,16 @@ class RandMultiHeadAttention(nn.Module):
         Returns:
             ``(output, None)`` with output (..., Nq, embed_dim).
         """
+        for name, t in (("query", query), ("key", key), ("value", value)):
+            check_tensor(name, t)
+        # Under torch.autocast the whole layer runs in its dtype, as nn.MultiheadAttention does
+        # (the projections cast themselves; the attention op is cast here).
+        dt = autocast_dtype(query)
         like = self.omega  # dtype and device of the layer (its projections may be low-rank modules)
-        check_input("query", query, last_dim=self.embed_dim, min_ndim=2, like=like)
-        check_input("key", key, last_dim=self.kdim, min_ndim=2, like=like)
-        check_input("value", value, last_dim=self.vdim, min_ndim=2, like=like)
+        check_input("query", query, last_dim=self.embed_dim, min_ndim=2, like=like, autocast=dt)
+        check_input("key", key, last_dim=self.kdim, min_ndim=2, like=like, autocast=dt)
+        check_input("value", value, last_dim=self.vdim, min_ndim=2, like=like, autocast=dt)
+        query, key, value, omega = autocast_cast(dt, query, key, value, self.omega)
         lead, Nq, Nk = query.shape[:-2], query.shape[-2], key.shape[-2]
         if key.shape[:-2] != lead:
             raise ValueError(
@@ -327,12 +336,14 @@ class RandMultiHeadAttention(nn.Module):
         v = heads(self.v_proj(value), Nk)
         if self.SRPE is not None:
             q, k = self.SRPE(q, k)
+        q, k, v = autocast_cast(dt, q, k, v)
         if self.training and self.dropout > 0:
             # Drop whole value rows per (batch, head, key): see the class docstring.
             v = v * F.dropout(torch.ones_like(v[..., :1]), self.dropout, training=True)
         if mask is not None:
             mask = mask.reshape(B, Nk)
-        out = performer_attention_apply(q, k, v, self.omega, mask, self.kernel_fn, self.iscausal, self.scale)
+        with autocast_off(q, dt):
+            out = performer_attention_apply(q, k, v, omega, mask, self.kernel_fn, self.iscausal, self.scale)
         out = out.transpose(1, 2).reshape(*lead, Nq, self.embed_dim)
         return self.out_proj(out), None
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from panther._validation import check_bool, check_choice, check_generator, check_input, check_int, check_tensor, warn_budget
+from panther._validation import autocast_cast, autocast_dtype, autocast_off, check_bool, check_choice, check_generator, check_input, check_int, check_tensor, warn_budget
 from panther.sketch import sign_matrix
 from panther.ops.conv import skconv2d_apply
 
@@ -212,7 +212,10 @@ class SKConv2d(nn.Module):
         check_tensor("input", x)
         if x.dim() not in (3, 4):
             raise ValueError(f"input must be (N, C, H, W) or (C, H, W), got shape {tuple(x.shape)}")
-        check_input("input", x, last_dim=self.in_channels, dim_index=-3, dim_label="channels", like=self.S1s)
+        # Under torch.autocast the input and the sketch run in its dtype, as nn.Conv2d's do.
+        dt = autocast_dtype(x)
+        check_input("input", x, last_dim=self.in_channels, dim_index=-3, dim_label="channels", like=self.S1s, autocast=dt)
+        x, S1s, S2s, U1s, U2s, bias = autocast_cast(dt, x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
         unbatched = x.dim() == 3
         if unbatched:
             x = x.unsqueeze(0)
@@ -224,7 +227,8 @@ class SKConv2d(nn.Module):
                     f"input {axis} {size} (+ padding {2 * pad}) is smaller than the kernel ({kern}); "
                     f"input shape {tuple(x.shape)}"
                 )
-        y = skconv2d_apply(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias, list(self.stride), self._op_padding)
+        with autocast_off(x, dt):
+            y = skconv2d_apply(x, S1s, S2s, U1s, U2s, bias, list(self.stride), self._op_padding)
         return y.squeeze(0) if unbatched else y
 
     def extra_repr(self) -> str:

@@ -8,7 +8,7 @@ import warnings
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_bool, check_dtype, check_generator, check_input, check_int, check_tensor, warn_budget
+from panther._validation import autocast_cast, autocast_dtype, autocast_off, check_bool, check_dtype, check_generator, check_input, check_int, check_tensor, warn_budget
 from panther.ops.linear import sklinear_apply
 from panther.sketch import sign_matrix
 
@@ -151,8 +151,13 @@ class SKLinear(nn.Module):
         return wt.t()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input("x", x, last_dim=self.in_features, like=self.S1s)
-        return sklinear_apply(x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+        check_tensor("x", x)
+        # Under torch.autocast the input and the sketch run in its dtype, as nn.Linear's do.
+        dt = autocast_dtype(x)
+        check_input("x", x, last_dim=self.in_features, like=self.S1s, autocast=dt)
+        x, S1s, S2s, U1s, U2s, bias = autocast_cast(dt, x, self.S1s, self.S2s, self.U1s, self.U2s, self.bias)
+        with autocast_off(x, dt):
+            return sklinear_apply(x, S1s, S2s, U1s, U2s, bias)
 
     def extra_repr(self) -> str:
         return (

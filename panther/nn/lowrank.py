@@ -18,6 +18,9 @@ import torch
 from torch import Tensor, nn
 
 from panther._validation import (
+    autocast_cast,
+    autocast_dtype,
+    autocast_off,
     check_bool,
     check_choice,
     check_dtype,
@@ -166,8 +169,13 @@ class LowRankLinear(nn.Module):
         return (self.A @ self.B).t()
 
     def forward(self, x: Tensor) -> Tensor:
-        check_input("x", x, last_dim=self.in_features, like=self.A)
-        return lowrank_linear_apply(x, self.A, self.B, self.bias, 1.0)
+        check_tensor("x", x)
+        # Under torch.autocast the input and the factors run in its dtype, as nn.Linear's do.
+        dt = autocast_dtype(x)
+        check_input("x", x, last_dim=self.in_features, like=self.A, autocast=dt)
+        x, A, B, bias = autocast_cast(dt, x, self.A, self.B, self.bias)
+        with autocast_off(x, dt):
+            return lowrank_linear_apply(x, A, B, bias, 1.0)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, bias={self.bias is not None}"

@@ -10,7 +10,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from panther._validation import check_dtype, check_generator, check_input, check_int
+from panther._validation import autocast_cast, autocast_dtype, check_dtype, check_generator, check_input, check_int, check_tensor
 
 __all__ = ["sinSRPE"]
 
@@ -168,13 +168,19 @@ class sinSRPE(nn.Module):
 
     def forward(self, q: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
         """Codes (q̂, k̂) of queries q (..., H, Nq, D) and keys k (..., H, Nk, D); see the class docstring."""
+        check_tensor("q", q)
+        check_tensor("k", k)
+        # Under torch.autocast the codes come out in its dtype (the einsums / bmms cast
+        # themselves; the angles stay in fp32, as they do for low-precision inputs).
+        dt = autocast_dtype(q)
         for name, x in (("q", q), ("k", k)):
-            check_input(name, x, min_ndim=3, like=self.Z1)
+            check_input(name, x, min_ndim=3, like=self.Z1, autocast=dt)
             if x.shape[-3] != self.num_heads or x.shape[-1] != self.perHead_in:
                 raise ValueError(
                     f"sinSRPE expects {name} of shape (..., num_heads={self.num_heads}, seq, "
                     f"perHead_in={self.perHead_in}), got {tuple(x.shape)}"
                 )
+        q, k = autocast_cast(dt, q, k)
         return self._codes(q, phase=True), self._codes(k, phase=False)
 
     def extra_repr(self) -> str:
