@@ -18,6 +18,7 @@ The same code, graphs and report are emitted as ``TORCH_TRACE`` artifacts for tl
 from __future__ import annotations
 
 import json
+import logging
 import os
 from typing import Any
 
@@ -27,6 +28,8 @@ import torch.fx as fx
 from torch._logging import trace_structured
 
 from .graph import node_val
+
+log = logging.getLogger("panther")
 
 __all__ = ["emit", "to_networkx", "to_dot", "write_dump"]
 
@@ -138,6 +141,13 @@ def emit(dynamo_gm: fx.GraphModule, ctx) -> str | None:
     root = ctx.options.resolved_dump_dir()
     if not root:
         return None
-    folder = write_dump(_unique(root, report.graph), dynamo_gm, ctx)
+    try:
+        folder = write_dump(_unique(root, report.graph), dynamo_gm, ctx)
+    except OSError as e:  # a debugging aid is never a reason to fail the compile
+        if ctx.options.strict:
+            raise
+        report.notes.append(f"the dump could not be written to {root!r}: {type(e).__name__}: {e}")
+        log.warning("panther: the dump could not be written to %r: %s: %s", root, type(e).__name__, e)
+        return None
     report.dump_dir = folder
     return folder

@@ -95,6 +95,20 @@ def test_dump_folder(mlp):
     assert dot.count(" -> ") == after.number_of_edges()
 
 
+def test_an_unwritable_dump_dir_does_not_fail_the_compile(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    model = give_spectrum(MLP()).eval()
+    compiled, made = compile_panther(model, min_params=0, dump_dir=str(blocker / "dumps"))
+    x = torch.randn(8, 64)
+    with torch.no_grad():
+        y = compiled(x)
+    report = made[0].report
+    assert report.rewritten and made[0].dump_path is None
+    assert any("could not be written" in n for n in report.notes)
+    assert rel_err(y, model(x)) <= PREDICTION_SLACK * max(report.output_error, 1e-6)
+
+
 def test_dump_dir_from_environment_and_trace_artifacts(monkeypatch, tmp_path):
     monkeypatch.setenv("PANTHER_DUMP_DIR", str(tmp_path))
     from panther.passes import dump
