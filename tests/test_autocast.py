@@ -18,7 +18,6 @@ import panther as pr
 from panther.nn.pawXimpl import sinSRPE
 from panther_testing import RTOL, rel_err
 
-AUTOCAST = {"device_type": "cpu", "dtype": torch.bfloat16}
 LOW = torch.bfloat16
 
 
@@ -44,11 +43,12 @@ def _out(y):
 @pytest.mark.filterwarnings("ignore:SKLinear_triton")
 @pytest.mark.parametrize("name", list(_layers()))
 @pytest.mark.parametrize("input_dtype", [torch.float32, LOW], ids=["fp32-in", "bf16-in"])
-def test_layer_under_autocast(name, input_dtype):
+def test_layer_under_autocast(name, input_dtype, device):
+    """On CUDA the layers' eager calls run the Triton kernels on the cast operands."""
     layer, args = _layers()[name]
-    layer.eval()
-    args = tuple(a.to(input_dtype).requires_grad_() for a in args)
-    with torch.autocast(**AUTOCAST):
+    layer.eval().to(device)
+    args = tuple(a.to(device, input_dtype).requires_grad_() for a in args)
+    with torch.autocast(device.type, dtype=LOW):
         y = _out(layer(*args))
     assert y.dtype == LOW
     low = copy.deepcopy(layer).to(LOW)
@@ -72,7 +72,7 @@ def test_stacked_layers_under_autocast_and_compile():
     torch.manual_seed(0)
     model = nn.Sequential(pr.nn.SKLinear(32, 32, 1, 4), nn.ReLU(), pr.nn.SKLinear(32, 16, 1, 4), nn.Linear(16, 8))
     x = torch.randn(5, 32)
-    with torch.autocast(**AUTOCAST):
+    with torch.autocast("cpu", dtype=LOW):
         y = model(x)
         yc = torch.compile(model, backend="aot_eager")(x)
     assert y.dtype == yc.dtype == LOW
@@ -83,8 +83,8 @@ def test_stacked_layers_under_autocast_and_compile():
 
 def test_float64_inputs_are_left_alone_as_autocast_does():
     layer = pr.nn.SKLinear(16, 16, 1, 2)
-    with torch.autocast(**AUTOCAST), pytest.raises(ValueError, match="float64.*float32"):
+    with torch.autocast("cpu", dtype=LOW), pytest.raises(ValueError, match="float64.*float32"):
         layer(torch.randn(2, 16, dtype=torch.float64))
     wide = copy.deepcopy(layer).double()
-    with torch.autocast(**AUTOCAST):
+    with torch.autocast("cpu", dtype=LOW):
         assert wide(torch.randn(2, 16, dtype=torch.float64)).dtype == torch.float64

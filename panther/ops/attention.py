@@ -168,9 +168,12 @@ def _grads(ctx, dq, dk, dv) -> tuple:
 
 def _backward(ctx, grad):
     q, k, v, omega, key_mask = ctx.saved_tensors
-    dq, dk, dv = torch.ops.panther.performer_attention_backward(
-        grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale
-    )
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (plain torch math)
+        dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
+    else:
+        dq, dk, dv = torch.ops.panther.performer_attention_backward(
+            grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale
+        )
     return _grads(ctx, dq, dk, dv)
 
 
@@ -184,9 +187,12 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad, _grad_stats):
     q, k, v, omega, key_mask, out, stats = ctx.saved_tensors
-    dq, dk, dv = torch.ops.panther.performer_attention_backward(
-        grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats
-    )
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (plain torch math)
+        dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
+    else:
+        dq, dk, dv = torch.ops.panther.performer_attention_backward(
+            grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats
+        )
     return _grads(ctx, dq, dk, dv)
 
 
@@ -217,7 +223,10 @@ class _EagerPerformer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, omega, key_mask, out, stats = ctx.saved_tensors
-        dq, dk, dv = _backward_impl(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (plain torch math)
+            dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
+        else:
+            dq, dk, dv = _backward_impl(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats)
         return _grads(ctx, dq, dk, dv)
 
 

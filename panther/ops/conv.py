@@ -97,6 +97,12 @@ def skconv2d_backward(
     and weight gradients of the first conv (dS1s from the S1 channels of gh only), and
     dS2s = Σ_{n,p} h_U2ᵀ·g/(2L) needs the U2 channels of h, recomputed from x.
     """
+    return _skconv2d_backward_impl(grad, x, S1s, S2s, U1s, U2s, stride, padding, need_dx, need_dS, need_db)
+
+
+def _skconv2d_backward_impl(grad, x, S1s, S2s, U1s, U2s, stride, padding, need_dx, need_dS, need_db):
+    # Plain aten ops (convolution_backward has its own derivative): differentiable again when
+    # called outside the op, which a create_graph backward does.
     L, k, c, kh, kw = S1s.shape
     Lk, n_out = L * k, S2s.shape[2]
     dx = dS1s = dS2s = db = None
@@ -143,9 +149,9 @@ def _skconv2d_bwd(ctx, grad):
     x, S1s, S2s, U1s, U2s = ctx.saved_tensors
     nx, nS1, nS2, _, _, nb = ctx.needs_input_grad[:6]
     nb = bool(nb and ctx.has_bias)
-    dx, dS1s, dS2s, db = torch.ops.panther.skconv2d_backward(
-        grad, x, S1s, S2s, U1s, U2s, ctx.stride, ctx.padding, nx, nS1 or nS2, nb
-    )
+    # create_graph=True: the backward must be differentiable itself, so not behind the op.
+    bwd = _skconv2d_backward_impl if torch.is_grad_enabled() else torch.ops.panther.skconv2d_backward
+    dx, dS1s, dS2s, db = bwd(grad, x, S1s, S2s, U1s, U2s, ctx.stride, ctx.padding, nx, nS1 or nS2, nb)
     return (
         dx if nx else None,
         dS1s if nS1 else None,

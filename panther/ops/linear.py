@@ -120,6 +120,15 @@ def sklinear_train(
     return y.reshape(*x.shape[:-1], U1s.shape[2]), h.reshape(*x.shape[:-1], h.shape[1])
 
 
+def _double(grads: tuple, x: Tensor) -> tuple:
+    """The reference backward's gradients, dx in x's shape. With ``create_graph=True`` the
+    backward runs the reference math outside the ops (whose backward ops have no derivative of
+    their own) and recomputes h from x (the saved h carries no gradient), so a second
+    derivative (gradient penalties, Hessian-vector products) flows through it."""
+    dx, *rest = grads
+    return (dx.reshape(x.shape) if dx is not None else None, *rest)
+
+
 def _sklinear_setup(ctx, inputs, output):
     x, S1s, S2s, U1s, U2s, bias = inputs
     h = output[1] if isinstance(output, tuple) else None
@@ -132,9 +141,12 @@ def _sklinear_setup(ctx, inputs, output):
 def _sklinear_bwd(ctx, grad, *_):
     x, S1s, S2s, U1s, U2s, h = ctx.saved_tensors
     nx, nS1, nS2, _, _, nb = ctx.needs_input_grad
-    dx, dS1s, dS2s, db = torch.ops.panther.sklinear_backward(
-        grad, x, S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias), h
-    )
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see _double)
+        dx, dS1s, dS2s, db = _double(ref.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias), None), x)
+    else:
+        dx, dS1s, dS2s, db = torch.ops.panther.sklinear_backward(
+            grad, x, S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias), h
+        )
     return (
         dx if nx else None,
         dS1s if nS1 else None,
@@ -217,7 +229,10 @@ def _lowrank_bwd(ctx, grad, *_):
     x, A, B, h = ctx.saved_tensors
     nx, nA, nB, nb, _ = ctx.needs_input_grad
     nb = bool(nb and ctx.has_bias)
-    dx, dA, dB, db = torch.ops.panther.lowrank_linear_backward(grad, x, A, B, ctx.scale, nx, nA, nB, nb, h)
+    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see _double)
+        dx, dA, dB, db = _double(ref.lowrank_backward(_flat(grad), _flat(x), A, B, ctx.scale, nx, nA, nB, nb, None), x)
+    else:
+        dx, dA, dB, db = torch.ops.panther.lowrank_linear_backward(grad, x, A, B, ctx.scale, nx, nA, nB, nb, h)
     return (dx if nx else None, dA if nA else None, dB if nB else None, db if nb else None, None)
 
 
@@ -258,6 +273,8 @@ class _EagerLowRank(torch.autograd.Function):
         nx, nb = ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and ctx.has_bias)
         nw = ctx.needs_input_grad[4:]
         impl = _impl(x, grad, *w)
+        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see _double)
+            impl, h = ref, None
         g2, x2 = _flat(grad), _flat(x)
         if ctx.kind == "sk":  # w = (S1s, S2s, U1s, U2s): gradients for S1s, S2s only
             dx, dS1, dS2, db = impl.sklinear_backward(g2, x2, *w, nx, nw[0] or nw[1], nb, h)
