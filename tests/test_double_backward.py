@@ -26,26 +26,31 @@ def gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 
 
+def _rand(*shape, seed, device="cpu", dtype=F64):
+    # Drawn in float64 whatever the dtype: the same values for the fp32 and fp64 runs.
+    return torch.randn(*shape, generator=gen(seed), dtype=F64).to(device, dtype)
+
+
 def _leaf(*shape, seed, device="cpu", dtype=F64):
-    return torch.randn(*shape, generator=gen(seed), dtype=dtype).to(device).requires_grad_()
+    return _rand(*shape, seed=seed, device=device, dtype=dtype).requires_grad_()
 
 
 def _cases(device="cpu", dtype=F64):
     """name -> (function of the differentiable inputs, those inputs)."""
     L, n_in, k, n_out = 2, 7, 3, 5
-    U1s = torch.randn(L, k, n_out, generator=gen(1), dtype=dtype).to(device)
-    U2s = torch.randn(L, n_in, k, generator=gen(2), dtype=dtype).to(device)
-    bias = torch.randn(n_out, generator=gen(3), dtype=dtype).to(device)
+    U1s = _rand(L, k, n_out, seed=1, device=device, dtype=dtype)
+    U2s = _rand(L, n_in, k, seed=2, device=device, dtype=dtype)
+    bias = _rand(n_out, seed=3, device=device, dtype=dtype)
     x = _leaf(4, n_in, seed=4, device=device, dtype=dtype)
     S1s, S2s = _leaf(L, n_in, k, seed=5, device=device, dtype=dtype), _leaf(L, k, n_out, seed=6, device=device, dtype=dtype)
     A, B = _leaf(n_in, 3, seed=7, device=device, dtype=dtype), _leaf(3, n_out, seed=8, device=device, dtype=dtype)
     c, o, kh = 2, 3, 3
-    cU1 = torch.randn(L, k, o, generator=gen(9), dtype=dtype).to(device)
-    cU2 = torch.randn(L, k, c, kh, kh, generator=gen(10), dtype=dtype).to(device)
+    cU1 = _rand(L, k, o, seed=9, device=device, dtype=dtype)
+    cU2 = _rand(L, k, c, kh, kh, seed=10, device=device, dtype=dtype)
     cx = _leaf(1, c, 5, 4, seed=11, device=device, dtype=dtype)
     cS1, cS2 = _leaf(L, k, c, kh, kh, seed=12, device=device, dtype=dtype), _leaf(L, k, o, seed=13, device=device, dtype=dtype)
     H, N, D, m = 2, 5, 4, 6
-    omega = torch.randn(H, m, D, generator=gen(14), dtype=dtype).to(device)
+    omega = _rand(H, m, D, seed=14, device=device, dtype=dtype)
     q, kk, v = (_leaf(1, H, N, D, seed=s, device=device, dtype=dtype) for s in (15, 16, 17))
     mask = torch.tensor([[True, True, False, True, True]], device=device)
     return {

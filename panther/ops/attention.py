@@ -27,7 +27,7 @@ from torch.library import triton_op
 
 from panther.kernels.performer import reference as ref
 
-from ._transforms import under_transform
+from ._transforms import creating_graph, under_transform
 
 _TRITON_MODULE = "panther.kernels.performer.triton"
 
@@ -168,7 +168,7 @@ def _grads(ctx, dq, dk, dv) -> tuple:
 
 def _backward(ctx, grad):
     q, k, v, omega, key_mask = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (plain torch math)
+    if creating_graph():  # create_graph=True: a differentiable backward (plain torch math)
         dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
     else:
         dq, dk, dv = torch.ops.panther.performer_attention_backward(
@@ -187,7 +187,7 @@ def _setup_train(ctx, inputs, output):
 
 def _backward_train(ctx, grad, _grad_stats):
     q, k, v, omega, key_mask, out, stats = ctx.saved_tensors
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (plain torch math)
+    if creating_graph():  # create_graph=True: a differentiable backward (plain torch math)
         dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
     else:
         dq, dk, dv = torch.ops.panther.performer_attention_backward(
@@ -223,7 +223,7 @@ class _EagerPerformer(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         q, k, v, omega, key_mask, out, stats = ctx.saved_tensors
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (plain torch math)
+        if creating_graph():  # create_graph=True: a differentiable backward (plain torch math)
             dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
         else:
             dq, dk, dv = _backward_impl(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats)

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.library import triton_op
 
 from .linear import _empty
-from ._transforms import under_transform
+from ._transforms import creating_graph, under_transform
 
 
 def _stage1_weight(S1s: Tensor, U2s: Tensor) -> Tensor:
@@ -150,7 +150,7 @@ def _skconv2d_bwd(ctx, grad):
     nx, nS1, nS2, _, _, nb = ctx.needs_input_grad[:6]
     nb = bool(nb and ctx.has_bias)
     # create_graph=True: the backward must be differentiable itself, so not behind the op.
-    bwd = _skconv2d_backward_impl if torch.is_grad_enabled() else torch.ops.panther.skconv2d_backward
+    bwd = _skconv2d_backward_impl if creating_graph() else torch.ops.panther.skconv2d_backward
     dx, dS1s, dS2s, db = bwd(grad, x, S1s, S2s, U1s, U2s, ctx.stride, ctx.padding, nx, nS1 or nS2, nb)
     return (
         dx if nx else None,

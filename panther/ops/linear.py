@@ -24,7 +24,7 @@ from torch.library import triton_op
 
 from panther.kernels.lowrank_linear import reference as ref
 
-from ._transforms import under_transform
+from ._transforms import creating_graph, under_transform
 
 try:  # triton comes with torch's CUDA wheels; a CPU-only install may lack it
     from panther.kernels.lowrank_linear import triton as tk
@@ -141,7 +141,7 @@ def _sklinear_setup(ctx, inputs, output):
 def _sklinear_bwd(ctx, grad, *_):
     x, S1s, S2s, U1s, U2s, h = ctx.saved_tensors
     nx, nS1, nS2, _, _, nb = ctx.needs_input_grad
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see _double)
+    if creating_graph():  # create_graph=True: a differentiable backward (see _double)
         dx, dS1s, dS2s, db = _double(ref.sklinear_backward(_flat(grad), _flat(x), S1s, S2s, U1s, U2s, nx, nS1 or nS2, bool(nb and ctx.has_bias), None), x)
     else:
         dx, dS1s, dS2s, db = torch.ops.panther.sklinear_backward(
@@ -229,7 +229,7 @@ def _lowrank_bwd(ctx, grad, *_):
     x, A, B, h = ctx.saved_tensors
     nx, nA, nB, nb, _ = ctx.needs_input_grad
     nb = bool(nb and ctx.has_bias)
-    if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see _double)
+    if creating_graph():  # create_graph=True: a differentiable backward (see _double)
         dx, dA, dB, db = _double(ref.lowrank_backward(_flat(grad), _flat(x), A, B, ctx.scale, nx, nA, nB, nb, None), x)
     else:
         dx, dA, dB, db = torch.ops.panther.lowrank_linear_backward(grad, x, A, B, ctx.scale, nx, nA, nB, nb, h)
@@ -273,7 +273,7 @@ class _EagerLowRank(torch.autograd.Function):
         nx, nb = ctx.needs_input_grad[1], bool(ctx.needs_input_grad[3] and ctx.has_bias)
         nw = ctx.needs_input_grad[4:]
         impl = _impl(x, grad, *w)
-        if torch.is_grad_enabled():  # create_graph=True: a differentiable backward (see _double)
+        if creating_graph():  # create_graph=True: a differentiable backward (see _double)
             impl, h = ref, None
         g2, x2 = _flat(grad), _flat(x)
         if ctx.kind == "sk":  # w = (S1s, S2s, U1s, U2s): gradients for S1s, S2s only
