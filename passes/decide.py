@@ -34,6 +34,8 @@ import fnmatch
 import logging
 import warnings
 
+import torch
+
 from .counters import counters
 from .calibrate import choose_rank, data_aware_damping, gram_root, prefix_errors, svd_errors
 from .cost import at_example
@@ -107,7 +109,9 @@ def _keep_needed_stats(cand: Candidate) -> None:
             keep.update(root=keep.get("root", stats.get("root")), mean=stats["sum"] / stats["rows"])
             if keep["root"] is None:
                 keep["root"] = gram_root(stats)
-    cand.stats = keep
+    # Kept in host memory: an in×in float64 matrix per layer (~1 GB at in = 11008) would crowd the
+    # GPU for the life of the compiled model, and it is read only when a weight changes.
+    cand.stats = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in keep.items()}
 
 
 def _screen_one(ctx, cand: Candidate) -> None:
