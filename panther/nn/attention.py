@@ -192,9 +192,16 @@ class RandMultiHeadAttention(nn.Module):
         self.register_buffer(
             "omega", torch.empty(self.num_heads, self.num_random_features, feature_dim, dtype=like.dtype, device=like.device)
         )
+        self.reset_parameters(generator)
+        self.register_load_state_dict_post_hook(_refresh_after_load)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Initialize the projections as ``nn.MultiheadAttention`` does and draw a fresh ``omega``,
+        as a new layer does: e.g. after ``to_empty`` on a layer built on the meta device. An
+        ``SRPE`` module is its own (``sinSRPE.reset_parameters``)."""
+        check_generator(generator)
         self._reset_parameters(generator)
         self.redraw_features(generator)
-        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def _reset_parameters(self, generator: torch.Generator | None) -> None:
         """Initialize as ``nn.MultiheadAttention`` does: xavier-uniform inputs, zero biases."""
@@ -221,6 +228,9 @@ class RandMultiHeadAttention(nn.Module):
         from panther.kernels.performer.reference import causal_key_shift
 
         omega = self.omega
+        if omega.is_meta:  # no values yet: computed at the first call after materialization
+            self._causal_shift = None
+            return
         key = None if omega.is_inference() else (omega._version, omega.data_ptr())
         self._causal_shift = (key, float(causal_key_shift(omega).max()))
 
@@ -243,6 +253,8 @@ class RandMultiHeadAttention(nn.Module):
             and cached[0] != (omega._version, omega.data_ptr())
         ):
             self._refresh_causal_shift()
+        if self._causal_shift is None:  # meta tensors: nothing to check
+            return
         shift = self._causal_shift[1]
         limit = causal_shift_limit(omega.dtype)
         if shift > limit:

@@ -142,6 +142,27 @@ class SKConv2d(nn.Module):
         device = torch.device(device)
         warn_budget("SKConv2d", L, k, n_in, n_out)
 
+        factory = {"device": device, "dtype": dtype}
+        self.S1s = nn.Parameter(torch.empty(L, k, C, kh, kw, **factory))
+        self.S2s = nn.Parameter(torch.empty(L, k, n_out, **factory))
+        if bias:
+            self.bias = nn.Parameter(torch.empty(n_out, **factory))
+        else:
+            self.register_parameter("bias", None)
+        self.register_buffer("U1s", torch.empty(L, k, n_out, **factory))
+        self.register_buffer("U2s", torch.empty(L, k, C, kh, kw, **factory))
+        self._draw(W_init, generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw everything again as a fresh layer does (Kaiming-uniform dense kernel, its bias,
+        new sign sketches), in place: e.g. after ``to_empty`` on a layer built on the meta device."""
+        self._draw(None, check_generator(generator))
+
+    @torch.no_grad()
+    def _draw(self, W_init: Tensor | None, generator: torch.Generator | None) -> None:
+        device, dtype = self.S1s.device, self.S1s.dtype
+        L, k, C, kh, kw = self.S1s.shape
+        n_out, n_in = self.out_channels, C * kh * kw
         # Draws happen on the generator's device, else on the target device's global RNG (as
         # SKLinear and panther.sketch do). The sketches are formed in at least fp32 from the sign
         # matrices as rounded to the parameter dtype.
@@ -152,24 +173,17 @@ class SKConv2d(nn.Module):
             nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
         else:
             W = W_init.detach()
-        b = None
-        if bias:
+        if self.bias is not None:
             bound = 1.0 / math.sqrt(n_in)
-            b = torch.empty(n_out, dtype=work, device=rng_device).uniform_(-bound, bound, generator=generator)
+            self.bias.copy_(torch.empty(n_out, dtype=work, device=rng_device).uniform_(-bound, bound, generator=generator))
         U1 = sign_matrix(k, n_out, num=L, generator=generator, device=device, dtype=dtype)  # (L, k, out)
         U2 = sign_matrix(k, n_in, num=L, generator=generator, device=device, dtype=dtype)  # (L, k, C·kh·kw)
 
         Wf = W.to(device=device, dtype=work).reshape(n_out, n_in)
-        S1 = U1.to(work) @ Wf  # (L, k, n_in): S1ᵢᵀ = U1ᵢ·W
-        S2 = U2.to(work) @ Wf.t()  # (L, k, out): S2ᵢ = U2ᵢᵀ·Wt
-        self.S1s = nn.Parameter(S1.reshape(L, k, C, kh, kw).to(dtype))
-        self.S2s = nn.Parameter(S2.to(dtype))
-        if b is not None:
-            self.bias = nn.Parameter(b.to(device=device, dtype=dtype))
-        else:
-            self.register_parameter("bias", None)
-        self.register_buffer("U1s", U1)
-        self.register_buffer("U2s", U2.reshape(L, k, C, kh, kw))
+        self.S1s.copy_((U1.to(work) @ Wf).reshape(L, k, C, kh, kw))  # S1ᵢᵀ = U1ᵢ·W
+        self.S2s.copy_(U2.to(work) @ Wf.t())  # (L, k, out): S2ᵢ = U2ᵢᵀ·Wt
+        self.U1s.copy_(U1)
+        self.U2s.copy_(U2.reshape(L, k, C, kh, kw))
 
     @classmethod
     def from_conv2d(

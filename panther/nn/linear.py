@@ -92,30 +92,40 @@ class SKLinear(nn.Module):
         warn_budget(type(self).__name__, num_terms, low_rank, in_features, out_features)
 
         factory = {"device": device, "dtype": dtype}
-        param_dtype = dtype if dtype is not None else torch.get_default_dtype()
+        L, k = self.num_terms, self.low_rank
+        self.S1s = nn.Parameter(torch.empty(L, in_features, k, **factory))
+        self.S2s = nn.Parameter(torch.empty(L, k, out_features, **factory))
+        self.register_buffer("U1s", torch.empty(L, k, out_features, **factory))
+        self.register_buffer("U2s", torch.empty(L, in_features, k, **factory))
+        self.bias = nn.Parameter(torch.empty(out_features, **factory)) if bias else None
+        self._draw(W_init, generator)
+
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw everything again as a fresh layer does (Kaiming-uniform dense weight, its bias,
+        new sign sketches), in place: e.g. after ``to_empty`` on a layer built on the meta device."""
+        self._draw(None, check_generator(generator))
+
+    @torch.no_grad()
+    def _draw(self, W_init: Tensor | None, generator: torch.Generator | None) -> None:
+        device, param_dtype = self.S1s.device, self.S1s.dtype
         # Sketch in at least fp32 so that low-precision layers start from well-rounded factors.
         work = torch.float64 if param_dtype == torch.float64 else torch.float32
-        L, k = self.num_terms, self.low_rank
+        L, k, n_in, n_out = self.num_terms, self.low_rank, self.in_features, self.out_features
         if W_init is None:
-            W = torch.empty(out_features, in_features, device=device, dtype=work)
+            W = torch.empty(n_out, n_in, device=device, dtype=work)
             nn.init.kaiming_uniform_(W, a=math.sqrt(5), generator=generator)
         else:
             W = W_init.detach().to(device=device, dtype=work)
-        b = None
-        if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            b = torch.empty(out_features, device=device, dtype=work).uniform_(-bound, bound, generator=generator)
-        U1s = sign_matrix(k, out_features, num=L, generator=generator, device=device, dtype=work)
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(n_in)
+            self.bias.copy_(torch.empty(n_out, device=device, dtype=work).uniform_(-bound, bound, generator=generator))
+        U1s = sign_matrix(k, n_out, num=L, generator=generator, device=device, dtype=work)
         # U2ᵢ is (in × k) with the same ±1/√k entries: draw (k × in) and transpose.
-        U2s = sign_matrix(k, in_features, num=L, generator=generator, device=device, dtype=work).transpose(1, 2).contiguous()
-        S1s = torch.einsum("oi,lko->lik", W, U1s)  # Wᵀ·U1ᵢᵀ
-        S2s = torch.einsum("lik,oi->lko", U2s, W)  # U2ᵢᵀ·Wᵀ
-
-        self.S1s = nn.Parameter(S1s.to(**factory))
-        self.S2s = nn.Parameter(S2s.to(**factory))
-        self.register_buffer("U1s", U1s.to(**factory))
-        self.register_buffer("U2s", U2s.to(**factory))
-        self.bias = nn.Parameter(b.to(**factory)) if b is not None else None
+        U2s = sign_matrix(k, n_in, num=L, generator=generator, device=device, dtype=work).transpose(1, 2).contiguous()
+        self.S1s.copy_(torch.einsum("oi,lko->lik", W, U1s))  # Wᵀ·U1ᵢᵀ
+        self.S2s.copy_(torch.einsum("lik,oi->lko", U2s, W))  # U2ᵢᵀ·Wᵀ
+        self.U1s.copy_(U1s)
+        self.U2s.copy_(U2s)
 
     @classmethod
     def from_linear(

@@ -104,17 +104,28 @@ class LowRankLinear(nn.Module):
         check_dtype(dtype)
         check_generator(generator)
         factory = {"dtype": dtype, "device": device}
-        At = torch.empty(rank, in_features, **factory)
-        Bt = torch.empty(out_features, rank, **factory)
-        nn.init.kaiming_uniform_(At, a=math.sqrt(5), generator=generator)
-        nn.init.kaiming_uniform_(Bt, a=math.sqrt(5), generator=generator)
-        self.A = nn.Parameter(At.t().contiguous())
-        self.B = nn.Parameter(Bt.t().contiguous())
+        self.A = nn.Parameter(torch.empty(in_features, rank, **factory))
+        self.B = nn.Parameter(torch.empty(rank, out_features, **factory))
         if bias:
-            bound = 1.0 / math.sqrt(in_features)
-            self.bias = nn.Parameter(torch.empty(out_features, **factory).uniform_(-bound, bound, generator=generator))
+            self.bias = nn.Parameter(torch.empty(out_features, **factory))
         else:
             self.register_parameter("bias", None)
+        self.reset_parameters(generator)
+
+    @torch.no_grad()
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Draw A, B (Kaiming-uniform, each as an ``nn.Linear`` weight of its shape) and the bias
+        again, in place: e.g. after ``to_empty`` on a layer built on the meta device."""
+        check_generator(generator)
+        At = torch.empty(self.rank, self.in_features, dtype=self.A.dtype, device=self.A.device)
+        Bt = torch.empty(self.out_features, self.rank, dtype=self.B.dtype, device=self.B.device)
+        nn.init.kaiming_uniform_(At, a=math.sqrt(5), generator=generator)
+        nn.init.kaiming_uniform_(Bt, a=math.sqrt(5), generator=generator)
+        self.A.copy_(At.t())
+        self.B.copy_(Bt.t())
+        if self.bias is not None:
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.bias.uniform_(-bound, bound, generator=generator)
 
     @classmethod
     def from_factors(cls, A: Tensor, B: Tensor, bias: Tensor | None = None) -> LowRankLinear:

@@ -108,18 +108,20 @@ class sinSRPE(nn.Module):
         self.gains = nn.Parameter(torch.empty(H, D, S, **factory))
         self.register_buffer("Z1", torch.empty(H, D, S, R, **factory))
         self.register_buffer("Z2", torch.empty(H, D, S, R, **factory))
-        self.reset_parameters()
-        self.redraw(generator)
+        self.reset_parameters(generator)
 
     @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """Frequencies log-spaced in [1e-4, 0.5] (dimension d takes every D-th), phases 0, gains 1/√S."""
+    def reset_parameters(self, generator: torch.Generator | None = None) -> None:
+        """Frequencies log-spaced in [1e-4, 0.5] (dimension d takes every D-th), phases 0, gains
+        1/√S, and fresh ``Z1, Z2`` (:meth:`redraw`): everything a new module starts from, e.g.
+        after ``to_empty`` on a module built on the meta device."""
         H, D, S = self.frequencies.shape
         exps = torch.linspace(0.0, 1.0, D * S, dtype=torch.float64)
         f = _F_MIN * (_F_MAX / _F_MIN) ** exps  # index s·D + d: each d spans the whole range
         self.frequencies.copy_(f.view(S, D).T.expand(H, D, S))
         self.phases.zero_()
         self.gains.fill_(1.0 / math.sqrt(S))
+        self.redraw(generator)
 
     @torch.no_grad()
     def redraw(self, generator: torch.Generator | None = None) -> None:
