@@ -36,13 +36,14 @@ Example::
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from panther.options import PantherOptions
-from panther.passes.stamp import watch_weight, weight_stamp
+from panther.passes.stamp import step_epoch, watch_weight, weight_stamp
 
 __all__ = ["panther_backend", "PantherCompiled", "StaleWeightError"]
 
@@ -97,6 +98,7 @@ class PantherCompiled:
         self._source_gm = gm
         self._example_inputs = list(example_inputs)
         self._tracing_context = torch._guards.TracingContext.try_get()
+        self._grad_enabled = torch.is_grad_enabled()  # the mode Dynamo captured (and guards on)
         self._build(gm, example_inputs, _graph_name())
 
     def _build(self, gm: fx.GraphModule, example_inputs: list[Any], name: str) -> None:
@@ -132,7 +134,14 @@ class PantherCompiled:
             weight = self._ctx.inputs.example_inputs[c.weight_index]
             watch_weight(weight)
             self._stamps[id(c)] = weight_stamp(weight)
+        self._set_fast_checks()
         self._freeze = self._wants_freezing()
+
+    def _set_fast_checks(self) -> None:
+        # The per-call check: (input index, _version, data_ptr) per watched weight, and the
+        # optimizer-step epoch (steps are looked up only when it moved).
+        self._fast = [(c.weight_index, *self._stamps[id(c)][:2]) for c in self._watch]
+        self._epoch = step_epoch()
 
     def _fall_back_dense(self, gm: fx.GraphModule, why: str) -> None:
         """Leave every layer of this graph dense (the rewritten graph could not be lowered)."""
@@ -179,10 +188,17 @@ class PantherCompiled:
     # -- calls -------------------------------------------------------------------------------
 
     def __call__(self, *args: Any) -> Any:
-        for cand in self._watch:
-            if weight_stamp(args[cand.weight_index]) != self._stamps[id(cand)]:
+        for i, version, ptr in self._fast:
+            w = args[i]
+            if w._version != version or w.data_ptr() != ptr:
                 self._stale(args)
                 break
+        else:
+            if self._epoch != step_epoch():
+                if any(weight_stamp(args[c.weight_index]) != self._stamps[id(c)] for c in self._watch):
+                    self._stale(args)
+                else:
+                    self._epoch = step_epoch()
         return self._compiled(*args)
 
     def _stale(self, args: tuple) -> None:
@@ -196,21 +212,26 @@ class PantherCompiled:
             )
         from panther.passes.kinds import kind_module
 
+        tol = self._ctx.options.effective_tolerance()
         with torch.no_grad():
             for cand in changed:
                 weight = args[cand.weight_index]
                 kind_module(cand.kind).factorize(self._ctx, cand, weight)
                 err = self._refresh_error(cand, weight, args)
-                tol = self._ctx.options.effective_tolerance()
                 if err is not None and tol is not None and err > tol:
-                    log.info("panther: %s no longer meets tolerance %s at rank %d (error %.3g); compiling %s again",
-                             cand.label, tol, cand.rank, err, self.report.graph)
-                    self._rebuild(args)
-                    return
+                    log.info("panther: %s does not meet tolerance %s at rank %d after the change (error %.3g); "
+                             "compiling %s again", cand.label, tol, cand.rank, err, self.report.graph)
+                    break
                 for key, buf_name in cand.attrs["buffers"].items():
                     self.graph_module.get_buffer(buf_name).copy_(cand.factors[key])
                 cand.weight_version = weight._version
                 self._stamps[id(cand)] = weight_stamp(weight)
+            else:
+                err = None
+        if err is not None and tol is not None and err > tol:
+            self._rebuild(args)  # (outside no_grad: the graph is built in the mode it was captured in)
+            return
+        self._set_fast_checks()
         log.info("panther: refreshed the factors of %s (weights changed after compilation)", names)
         if self._freeze:
             # Frozen factors are constants of the compiled code: compile again with the new ones.
@@ -226,8 +247,13 @@ class PantherCompiled:
         if "mean" not in cand.stats:
             return None
         kind = kind_module(cand.kind)
-        bias_index = self._ctx.inputs.index(cand.inputs.get("bias"))
-        bias = args[bias_index] if bias_index is not None else None
+        bias_node = cand.inputs.get("bias")
+        bias = None
+        if bias_node is not None:
+            bias_index = self._ctx.inputs.index(bias_node)
+            if bias_index is None:
+                return math.inf  # a bias computed in the graph (a slice, a sum): only a rebuild can measure it
+            bias = args[bias_index]
         A, B = kind.factors_to_ab(cand)
         return metric_error(cand.stats, kind.dense_weight(self._ctx, cand, weight), A, B, bias)
 
@@ -237,5 +263,5 @@ class PantherCompiled:
         for cand in self._watch:
             examples[cand.weight_index] = args[cand.weight_index]
         self._example_inputs = examples
-        with torch._guards.tracing(self._tracing_context):
+        with torch._guards.tracing(self._tracing_context), torch.set_grad_enabled(self._grad_enabled):
             self._build(self._source_gm, examples, self.report.graph)

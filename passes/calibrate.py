@@ -158,7 +158,9 @@ def metric_error(stats: dict[str, Any], W: Tensor, A: Tensor, B: Tensor, bias: T
     Per row, ‖X·Wᵀ + 1·bᵀ‖² / rows = ‖R·Wᵀ‖² + 2·meanᵀ·Wᵀ·b + ‖b‖², so a weight (and bias) that
     changed after calibration is measured on the same activations without keeping them.
     """
-    R, mean = stats["root"], stats["mean"]
+    # The summary is kept in host memory; measure on the weight's device (two in×in×out products).
+    R = stats["root"].to(W.device)
+    mean = stats["mean"].to(R)
     Wt = W.detach().to(R).t()
     num_sq = (R @ (Wt - A.detach().to(R) @ B.detach().to(R))).square().sum()
     den_sq = (R @ Wt).square().sum()

@@ -235,8 +235,8 @@ def _calibrate_rank(ctx, cand: Candidate, kind, tol: float) -> None:
     # while it still meets the tolerance on them.
     key = ("calibrated", cand.kind, repr(cand.attrs.get("row_slice")), cand.attrs.get("layout"), cand.method, tol, R, seed, cand.name)
 
-    def still_fits(choice) -> bool:
-        return choice.rank is None or float(prefix_errors(cand.stats, W, choice.A, choice.B)[-1]) <= tol
+    def still_fits(choice) -> bool:  # (a cached "no rank fits" is tried again: these inputs may allow one)
+        return choice.rank is not None and float(prefix_errors(cand.stats, W, choice.A, choice.B)[-1]) <= tol
 
     choice = cached_factors(owner, key, lambda: choose_rank(W, cand.stats, cand.method, tol, R, seed, cand.stats.get("root")), still_fits)
     cand.calibration = {"tolerance": tol, "max_rank": choice.max_rank, "errors": [round(e, 6) for e in choice.errors]}

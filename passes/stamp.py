@@ -17,20 +17,30 @@ from typing import Any
 
 import torch
 
-__all__ = ["watch_weight", "weight_stamp"]
+__all__ = ["watch_weight", "weight_stamp", "step_epoch"]
 
-# id(watched weight) -> optimizer steps that held it.
+# id(watched weight) -> optimizer steps that updated it.
 _STEPS: dict[int, int] = {}
+# Bumped whenever a step updates any watched weight: callers compare it before looking up steps.
+_EPOCH = 0
 _STEP_HOOK = None
 
 
 def _count_steps(optimizer: Any, args: Any, kwargs: Any) -> None:
+    global _EPOCH
     if not _STEPS:
         return
     for group in optimizer.param_groups:
         for p in group["params"]:
-            if id(p) in _STEPS:
+            # torch.optim skips parameters without a gradient: a frozen weight is not updated.
+            if p.grad is not None and id(p) in _STEPS:
                 _STEPS[id(p)] += 1
+                _EPOCH += 1
+
+
+def step_epoch() -> int:
+    """A counter that changes whenever an optimizer step updates some watched weight."""
+    return _EPOCH
 
 
 def watch_weight(weight: torch.Tensor) -> None:

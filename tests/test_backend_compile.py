@@ -242,6 +242,78 @@ def test_refresh_that_misses_the_tolerance_compiles_again(fresh_dynamo):
     assert cand.decision == "dense" or cand.rank > 8
 
 
+def test_a_rebuild_keeps_the_graph_trainable(fresh_dynamo):
+    """A frozen, rewritten layer under a trainable head, compiled with grad enabled: the graph
+    compiled again after the frozen weight changed still trains the head."""
+    torch.manual_seed(0)
+    frozen, head = torch.nn.Linear(256, 256), torch.nn.Linear(256, 4)
+    model = torch.nn.Sequential(frozen, head)
+    with torch.no_grad():
+        frozen.weight.copy_(torch.randn(256, 8) @ torch.randn(8, 256) / 45)  # rank 8
+    frozen.requires_grad_(False)
+    compiled, made = compile_panther(model, min_params=0)
+    x = torch.randn(64, 256)
+    compiled(x).sum().backward()
+    assert [c.path for c in made[0].report.rewritten] == ["0"]
+    head.weight.grad = None
+    with torch.no_grad():
+        frozen.weight.copy_(torch.randn(256, 256) / 16)  # full rank: rank 8 misses the tolerance
+    y = compiled(x)
+    assert y.requires_grad and made[0]._ctx.grad_enabled
+    y.sum().backward()
+    assert head.weight.grad is not None
+    assert rel_err(y, model(x)) <= 0.05 * (1 + 1e-3)
+
+
+def test_an_optimizer_step_that_skips_a_frozen_weight_leaves_it_fresh(fresh_dynamo):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128), torch.nn.GELU(), torch.nn.Linear(128, 4))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(128, 8) @ torch.randn(8, 128) / 30)
+    model[0].requires_grad_(False)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # all parameters: the frozen ones get no grad
+    compiled, made = compile_panther(model, min_params=0, on_stale="raise")
+    x = torch.randn(32, 128)
+    compiled(x).square().mean().backward()
+    assert [c.path for c in made[0].report.rewritten] == ["0"]
+    opt.step()
+    compiled(x)  # the frozen weight did not change: no StaleWeightError
+    with torch.no_grad():
+        model[0].weight.mul_(2.0)
+    with pytest.raises(StaleWeightError):
+        compiled(x)
+
+
+def test_refresh_check_with_a_bias_computed_in_the_graph(fresh_dynamo):
+    """A sliced bias (b[:E], beside the sliced weight) is not a graph input: the refresh cannot
+    measure the error against it, so the graph is calibrated again rather than trusted."""
+    torch.manual_seed(0)
+    E = 64
+
+    class Sliced(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(3 * E, E))
+            self.b = torch.nn.Parameter(torch.zeros(3 * E))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.w[:E], self.b[:E])
+
+    model = Sliced().eval()
+    mean = torch.randn(E) * 3
+    X = mean + 0.3 * torch.randn(512, E)  # a large mean row, which the bias cancels
+    with torch.no_grad():
+        model.w[:E] = torch.randn(E, 8) @ torch.randn(8, E) / 8
+        model.b[:E] = -(model.w[:E] @ mean)
+    compiled, made = compile_panther(model, min_params=0)
+    with torch.no_grad():
+        compiled(X)
+        assert made[0].report.rewritten
+        model.w[:E] += 0.04 * torch.randn(E, E)
+        y, dense = compiled(X), model(X)
+    assert rel_err(y, dense) <= 0.05 * (1 + 1e-3)  # the bias-free check (0.0099) let 0.064 through
+
+
 def test_dynamic_shapes():
     model = fresh_mlp()
     compiled, made = compile_panther(model, min_params=0, measure_error=False)

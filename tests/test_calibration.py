@@ -250,6 +250,21 @@ def test_recompile_on_inputs_the_cached_factors_miss_calibrates_again():
     assert recalibrated >= 1  # the case under test happened
 
 
+def test_a_cached_no_rank_fits_is_tried_again_on_new_inputs():
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 128)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(128, 128) / 11)  # a flat spectrum
+    model = nn.Sequential(lin).eval()
+    Q = torch.linalg.qr(torch.randn(128, 128)).Q
+    with torch.no_grad():
+        (first,) = passes_in_backend(model, torch.randn(256, 128), options={"min_params": 0})  # every direction
+        (second,) = passes_in_backend(model, torch.randn(100, 4) @ Q[:, :4].t(), options={"min_params": 0})  # 4 of them
+    a, b = first[0].candidates[0], second[0].candidates[0]
+    assert (a.decision, a.reason_code) == ("dense", "tolerance")
+    assert b.decision == "rewrite" and b.rank <= 4
+
+
 def test_a_shared_weight_is_calibrated_per_call_site():
     class Tied(nn.Module):
         def __init__(self):
