@@ -18,7 +18,7 @@ captures it
    GEMMs use Inductor's C++ GEMM template);
 5. returns a callable that checks, on every call, that no rewritten weight changed since its
    factors were computed: its in-place version (``_version``), its storage (``.data =``,
-   ``vector_to_parameters``, a swapped Parameter) and the optimizer steps that held it (fused
+   ``vector_to_parameters``, a swapped Parameter) and the optimizer steps that updated it (fused
    optimizers do not bump ``_version``). It refreshes them or raises (``on_stale``), never
    serving stale factors. A refresh keeps the rank while the new weight still meets the
    tolerance on the recorded activations; otherwise the graph is compiled again, calibrated on

@@ -5,8 +5,9 @@ A weight's factors are cached (:func:`.factorize.cached_factors`) and served by 
 from. The stamp is the in-place version (``_version``: ``copy_``, ``mul_``, ``load_state_dict``,
 optimizers with ``foreach``), the storage (``.data =``, ``vector_to_parameters``, a swapped
 Parameter) and the optimizer steps that held the weight: fused optimizers (``Adam(fused=True)``)
-update parameters without bumping ``_version``, so steps of any optimizer over a watched weight
-are counted by a global step post-hook (installed by the first :func:`watch_weight`). Writes
+update parameters without bumping ``_version``, so the steps of any optimizer that update a
+watched weight (it has a gradient; torch.optim skips the others) are counted by a global step
+post-hook (installed by the first :func:`watch_weight`). Writes
 through ``weight.data`` (``w.data.copy_(...)``) are invisible, as they are to autograd.
 """
 
