@@ -112,10 +112,16 @@ def convert(
     Returns:
         :class:`panther.passes.Report`: one row per layer (rank, method, measured error, error
         of the truncated SVD at that rank, predicted speedup, reason); rows of converted layers
-        carry ``attrs["converted_to"]``, the replacement's class name.
+        carry ``attrs["converted_to"]``, the replacement's class name. With example inputs,
+        ``output_error`` is the converted model's, end to end, against its outputs before.
+
+    Replacements keep the replaced module's training flag and its weights' and bias's
+    ``requires_grad``; a module reachable under several names (tied) is converted once and
+    stays tied. The global RNG is left as it was.
 
     Raises:
-        TypeError: ``model`` is not an ``nn.Module`` or ``filter_fn`` is not callable.
+        TypeError: ``model`` is not an ``nn.Module``, ``filter_fn`` is not callable, or
+            ``example_kwargs`` is not a dict.
         ValueError: malformed options; an explicit ``tolerance`` without example inputs.
 
     Example::
@@ -135,47 +141,55 @@ def convert(
             f"convert swaps submodules in place and cannot replace the root {type(model).__name__}: "
             "wrap it, e.g. nn.Sequential(layer)"
         )
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword inputs or None, got {type(example_kwargs).__name__}")
     opts = PantherOptions.from_dict(options, rewrite_trainable=True)
-    if not example_inputs and opts.tolerance not in ("auto", None):
+    has_inputs = bool(example_inputs) or bool(example_kwargs)
+    if not has_inputs and opts.tolerance not in ("auto", None):
         raise ValueError(
             f"tolerance={opts.tolerance} is calibrated on example inputs: call "
             "panther.convert(model, *example_inputs, tolerance=...), or pass tolerance=None"
         )
     sites = list(_walk(model))
-    if example_inputs:
-        report = _decide_on_graph(model, example_inputs, example_kwargs, opts)
-    else:
-        report = _decide_per_module(sites, opts)
+    dense_out = None
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # deciding never moves the caller's RNG
+        if has_inputs:
+            report = _decide_on_graph(model, example_inputs, example_kwargs, opts)
+            if opts.measure_error:
+                dense_out = _run(model, example_inputs, example_kwargs)
+        else:
+            report = _decide_per_module(sites, opts)
     by_path: dict[str, list] = {}
     for c in report.candidates:
         by_path.setdefault(c.path, []).append(c)
     ctx = ConvertContext(opts, by_path)
     claimed: set[int] = set()
     replaced: set[str] = set()
-    for parent, name, fqn, module in sites:
-        mine = _candidates_of(fqn, by_path)
-        claimed.update(id(c) for c in mine)
-        if filter_fn is not None and not filter_fn(module, fqn):
-            for c in mine:
-                c.dense("filtered", "filter_fn returned False for this module")
-            continue
-        try:
-            new = HANDLERS[type(module)](module, fqn, ctx)
-        except Exception as e:
-            if opts.strict:
-                raise
+    # A module reachable under several names (tied) is converted once, from the candidates of
+    # all its names (the report names it by one of them), and swapped under each.
+    groups: dict[int, list] = {}
+    for site in sites:
+        groups.setdefault(id(site[3]), []).append(site)
+    with torch.random.fork_rng(devices=cuda):  # the new layers' initial draws are overwritten: leave the RNG
+        for group in groups.values():
+            module = group[0][3]
+            mine = [c for site in group for c in _candidates_of(site[2], by_path)]
+            claimed.update(id(c) for c in mine)
+            primary = next((site[2] for site in group if _candidates_of(site[2], by_path)), group[0][2])
+            new, code, reason = _convert_one(module, primary, ctx, filter_fn, opts)
+            if code is not None:
+                for c in mine:
+                    if code == "filtered" or c.decision == "rewrite":
+                        c.dense(code, reason)
+            if new is None:
+                continue
+            for parent, name, fqn, _ in group:
+                setattr(parent, name, new)
+                replaced.add(fqn)
             for c in mine:
                 if c.decision == "rewrite":
-                    c.dense("convert", f"conversion failed: {type(e).__name__}: {e}")
-            log.warning("panther.convert: %s left dense: %s: %s", fqn, type(e).__name__, e)
-            continue
-        if new is None:
-            continue
-        setattr(parent, name, new)
-        replaced.add(fqn)
-        for c in mine:
-            if c.decision == "rewrite":
-                c.attrs.setdefault("converted_to", type(new).__name__)
+                    c.attrs.setdefault("converted_to", type(new).__name__)
     _no_fused_fast_paths(model, replaced, report)
     for c in report.candidates:
         if id(c) not in claimed and c.decision == "rewrite":
@@ -185,7 +199,48 @@ def convert(
                 "swaps modules (torch.compile(backend='panther') rewrites it)",
             )
     report.notes.append(f"panther.convert replaced {len(replaced)} module(s)")
+    if dense_out is not None:
+        # The converted model end to end, against its outputs before (whatever stayed dense).
+        from panther.passes.measure import rel_err
+
+        report.output_error = rel_err(_run(model, example_inputs, example_kwargs), dense_out)
     return report
+
+
+def _run(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> Any:
+    """The model's outputs on the example inputs, in eval mode without grad, the RNG untouched."""
+    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
+    with _eval_no_grad(model), torch.random.fork_rng(devices=cuda):
+        return model(*example_inputs, **(example_kwargs or {}))
+
+
+def _convert_one(module: nn.Module, fqn: str, ctx: ConvertContext, filter_fn, opts: PantherOptions):
+    """(replacement or None, dense code, reason) for one module."""
+    if filter_fn is not None and not filter_fn(module, fqn):
+        return None, "filtered", "filter_fn returned False for this module"
+    try:
+        new = HANDLERS[type(module)](module, fqn, ctx)
+    except Exception as e:
+        if opts.strict:
+            raise
+        log.warning("panther.convert: %s left dense: %s: %s", fqn, type(e).__name__, e)
+        return None, "convert", f"conversion failed: {type(e).__name__}: {e}"
+    if new is not None:
+        _carry_state(module, new)
+    return new, None, None
+
+
+def _carry_state(old: nn.Module, new: nn.Module) -> None:
+    """Give the replacement the replaced module's mode and trainability: training flag (an eval
+    model stays in eval, dropout off), and ``requires_grad`` of its weights and of its biases."""
+    new.train(old.training)
+    flags = {"weight": False, "bias": False}
+    for n, p in old.named_parameters():
+        flags["bias" if n.endswith("bias") else "weight"] |= p.requires_grad
+    has_bias = any(n.endswith("bias") for n, _ in old.named_parameters())
+    for n, p in new.named_parameters():
+        is_bias = n.endswith("bias") and has_bias
+        p.requires_grad_(flags["bias"] if is_bias else flags["weight"])
 
 
 def _candidates_of(fqn: str, by_path: dict[str, list]) -> list:
@@ -218,7 +273,9 @@ def _no_fused_fast_paths(model: nn.Module, replaced: set[str], report) -> None:
 def _walk(root: nn.Module, prefix: str = ""):
     """(parent, attribute name, fqn, module) for every module with a handler, in tree order;
     the children of such a module are not visited (it is converted as a whole)."""
-    for name, child in root.named_children():
+    for name, child in root._modules.items():  # (not named_children: a module held twice counts twice)
+        if child is None:
+            continue
         fqn = f"{prefix}{name}"
         if type(child) in HANDLERS:
             yield root, name, fqn, child

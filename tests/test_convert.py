@@ -312,3 +312,79 @@ def test_docstring_examples():
     for name in ("panther.convert", "panther.nn.lowrank", "panther.passes.calibrate"):
         result = doctest.testmod(importlib.import_module(name), extraglobs={"torch": torch}, optionflags=doctest.ELLIPSIS)
         assert result.failed == 0, name
+
+
+# -- what the replacements inherit and what the report says about the converted model ------------
+
+
+def _rank8_mlp(seed: int = 0) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    model = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 16))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.randn(128, 8, generator=g) @ torch.randn(8, 128, generator=g) / 32)
+    return model
+
+
+def test_replacements_keep_eval_mode_and_frozen_weights():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.TransformerEncoderLayer(64, 4, dim_feedforward=128, dropout=0.1, batch_first=True)).eval()
+    x = torch.randn(2, 10, 64)
+    panther.convert(model, x, min_params=0, tolerance=None, num_random_features=32)
+    assert all(not m.training for m in model.modules())  # the new attention's dropout is off
+    with torch.no_grad():
+        assert torch.equal(model(x), model(x))
+    mlp = _rank8_mlp()
+    mlp[0].requires_grad_(False)
+    mlp[2].bias.requires_grad_(False)
+    panther.convert(mlp, torch.randn(32, 128), min_params=0, tolerance=None)
+    assert [type(m).__name__ for m in mlp] == ["LowRankLinear", "ReLU", "LowRankLinear"]
+    flags = {n: p.requires_grad for n, p in mlp.named_parameters()}
+    assert flags == {"0.A": False, "0.B": False, "0.bias": False, "2.A": True, "2.B": True, "2.bias": False}
+
+
+def test_a_module_used_twice_is_converted_once_and_stays_tied():
+    torch.manual_seed(0)
+    shared = nn.Linear(128, 128)
+    model = nn.Sequential(shared, nn.ReLU(), shared)
+    x = torch.randn(64, 128)
+    with torch.no_grad():
+        before = model(x)
+    report = panther.convert(model, x, min_params=0, tolerance=None)
+    assert type(model[0]).__name__ == "LowRankLinear" and model[0] is model[2]
+    with torch.no_grad():
+        assert report.output_error == pytest.approx(rel_err(model(x), before), rel=1e-6)
+
+
+def test_report_error_is_the_converted_models():
+    """Layers the passes would rewrite but that stay dense (filter_fn) do not count."""
+    model = _rank8_mlp()
+    x = torch.randn(32, 128)
+    report = panther.convert(model, x, min_params=0, tolerance=None, filter_fn=lambda m, fqn: False)
+    assert all(c.decision == "dense" for c in report.candidates)
+    assert report.output_error == 0.0
+
+
+def test_keyword_only_example_inputs_are_calibrated_on():
+    class Kw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = _rank8_mlp()
+
+        def forward(self, *, x):
+            return self.inner(x)
+
+    model = Kw()
+    report = panther.convert(model, example_kwargs={"x": torch.randn(64, 128)}, min_params=0)
+    first = next(c for c in report.candidates if c.path == "inner.0")
+    assert first.decision == "rewrite" and first.rank == 8 and first.measured_error <= 1e-4
+    with pytest.raises(TypeError, match="example_kwargs"):
+        panther.convert(_rank8_mlp(), example_kwargs=[1], min_params=0)
+
+
+@pytest.mark.parametrize("with_inputs", [True, False])
+def test_convert_leaves_the_global_rng_alone(with_inputs):
+    model = nn.Sequential(_rank8_mlp(), nn.MultiheadAttention(32, 4, batch_first=True))
+    args = (torch.randn(16, 128),) if with_inputs else ()
+    state = torch.get_rng_state()
+    panther.convert(model[0], *args, min_params=0, tolerance=None)
+    assert torch.equal(state, torch.get_rng_state())
