@@ -2,8 +2,9 @@
 
 Dynamo captures the model's graphs as ``torch.compile(model, backend="panther")`` would, and
 each graph goes through the same passes (find, decide, measure, rewrite) with the same
-options, but nothing is handed to Inductor: the model runs its dense graphs eagerly, once, on
-the example inputs. The dumps are written as the backend writes them when ``dump_dir`` (or
+options, but nothing is handed to Inductor: the call runs the rewritten graphs eagerly on the
+example inputs. With graph breaks the dense model then runs once more, so that
+``report.output_error`` is the model's error end to end (the global RNG is left as it was). The dumps are written as the backend writes them when ``dump_dir`` (or
 ``$PANTHER_DUMP_DIR``) is set.
 """
 
@@ -40,7 +41,8 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
         after, predicted speedup, the output error measured on the example inputs and, for
         comparison, that of the truncated SVD at the same rank; ``print(report)`` shows the
         summary table. With several graphs (graph breaks) the report holds them all;
-        ``report.graphs`` lists the per-graph reports.
+        ``report.graphs`` lists the per-graph reports, and ``output_error`` is the whole
+        model's, the rewritten graphs chained against the dense model.
 
     With the default ``tolerance="auto"`` (0.05), each layer gets the smallest rank whose output
     error on the example inputs is at most 5%, within ``rank_fraction`` of its parameters; a
@@ -77,7 +79,7 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
         ctx = run_passes(gm, inputs, opts, graph_name=_graph_name())
         dump.emit(gm, ctx)
         reports.append(ctx.report)
-        return gm.forward
+        return ctx.gm.forward  # the call then runs every rewritten graph: the end-to-end output
 
     # Dynamo keeps compiled entries on the code object it compiles. Compiling a fresh copy of
     # a tiny caller (which inlines the model) keeps explain's entries off the model's own code,
@@ -88,16 +90,30 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
     # Code after a graph break resumes in functions Dynamo shares across calls: lift the
     # recompile limits for this call only, so that repeated explains still see every graph.
     limits = {k: 1 << 20 for k in ("recompile_limit", "accumulated_recompile_limit") if hasattr(torch._dynamo.config, k)}
-    with torch._dynamo.config.patch(limits):
-        torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
+    cuda = sorted({t.device.index or 0 for t in _tensors(example_inputs, example_kwargs) if t.device.type == "cuda"})
+    with torch._dynamo.config.patch(limits), torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(0)
+        rewritten = torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
+        if len(reports) > 1 and opts.measure_error:
+            # Each graph's error is measured on its own inputs; with graph breaks the model's is
+            # the rewritten graphs chained, against the dense model (same RNG stream for both).
+            torch.manual_seed(0)
+            dense = model(*example_inputs, **(example_kwargs or {}))
     if len(reports) == 1:
         merged = reports[0]
     else:
+        from panther.passes.measure import rel_err
+
         merged = Report(graph="model", options=opts.to_dict())
         for r in reports:
             merged.candidates.extend(r.candidates)
             merged.notes.extend(r.notes)
-        errs = [r.output_error for r in reports if r.output_error is not None]
-        merged.output_error = max(errs) if errs else None
+        merged.output_error = rel_err(rewritten, dense) if opts.measure_error else None
     merged.graphs = reports
     return merged
+
+
+def _tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
+    from torch.utils import _pytree as pytree
+
+    return [t for t in pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]

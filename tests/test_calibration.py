@@ -375,3 +375,30 @@ def test_calibration_failure_is_a_note_not_an_error(monkeypatch):
         report = explain(structured_mlp(), correlated_inputs(64), min_params=0)
     assert any("cannot record" in n for n in report.notes)
     assert {c.method for c in report.rewritten} <= {"svd"}  # nothing recorded: weight-only rules
+
+
+def test_explain_with_graph_breaks_reports_the_whole_models_error():
+    class Broken(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 16)
+
+        def forward(self, x):
+            h = torch.relu(self.fc1(x))
+            torch._dynamo.graph_break()
+            return self.fc2(h)
+
+    torch.manual_seed(0)
+    model, x = Broken().eval(), correlated_inputs(128)
+    with torch.no_grad():
+        report = explain(model, x, min_params=0, tolerance=None)
+    assert len(report.graphs) == 2
+    f = {c.path: c.factors for c in report.candidates if c.decision == "rewrite"}
+    assert set(f) == {"fc1", "fc2"}
+    with torch.no_grad():  # the two low-rank layers composed by hand, in float64
+        xd = x.double()
+        h = torch.relu(xd @ f["fc1"]["A"].double() @ f["fc1"]["B"].double() + model.fc1.bias.double())
+        y = h @ f["fc2"]["A"].double() @ f["fc2"]["B"].double() + model.fc2.bias.double()
+        want = rel_err(y, model.double()(xd))
+    assert report.output_error == pytest.approx(want, rel=1e-4)
+    assert report.output_error > max(g.output_error for g in report.graphs)  # not a per-graph figure
