@@ -23,7 +23,7 @@ import math
 import torch
 from torch import Tensor
 
-from panther._validation import check_choice, check_int, check_tensor
+from panther._validation import check_choice, check_float, check_int, check_tensor
 from panther.sketch import GaussianSketch, sign_matrix
 
 METHODS = ("sketch", "svd", "rsvd", "data-aware")
@@ -133,8 +133,9 @@ def lowrank(
         ``A`` (in, r) and ``B`` (r, out), in ``W``'s dtype and device.
 
     Raises:
-        TypeError / ValueError: bad ``W``, ``rank`` or ``method``; missing or mis-shaped
-        ``activations`` for ``"data-aware"``.
+        TypeError / ValueError: bad ``W`` (a non-empty 2-D floating tensor), ``rank``, ``method``
+        or ``damping`` (a float >= 0); missing, mis-shaped or empty ``activations`` for
+        ``"data-aware"``.
 
     Example:
         >>> import torch
@@ -148,7 +149,10 @@ def lowrank(
     _check_matrix("W", W)
     method = check_choice("method", method, METHODS)
     rank = check_int("rank", rank)
+    damping = check_float("damping", damping, low=0.0, high=float("inf"))
     n_out, n_in = W.shape
+    if W.numel() == 0:
+        raise ValueError(f"W must have at least one row and one column, got shape {tuple(W.shape)}")
     if method == "sketch":
         if rank < 2 or rank % 2:
             raise ValueError(f"rank must be an even integer >= 2 for method='sketch' (k = rank/2), got {rank}")
@@ -174,6 +178,8 @@ def lowrank(
         check_tensor("activations", activations)
         if activations.shape[-1] != n_in:
             raise ValueError(f"activations must have last dim in = {n_in}, got shape {tuple(activations.shape)}")
+        if activations.numel() == 0:
+            raise ValueError(f"activations must hold at least one row, got shape {tuple(activations.shape)}")
         X = activations.detach().reshape(-1, n_in).to(device=W.device, dtype=work)
         # ‖X·v‖ = ‖R·v‖ with R = Λ^½·Eᵀ from the eigendecomposition XᵀX = E·Λ·Eᵀ.
         evals, E = torch.linalg.eigh(X.t() @ X / X.shape[0])

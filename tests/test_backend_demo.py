@@ -1,9 +1,12 @@
-"""The compiler part of ``python -m panther demo``."""
+"""The compiler part of ``python -m panther demo``, and its command line."""
 
 from __future__ import annotations
 
 import json
 import os
+
+import pytest
+import torch
 
 import panther
 from panther.demo_compile import run_compile_demo
@@ -23,3 +26,12 @@ def test_compile_demo(tmp_path):
     (folder,) = os.listdir(tmp_path)
     with open(os.path.join(tmp_path, folder, "rewrites.json")) as f:
         assert json.load(f)["candidates"]
+
+
+@pytest.mark.parametrize("device", ["nope", "tpu"] + ([] if torch.cuda.is_available() else ["cuda"]))
+def test_demo_rejects_a_bad_device(device, capsys):
+    from panther.demo import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--device", device, "--quick"])
+    assert e.value.code == 2 and "--device" in capsys.readouterr().err

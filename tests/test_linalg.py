@@ -100,6 +100,10 @@ def test_data_aware_beats_rsvd_on_correlated_activations():
         ((torch.randn(4, 5), 2, "data-aware", torch.randn(3, 4)), {}, ValueError, "activations must have last dim in = 5"),
         ((torch.randn(4), 2), {}, ValueError, "W must be a 2-D matrix"),
         ((torch.ones(4, 5, dtype=torch.int64), 2), {}, TypeError, "W must be a floating-point tensor"),
+        ((torch.randn(0, 5), 2, "sketch"), {}, ValueError, r"W must have at least one row and one column, got shape \(0, 5\)"),
+        ((torch.randn(4, 5), 2, "data-aware", torch.randn(0, 5)), {}, ValueError, "activations must hold at least one row"),
+        ((torch.randn(4, 5), 2, "data-aware", torch.randn(3, 5)), {"damping": -1.0}, ValueError, r"damping must be in \[0.0, inf\), got -1.0"),
+        ((torch.randn(4, 5), 2, "data-aware", torch.randn(3, 5)), {"damping": "x"}, TypeError, "damping must be a float"),
     ],
 )
 def test_lowrank_errors(args, kwargs, exc, match):
