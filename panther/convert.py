@@ -343,7 +343,9 @@ def _one_row_input(module: nn.Module) -> Tensor | None:
         w = module.weight
         kh, kw = module.kernel_size
         sh, sw = module.stride
-        return torch.zeros(1, module.in_channels, kh + sh, kw + sw, dtype=w.dtype, device=w.device)
+        # Larger than twice the padding: reflect padding needs padding < the input's size.
+        ph, pw = module.padding if isinstance(module.padding, tuple) else (kh, kw)
+        return torch.zeros(1, module.in_channels, kh + sh + 2 * ph, kw + sw + 2 * pw, dtype=w.dtype, device=w.device)
     return None
 
 

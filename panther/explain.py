@@ -49,7 +49,8 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
     layer that cannot meet it stays dense with the reason.
 
     Raises:
-        ValueError / TypeError: malformed options.
+        ValueError / TypeError: malformed options; ``model`` not callable; ``example_kwargs``
+            not a dict.
 
     Example::
 
@@ -72,6 +73,10 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
 
     from .backend import _graph_name
 
+    if not callable(model):
+        raise TypeError(f"model must be an nn.Module or a function, got {type(model).__name__}")
+    if example_kwargs is not None and not isinstance(example_kwargs, dict):
+        raise TypeError(f"example_kwargs must be a dict of keyword inputs or None, got {type(example_kwargs).__name__}")
     opts = PantherOptions.from_dict(options)
     reports: list[Report] = []
 

@@ -388,3 +388,22 @@ def test_convert_leaves_the_global_rng_alone(with_inputs):
     state = torch.get_rng_state()
     panther.convert(model[0], *args, min_params=0, tolerance=None)
     assert torch.equal(state, torch.get_rng_state())
+
+
+def test_conv_without_example_inputs_takes_reflect_padding_wider_than_the_kernel():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(32, 64, 3, padding=5, padding_mode="reflect"))
+    x = torch.randn(2, 32, 12, 12)
+    with torch.no_grad():
+        before = model(x)
+    report = panther.convert(model, min_params=0)
+    assert report.candidates[0].decision == "rewrite" and type(model[0]).__name__ == "LowRankConv2d"
+    with torch.no_grad():
+        assert model(x).shape == before.shape
+
+
+def test_explain_argument_errors():
+    with pytest.raises(TypeError, match="model must be an nn.Module or a function, got int"):
+        panther.explain(3, torch.randn(2, 4))
+    with pytest.raises(TypeError, match="example_kwargs must be a dict"):
+        panther.explain(nn.Linear(4, 4), torch.randn(2, 4), example_kwargs=[1])
