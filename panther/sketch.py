@@ -93,6 +93,8 @@ def _rng(generator: Any, seed: Any, device: torch.device) -> tuple[torch.Generat
         raise ValueError("pass either generator or seed, not both")
     if seed is not None:
         seed = check_int("seed", seed, minimum=0)
+        if seed >= 2**64:  # what torch.Generator.manual_seed takes
+            raise ValueError(f"seed must be below 2**64, got {seed}")
         return torch.Generator().manual_seed(seed), torch.device("cpu")
     if generator is not None:
         if not isinstance(generator, torch.Generator):
@@ -306,7 +308,7 @@ class SignSketch(_DenseSketch):
         dtype: floating dtype of the matrix. Default: ``torch.get_default_dtype()``.
 
     Raises:
-        TypeError, ValueError: a non-int or non-positive ``k``/``n``, a negative ``seed``, both
+        TypeError, ValueError: a non-int or non-positive ``k``/``n``, a ``seed`` outside [0, 2**64), both
             ``generator`` and ``seed``, or a non-floating ``dtype``.
 
     Example:

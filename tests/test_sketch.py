@@ -357,6 +357,8 @@ BAD_CALLS = [
      ValueError, r"num must be a positive integer, got 0"),
     ("seed negative", lambda: sign_matrix(2, 3, seed=-1),
      ValueError, r"seed must be an integer >= 0, got -1"),
+    ("seed too large", lambda: sign_matrix(2, 3, seed=2**70),
+     ValueError, r"seed must be below 2\*\*64, got 1180591620717411303424"),
     ("seed float", lambda: CountSketch(2, 3, seed=1.5),
      TypeError, r"seed must be an int, got float"),
     ("seed and generator", lambda: SJLT(2, 3, 1, seed=1, generator=torch.Generator()),
