@@ -6,6 +6,7 @@ given and what is allowed.
 
 from __future__ import annotations
 
+import contextlib
 import numbers
 from typing import Any
 
@@ -146,8 +147,6 @@ def autocast_cast(dtype: torch.dtype | None, *tensors: torch.Tensor | None) -> t
 def autocast_off(x: torch.Tensor, dtype: torch.dtype | None):
     """A context with autocast off on ``x``'s device where ``dtype`` says it was on (else a no-op):
     the ops' reference math keeps its fp32 internals instead of autocast lowering them again."""
-    import contextlib
-
     return contextlib.nullcontext() if dtype is None else torch.autocast(x.device.type, enabled=False)
 
 

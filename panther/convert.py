@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from panther.nn import RandMultiHeadAttention
 from panther.options import PantherOptions
+from panther.passes.measure import rel_err, rng_fence
 
 __all__ = ["convert", "register_handler", "HANDLERS", "RandMultiheadAttentionAsMHA"]
 
@@ -152,8 +153,7 @@ def convert(
         )
     sites = list(_walk(model))
     dense_out = None
-    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    with torch.random.fork_rng(devices=cuda):  # deciding never moves the caller's RNG
+    with rng_fence(list(model.parameters())):  # deciding never moves the caller's RNG
         if has_inputs:
             report = _decide_on_graph(model, example_inputs, example_kwargs, opts)
             if opts.measure_error:
@@ -171,7 +171,7 @@ def convert(
     groups: dict[int, list] = {}
     for site in sites:
         groups.setdefault(id(site[3]), []).append(site)
-    with torch.random.fork_rng(devices=cuda):  # the new layers' initial draws are overwritten: leave the RNG
+    with rng_fence(list(model.parameters())):  # the new layers' initial draws are overwritten: leave the RNG
         for group in groups.values():
             module = group[0][3]
             mine = [c for site in group for c in _candidates_of(site[2], by_path)]
@@ -201,16 +201,13 @@ def convert(
     report.notes.append(f"panther.convert replaced {len(replaced)} module(s)")
     if dense_out is not None:
         # The converted model end to end, against its outputs before (whatever stayed dense).
-        from panther.passes.measure import rel_err
-
         report.output_error = rel_err(_run(model, example_inputs, example_kwargs), dense_out)
     return report
 
 
 def _run(model: nn.Module, example_inputs: tuple, example_kwargs: dict | None) -> Any:
     """The model's outputs on the example inputs, in eval mode without grad, the RNG untouched."""
-    cuda = sorted({t.device.index or 0 for t in model.parameters() if t.device.type == "cuda"})
-    with _eval_no_grad(model), torch.random.fork_rng(devices=cuda):
+    with _eval_no_grad(model), rng_fence(list(model.parameters())):
         return model(*example_inputs, **(example_kwargs or {}))
 
 

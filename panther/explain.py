@@ -95,8 +95,11 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
     # Code after a graph break resumes in functions Dynamo shares across calls: lift the
     # recompile limits for this call only, so that repeated explains still see every graph.
     limits = {k: 1 << 20 for k in ("recompile_limit", "accumulated_recompile_limit") if hasattr(torch._dynamo.config, k)}
-    cuda = sorted({t.device.index or 0 for t in _tensors(example_inputs, example_kwargs) if t.device.type == "cuda"})
-    with torch._dynamo.config.patch(limits), torch.random.fork_rng(devices=cuda):
+    from torch.utils import _pytree as pytree
+
+    from panther.passes.measure import rel_err, rng_fence
+
+    with torch._dynamo.config.patch(limits), rng_fence(pytree.tree_leaves((example_inputs, example_kwargs or {}))):
         torch.manual_seed(0)
         rewritten = torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
         if len(reports) > 1 and opts.measure_error:
@@ -107,8 +110,6 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
     if len(reports) == 1:
         merged = reports[0]
     else:
-        from panther.passes.measure import rel_err
-
         merged = Report(graph="model", options=opts.to_dict())
         for r in reports:
             merged.candidates.extend(r.candidates)
@@ -117,8 +118,3 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
     merged.graphs = reports
     return merged
 
-
-def _tensors(args: tuple, kwargs: dict | None) -> list[torch.Tensor]:
-    from torch.utils import _pytree as pytree
-
-    return [t for t in pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]

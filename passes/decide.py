@@ -103,12 +103,14 @@ def _keep_needed_stats(cand: Candidate) -> None:
     :func:`.calibrate.metric_error`)."""
     stats, keep = cand.stats, {}
     if cand.decision == "rewrite" and "gram" in stats:
-        if cand.method == "data-aware" and "root" in stats:
-            keep.update(root=stats["root"], damping=stats["damping"])
-        if "tolerance" in cand.calibration and stats.get("sum") is not None:
-            keep.update(root=keep.get("root", stats.get("root")), mean=stats["sum"] / stats["rows"])
-            if keep["root"] is None:
-                keep["root"] = gram_root(stats)
+        data_aware = cand.method == "data-aware" and "root" in stats
+        calibrated = "tolerance" in cand.calibration
+        if data_aware or calibrated:
+            keep["root"] = stats["root"] if "root" in stats else gram_root(stats)
+        if data_aware:
+            keep["damping"] = stats["damping"]
+        if calibrated:
+            keep["mean"] = stats["sum"] / stats["rows"]
     # Kept in host memory: an in×in float64 matrix per layer (~1 GB at in = 11008) would crowd the
     # GPU for the life of the compiled model, and it is read only when a weight changes.
     cand.stats = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in keep.items()}

@@ -21,7 +21,7 @@ from torch.utils import _pytree as pytree
 
 from .kinds import kind_module
 
-__all__ = ["CandidateProbe", "measure_layers", "measure_outputs", "rel_err", "real_inputs"]
+__all__ = ["CandidateProbe", "measure_layers", "measure_outputs", "rel_err", "real_inputs", "rng_fence"]
 
 
 def rel_err(approx: Any, exact: Any) -> float | None:
@@ -56,9 +56,15 @@ def real_inputs(example_inputs: list[Any]) -> list[Any]:
 
 @contextlib.contextmanager
 def _fenced(example_inputs: list[Any]):
-    devices = sorted({x.device.index or 0 for x in example_inputs if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
-    with torch.random.fork_rng(devices=devices), torch.no_grad():
+    with rng_fence(example_inputs), torch.no_grad():
         yield
+
+
+def rng_fence(values) -> contextlib.AbstractContextManager:
+    """``torch.random.fork_rng`` over the CPU and the CUDA devices of the tensors among
+    ``values``: whatever runs inside leaves the caller's RNG streams as they were."""
+    devices = sorted({x.device.index or 0 for x in values if isinstance(x, torch.Tensor) and x.device.type == "cuda"})
+    return torch.random.fork_rng(devices=devices)
 
 
 class CandidateProbe(fx.Interpreter):

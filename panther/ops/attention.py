@@ -166,15 +166,19 @@ def _grads(ctx, dq, dk, dv) -> tuple:
     return dq if nq else None, dk if nk else None, dv if nv else None, None, None, None, None, None
 
 
-def _backward(ctx, grad):
-    q, k, v, omega, key_mask = ctx.saved_tensors
-    if creating_graph():  # create_graph=True: a differentiable backward (plain torch math)
+def _backward_of(ctx, grad, backward, q, k, v, omega, key_mask, out=None, stats=None) -> tuple:
+    """The autograd return of all three entry points: ``backward`` (the op, or the kernels
+    directly) given the forward's ``out``/``stats``, or with ``create_graph=True`` the reference
+    math, which is differentiable again (the backward op has no derivative of its own)."""
+    if creating_graph():
         dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
     else:
-        dq, dk, dv = torch.ops.panther.performer_attention_backward(
-            grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale
-        )
+        dq, dk, dv = backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats)
     return _grads(ctx, dq, dk, dv)
+
+
+def _backward(ctx, grad):
+    return _backward_of(ctx, grad, torch.ops.panther.performer_attention_backward, *ctx.saved_tensors)
 
 
 def _setup_train(ctx, inputs, output):
@@ -186,14 +190,7 @@ def _setup_train(ctx, inputs, output):
 
 
 def _backward_train(ctx, grad, _grad_stats):
-    q, k, v, omega, key_mask, out, stats = ctx.saved_tensors
-    if creating_graph():  # create_graph=True: a differentiable backward (plain torch math)
-        dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
-    else:
-        dq, dk, dv = torch.ops.panther.performer_attention_backward(
-            grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats
-        )
-    return _grads(ctx, dq, dk, dv)
+    return _backward_of(ctx, grad, torch.ops.panther.performer_attention_backward, *ctx.saved_tensors)
 
 
 performer_attention.register_autograd(_backward, setup_context=_setup)
@@ -222,12 +219,7 @@ class _EagerPerformer(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad):
-        q, k, v, omega, key_mask, out, stats = ctx.saved_tensors
-        if creating_graph():  # create_graph=True: a differentiable backward (plain torch math)
-            dq, dk, dv = ref.performer_attention_backward(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale)
-        else:
-            dq, dk, dv = _backward_impl(grad, q, k, v, omega, key_mask, ctx.kernel_fn, ctx.causal, ctx.scale, out, stats)
-        return _grads(ctx, dq, dk, dv)
+        return _backward_of(ctx, grad, _backward_impl, *ctx.saved_tensors)
 
 
 def performer_attention_apply(
