@@ -10,6 +10,7 @@ inputs. Every test runs with fresh allocations poisoned (NaN).
 from __future__ import annotations
 
 import math
+import types
 
 import pytest
 import torch
@@ -143,25 +144,23 @@ def test_causal_output_ignores_later_keys(poison, small):
 
 @triton.jit
 def _attend_probe(
-    Q, K, V, W, MASK, SL, ZL, SG, ZG, NUM, DEN, MQ,
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, NUM, DEN, MQ, MX,
     N, D, E, M, H, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den and mq (BH, N)."""
+    """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den and mq (BH, N), given the
+    causal key stabilizer MX (BH, N) fp32 (read for softmax only)."""
     rs, log2_sqrt_m, inv_sqrt_m, eps = triton_kernels._f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    c2 = 0.0
-    if SOFTMAX:
-        c2 = chunked._causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
     num, den, mq = chunked._chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
-        rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+        rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
         BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, EVEN_M, FEAT_F32, PREC, INTERP,
     )  # fmt: skip
     rows = c * BN + tl.arange(0, BN)
@@ -182,19 +181,36 @@ def _logits2(x, omega, scale):
     return (proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) * LOG2E
 
 
-def _c2(omega):
-    """The causal key stabilizer in log2 units with log2 √m, as the kernels compute it (fp32)."""
-    return (ref.causal_key_shift(omega) * LOG2E + 0.5 * math.log2(omega.shape[1])).double()
+def _key_max64(k, omega, scale, mask=None):
+    """The causal softmax key stabilizer MX (B, H, N) in float64, in the kernels' units (log2, with
+    log2 √m folded in): each key's largest logit over the features (masked keys −inf), its running
+    max over positions, clamped at NO_KEY where no unmasked key came yet."""
+    top = _logits2(k, omega, scale).amax(-1) + 0.5 * math.log2(omega.shape[1])
+    if mask is not None:
+        top = top.masked_fill(~mask[:, None, :], float("-inf"))
+    return torch.cummax(top, -1).values.clamp_min(ref.NO_KEY)
+
+
+def _chunk_ends(mx, C):
+    """E(c) for c = −1 … NC − 1, (..., NC + 1) with E(c) at index c + 1: mx (..., N) at the last
+    position of chunk c (positions [c·C, (c+1)·C) clipped to N); E(−1) = mx at position 0."""
+    N = mx.shape[-1]
+    NC = -(-N // C)
+    idx = ((torch.arange(NC + 1, device=mx.device) * C).clamp(max=N) - 1).clamp(min=0)
+    return mx[..., idx]
 
 
 def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
-    """φ in float64 (B, H, N, m): softmax 2^(lg − stab) with stab (B, H, N, 1) or (1, H, 1, 1)
-    in log2 units; relu max(ω·xs, 0)/√m + eps. Masked keys 0."""
+    """φ in float64 (B, H, N, m): softmax 2^(lg − stab) with stab (B, H, N, 1) in log2 units;
+    relu max(ω·xs, 0)/√m + eps. Masked keys 0 (softmax: masked before 2^, where a stabilizer of
+    NO_KEY would overflow)."""
     if kernel_fn == "softmax":
-        phi = torch.exp2(_logits2(x, omega, scale) - stab)
-    else:
-        proj = torch.einsum("bhnd,hmd->bhnm", x.double() * math.sqrt(scale), omega.double())
-        phi = torch.relu(proj) / math.sqrt(omega.shape[1]) + ref.RELU_EPS
+        lg = _logits2(x, omega, scale)
+        if mask is not None:
+            lg = lg.masked_fill(~mask[:, None, :, None], float("-inf"))
+        return torch.exp2(lg - stab)
+    proj = torch.einsum("bhnd,hmd->bhnm", x.double() * math.sqrt(scale), omega.double())
+    phi = torch.relu(proj) / math.sqrt(omega.shape[1]) + ref.RELU_EPS
     if mask is not None:
         phi = phi * mask[:, None, :, None].double()
     return phi
@@ -205,135 +221,149 @@ def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
 def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, m):
     """num, den and mq of _chunk_attend (causal) in the units the backward relies on: mq is the
     row max of the logits over all m features plus log2 √m (0 for relu), and
-    [num, den]ᵢ = Σ_{j ≤ i} (φq_i·φk_j)[v_j, 1] with φq = 2^(lg − mq), φk = 2^(lg − c2). Tiles of 16
-    features: m = 40 ends in a partly padded tile (masked), m = 48 has none (EVEN_M, unmasked)."""
-    B, H, N, D, E = 2, 2, 45, 20, 12
+    [num, den]ᵢ = Σ_{j ≤ i} (φq_i·φk_j)·2^(MX_j − MX_i)·[v_j, 1] with φq = 2^(lg − mq) and, for
+    softmax, φk = 2^(lg − MX) each key at its own running key max MX (float64, given to the scan
+    and the kernel in fp32): key j enters query i's sums as 2^(lg_j − MX_i), whether through the
+    state or inside the chunk. Batch 1's first 20 keys are masked (MX = NO_KEY there, a whole
+    chunk and part of the next, and those queries get 0). N = 61: four chunks in two segments of
+    two, so chunk 3 reads segment 0's state through the segment factor. Tiles of 16 features:
+    m = 40 ends in a partly padded tile (masked), m = 48 has none (EVEN_M, unmasked)."""
+    B, H, N, D, E = 2, 2, 61, 20, 12
     q, k, v, omega, mask = _inputs(B, H, N, N, D, E, m, torch.float32, True)
+    mask[1, :20] = False
+    mask[1, 20] = True
     scale = D**-0.5
+    softmax = kernel_fn == "softmax"
+    mx = _key_max64(k, omega, scale, mask).float().reshape(B * H, N)
+    assert torch.all(mx.view(B, H, N)[1, :, :20] == ref.NO_KEY) and torch.all(mx.view(B, H, N)[:, :, 20:] > ref.NO_KEY)
     plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, True, scale, CHUNK, False, False)
-    SL, ZL, SG, ZG, _ = plan.scan(k, v, omega, mask, None, None)
+    SL, ZL, SG, ZG = plan.scan(k, v, omega, mask, None, None, mx if softmax else None)
     cfg, sc = plan.cfg, plan.scan
     BH, BE = B * H, cfg.BE
     num = torch.empty(BH, N, BE, device=DEVICE)
     den = torch.empty(BH, N, device=DEVICE)
     mq = torch.empty(BH, N, device=DEVICE)
     _attend_probe[(sc.NC, BH)](
-        q, k, v, omega, mask, SL, ZL, SG, ZG, num, den, mq,
+        q, k, v, omega, mask, SL, ZL, SG, ZG, num, den, mq, mx,
         N, D, E, m, H, *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides, *cfg.scal,
         sc.CPS, sc.NC, sc.P, sc.MP,
-        BN=CHUNK, BD=cfg.BD, BE=BE, BMT=sc.BMT, SOFTMAX=kernel_fn == "softmax", HAS_MASK=True,
+        BN=CHUNK, BD=cfg.BD, BE=BE, BMT=sc.BMT, SOFTMAX=softmax, HAS_MASK=True,
         EVEN_M=m % sc.BMT == 0, FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
     )  # fmt: skip
-    if kernel_fn == "softmax":
+    if softmax:
         want_mq = _logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(m)
         assert_close(mq, want_mq.reshape(BH, N), name="mq")
-        stab_q = mq.double().reshape(B, H, N, 1)
+        mx64 = mx.double().reshape(B, H, N)
+        phq = _phi64(q, omega, kernel_fn, scale, mq.double().reshape(B, H, N, 1))
+        phk = _phi64(k, omega, kernel_fn, scale, mx64[..., None], mask)
+        # (query i, key j): 2^(MX_j − MX_i), ≤ 1 where j ≤ i (clamped above, where tril drops it)
+        rel = torch.exp2((mx64[..., None, :] - mx64[..., :, None]).clamp_max(0.0))
     else:
         assert torch.all(mq == 0)
-        stab_q = None
-    phq = _phi64(q, omega, kernel_fn, scale, stab_q)
-    phk = _phi64(k, omega, kernel_fn, scale, _c2(omega).view(1, H, 1, 1), mask)
-    a = (phq @ phk.transpose(-1, -2)).tril()
+        phq = _phi64(q, omega, kernel_fn, scale)
+        phk = _phi64(k, omega, kernel_fn, scale, mask=mask)
+        rel = 1.0
+    a = ((phq @ phk.transpose(-1, -2)) * rel).tril()
     assert_close(num[:, :, :E], (a @ v.double()).reshape(BH, N, E), name="num")
     assert torch.all(num[:, :, E:] == 0)
     assert_close(den, a.sum(-1).reshape(BH, N), name="den")
+    assert torch.all(num.view(B, H, N, BE)[1, :, :20] == 0) and torch.all(den.view(B, H, N)[1, :, :20] == 0)
 
 
 # ---------------------------------------------------------------------------------------------
-# the scan alone: SL[c] + SG[c // CPS] against a float64 cumsum of per-chunk states
+# the scan alone: chunk c's state SL[c] + SG[c // CPS]·f against float64 sums over earlier
+# (later) positions
 # ---------------------------------------------------------------------------------------------
 
-# id: (query, reverse, weighted, kernel_fn, dtype)
+# id: (query, reverse, weighted, kernel_fn, dtype). Softmax scans come as keys-prefix (the forward's
+# and the backward's key scan) and queries-suffix (the backward's R) only: the causal key
+# stabilizer's scales (_scan_kernel) are defined for those two, the only ones the plans run.
 SCANS = {
     "keys-prefix-softmax-mask-fp32": (False, False, False, "softmax", torch.float32),
     "keys-suffix-relu-mask-fp32": (False, True, False, "relu", torch.float32),
     "keys-prefix-softmax-mask-bf16": (False, False, False, "softmax", torch.bfloat16),
-    "queries-suffix-softmax-weighted-fp32": (
-        True,
-        True,
-        True,
-        "softmax",
-        torch.float32,
-    ),
+    "queries-suffix-softmax-weighted-fp32": (True, True, True, "softmax", torch.float32),
     "queries-prefix-relu-weighted-fp32": (True, False, True, "relu", torch.float32),
-    "queries-suffix-softmax-weighted-bf16": (
-        True,
-        True,
-        True,
-        "softmax",
-        torch.bfloat16,
-    ),
+    "queries-suffix-softmax-weighted-bf16": (True, True, True, "softmax", torch.bfloat16),
 }
 
 
 @pytest.mark.parametrize("case", list(SCANS), ids=list(SCANS))
 def test_scan_matches_cumsum(poison, small, case):
-    """Keys scan v (strided (B, H, N, E)) with the causal stabilizer and the key mask; queries
-    scan a (B·H, N, BE) fp32 buffer whose columns past E are NaN (never read) with a given
-    per-row stabilizer and weighted z, as the backward's gs / gd."""
+    """Chunk c's state SL[c] + SG[c // CPS]·f (f: the factor of chunked._segment_factor; 1 for
+    relu) against float64 sums over the chunks before c (after c, reversed). Keys scan v (strided
+    (B, H, N, E)) under the key mask; queries scan a (B·H, N, BE) fp32 buffer whose columns past E
+    are NaN (never read) with a given per-row stabilizer and weighted z, as the backward's gs / gd.
+    Softmax scans take the causal key stabilizer MX (float64 from the scanned keys, or from other
+    keys for queries, with batch 1's first 20 keys masked so that it starts at NO_KEY for more
+    than a chunk; given in fp32). With E(c) = MX at chunk c's last position: keys sum
+    2^(lg_j − E(c − 1)) ⊗ v_j over j < c·C; queries sum 2^(lg_i − stab_i)·2^(E(c) − MX_i) ⊗ vals_i
+    over the chunks after c. N = 61: four chunks (the last cut short) in two segments of two, so
+    a non-trivial segment factor meets a nonzero SG for keys (chunk 3) and queries (chunk 0)."""
     query, reverse, weighted, kernel_fn, dtype = SCANS[case]
-    B, H, N, D, E, m = 2, 2, 45, 20, 12, 40
+    softmax = kernel_fn == "softmax"
+    assert not softmax or query == reverse  # (see SCANS)
+    B, H, N, D, E, m = 2, 2, 61, 20, 12, 40
     BH, BE, scale = B * H, 16, 0.3
     x = torch.randn(B, N, H, D, device=DEVICE).to(dtype).transpose(1, 2)  # strided
     omega = torch.randn(H, m, D, device=DEVICE).to(dtype)
     feat_f32 = dtype != torch.bfloat16
-    mask = stab = zw = None
+    kmask = torch.rand(B, N, device=DEVICE) > 0.3
+    kmask[1, :20] = False
+    mask = stab = zw = mx = None
+    if softmax:
+        keys = torch.randn(B, H, N, D, device=DEVICE).to(dtype) if query else x
+        mx = _key_max64(keys, omega, scale, kmask).float().reshape(BH, N)
+        assert torch.all(mx[H:, :20] == ref.NO_KEY)
     if query:
         vals = torch.full((BH, N, BE), float("nan"), device=DEVICE)
         vals[:, :, :E] = torch.randn(BH, N, E, device=DEVICE)
-        vals64 = vals[:, :, :E].double().reshape(B, H, N, E)
+        vals64 = vals[:, :, :E].double()
         zw = torch.randn(BH, N, device=DEVICE)
-        if kernel_fn == "softmax":
+        if softmax:
             stab = (_logits2(x, omega, scale).amax(-1) + 0.5 * math.log2(m)).float().reshape(BH, N)
-        phi = _phi64(
-            x,
-            omega,
-            kernel_fn,
-            scale,
-            None if stab is None else stab.double().reshape(B, H, N, 1),
-        )
+        phi = _phi64(x, omega, kernel_fn, scale, None if stab is None else stab.double().reshape(B, H, N, 1))
     else:
         vals = torch.randn(B, N, H, E, device=DEVICE).to(dtype).transpose(1, 2)
-        vals64 = vals.double()
-        mask = torch.rand(B, N, device=DEVICE) > 0.3
-        phi = _phi64(x, omega, kernel_fn, scale, _c2(omega).view(1, H, 1, 1), mask)
+        vals64 = vals.double().reshape(BH, N, E)
+        mask = kmask
+        phi = _phi64(x, omega, kernel_fn, scale, None if mx is None else mx.double().reshape(B, H, N, 1), mask)
     scan = chunked.ChunkScan(
         x, vals, omega, kernel_fn=kernel_fn, scale=scale, chunk=CHUNK, m_tile=TILE, e=E,
         mask_strides=mask.stride() if mask is not None else (0, 0), has_mask=mask is not None, query=query,
         weighted=weighted, reverse=reverse, feat_f32=feat_f32, prec="ieee" if dtype == torch.float32 else "tf32",
     )  # fmt: skip
     NC, P, CPS, MP = scan.NC, scan.P, scan.CPS, scan.MP
-    assert (NC, P, CPS, MP, scan.BE) == (3, 2, 2, 48, BE)
-    SL, ZL, SG, ZG, c2 = scan(x, vals, omega, mask, stab, zw)
-    if not query and kernel_fn == "softmax":  # the key scan's per-head stabilizer, for the chunk kernels
-        assert c2.shape == (H,) and c2.dtype == torch.float32
-        assert_close(c2, _c2(omega), rtol=1e-6, name="c2")
-    else:
-        assert c2 is None
-    assert SL.dtype == (torch.float32 if feat_f32 else torch.bfloat16) and SL.shape == (
-        BH,
-        NC,
-        MP,
-        BE,
-    )
+    assert (NC, P, CPS, MP, scan.BE) == (4, 2, 2, 48, BE)
+    SL, ZL, SG, ZG = scan(x, vals, omega, mask, stab, zw, mx)
+    assert SL.dtype == (torch.float32 if feat_f32 else torch.bfloat16) and SL.shape == (BH, NC, MP, BE)
     assert ZL.shape == (BH, NC, MP) and SG.shape == (BH, P, MP, BE) and ZG.shape == (BH, P, MP)
-    # Per-chunk states in float64, then their exclusive prefix (suffix) over chunks.
-    pad = NC * CHUNK - N
-    phic = torch.nn.functional.pad(phi, (0, 0, 0, pad)).reshape(BH, NC, CHUNK, m)
-    valc = torch.nn.functional.pad(vals64, (0, 0, 0, pad)).reshape(BH, NC, CHUNK, E)
+    # Chunk c's weight of each position (BH, NC, N) in float64: the positions it sums, times the
+    # factor to its scale (softmax).
+    c = torch.arange(NC, device=DEVICE)
+    pos_chunk = torch.arange(N, device=DEVICE) // CHUNK
+    summed = pos_chunk[None, :] > c[:, None] if reverse else pos_chunk[None, :] < c[:, None]  # (NC, N)
+    seg = c // CPS
+    if softmax:
+        mx64 = mx.double()
+        ends = _chunk_ends(mx64, CHUNK)  # E(c) at c + 1
+        if query:  # 2^(E(c) − MX_i); chunk c's SG at E(last chunk of its segment)
+            expo = ends[:, 1:, None] - mx64[:, None, :]
+            f = torch.exp2(ends[:, c + 1] - ends[:, torch.clamp((seg + 1) * CPS, max=NC)])
+        else:  # 2^(MX_j − E(c − 1)); SG at E(s·CPS − 1), the chunk before the segment
+            expo = mx64[:, None, :] - ends[:, :-1, None]
+            f = torch.exp2(ends[:, seg * CPS] - ends[:, c])
+        assert torch.all(expo[:, summed] <= 0) and torch.all(f <= 1)
+        wgt = torch.where(summed, torch.exp2(expo), 0.0)
+    else:
+        wgt = summed.double().expand(BH, NC, N)
+        f = torch.ones(BH, NC, dtype=torch.float64, device=DEVICE)
+    phi = phi.reshape(BH, N, m)
     wz = zw.double() if weighted else torch.ones(BH, N, dtype=torch.float64, device=DEVICE)
-    wzc = torch.nn.functional.pad(wz, (0, pad)).reshape(BH, NC, CHUNK, 1)
-    st = phic.transpose(-1, -2) @ valc  # (BH, NC, m, E)
-    zt = (phic * wzc).sum(2)  # (BH, NC, m)
-    if reverse:
-        st, zt = st.flip(1), zt.flip(1)
-    want_s = torch.cumsum(st, 1) - st
-    want_z = torch.cumsum(zt, 1) - zt
-    if reverse:
-        want_s, want_z = want_s.flip(1), want_z.flip(1)
-    seg = torch.arange(NC, device=DEVICE) // CPS
-    got_s = SL.double() + SG.double()[:, seg]
-    got_z = ZL.double() + ZG.double()[:, seg]
+    want_s = torch.einsum("bcn,bnf,bne->bcfe", wgt, phi, vals64)
+    want_z = torch.einsum("bcn,bnf,bn->bcf", wgt, phi, wz)
+    got_s = SL.double() + SG.double()[:, seg] * f[..., None, None]
+    got_z = ZL.double() + ZG.double()[:, seg] * f[..., None]
     tol = RTOL[torch.float32] if feat_f32 else RTOL[torch.bfloat16]
     assert_close(got_s[:, :, :m, :E], want_s, rtol=tol, name="S")
     assert_close(got_z[:, :, :m], want_z, rtol=tol, name="z")
@@ -342,6 +372,44 @@ def test_scan_matches_cumsum(poison, small, case):
     assert torch.all(got_s[:, :, m:] == 0) and torch.all(got_s[:, :, :, E:] == 0) and torch.all(got_z[:, :, m:] == 0)
     first = [min(s * CPS + CPS, NC) - 1 if reverse else s * CPS for s in range(P)]
     assert torch.all(SL[:, first] == 0) and torch.all(ZL[:, first] == 0)
+
+
+@pytest.mark.parametrize(
+    "dtype,D,ND",
+    [(torch.float32, 20, 1), (torch.float32, 80, 3), (torch.bfloat16, 80, 1), (torch.bfloat16, 160, 3)],
+    ids=["fp32-D20-whole", "fp32-D80-blocks", "bf16-D80-whole", "bf16-D160-blocks"],
+)
+@pytest.mark.parametrize("masked", [True, False], ids=["mask", "nomask"])
+def test_key_max_prepass_matches_reference(poison, monkeypatch, dtype, D, ND, masked):
+    """triton.py's causal softmax key stabilizer (the pre-pass of _Cfg.key_max: each key's
+    largest logit, then the running max over positions) against reference.causal_key_max in
+    float64, in the kernels' units (× log2 e, log2 √m added). Chunks of 16 keys (N = 45: three,
+    the last cut short; the running max crosses them) and feature tiles of 16 (m = 40: the last
+    partial); the head dim whole (ND = 1) or in blocks (fp32: 32 columns, bf16: 64; the last
+    partial). With the mask, batch 1's first 20 keys are masked (a whole chunk and part of the
+    next): no key there yet, so exactly NO_KEY."""
+    monkeypatch.setattr(triton_kernels, "KEY_MAX_ROWS", 16)
+    monkeypatch.setattr(triton_kernels, "KEY_MAX_FEATURES", 16)
+    B, H, N, E, m = 2, 2, 45, 12, 40
+    q, k, v, omega, mask = _inputs(B, H, N, N, D, E, m, dtype, True)
+    mask[1, :20] = False
+    key_mask = mask if masked else None
+    scale = D**-0.5
+    cfg = triton_kernels._Cfg(q, k, v, omega, key_mask, "softmax", True, scale, CHUNK, False, False)
+    assert cfg.ND == ND
+    plan = types.SimpleNamespace(key_max=cfg.key_max_launch(k))
+    mx = cfg.key_max(plan, k, omega, mask if masked else q)
+    assert mx.shape == (B * H, N) and mx.dtype == torch.float32
+    km = ref.causal_key_max(k.double(), omega.double(), scale, key_mask).reshape(B * H, N)
+    none = km == ref.NO_KEY
+    assert bool(none.any()) == masked and bool(none[H:, :20].all()) == masked
+    assert torch.all(mx[none] == ref.NO_KEY)
+    assert_close(mx[~none], km[~none] * LOG2E + 0.5 * math.log2(m), rtol=RTOL[torch.float32], name="key max")
+    assert torch.all(mx[:, 1:] >= mx[:, :-1])
+    # Relu and non-causal calls run no pre-pass.
+    for kernel_fn, causal in (("relu", True), ("softmax", False)):
+        other = triton_kernels._Cfg(q, k, v, omega, None, kernel_fn, causal, scale, CHUNK, False, False)
+        assert other.key_max_launch(k) is None
 
 
 @pytest.mark.parametrize("m", [40, 64])

@@ -26,9 +26,10 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHUNK = 16
 TILE = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+LOG2E = 1.4426950408889634
 
 
-def _inputs(B, H, N, D, E, m, dtype, mask, all_off=False, seed_shift=0):
+def _inputs(B, H, N, D, E, m, dtype, mask, all_off=False, seed_shift=0, lead_off=0):
     q = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
     k = torch.randn(B, H, N, D, device=DEVICE).to(dtype)
     v = torch.randn(B, H, N, E, device=DEVICE).to(dtype)
@@ -39,6 +40,8 @@ def _inputs(B, H, N, D, E, m, dtype, mask, all_off=False, seed_shift=0):
         key_mask[:, 0] = True
         if all_off:
             key_mask[-1] = False  # every key of the last batch masked: every gradient is 0 there
+        if lead_off:  # the last batch's first keys masked: no key yet (MX = NO_KEY) for their queries
+            key_mask[-1, :lead_off] = False
     grad = torch.randn(B, H, N, E, device=DEVICE).to(dtype)
     return grad, q, k, v, omega, key_mask
 
@@ -64,59 +67,75 @@ def _assert_grads(got, want, inputs, zero=(), gmax=1.0):
 # ---------------------------------------------------------------------------------------------
 
 
-def _per_chunk(phi, vals, zw, C):
-    """Per-chunk φᵀ·vals (BH, NC, m, E) and Σ φ·zw (BH, NC, m) for φ (B, H, N, m)."""
-    B, H, N, m = phi.shape
+def _logits2(x, omega, scale):
+    """(ω·xs − ‖xs‖²/2)·log2 e in float64, (B, H, N, m)."""
+    xs = x.double() * math.sqrt(scale)
+    proj = torch.einsum("bhnd,hmd->bhnm", xs, omega.double())
+    return (proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) * LOG2E
+
+
+def _chunk_ends(mx, C):
+    """E(c) for c = −1 … NC − 1, (..., NC + 1) with E(c) at index c + 1: mx (..., N) at the last
+    position of chunk c (positions [c·C, (c+1)·C) clipped to N); E(−1) = mx at position 0."""
+    N = mx.shape[-1]
     NC = -(-N // C)
-    pad = NC * C - N
-    f = torch.nn.functional.pad(phi, (0, 0, 0, pad)).reshape(B * H, NC, C, m)
-    x = torch.nn.functional.pad(vals, (0, 0, 0, pad)).reshape(B * H, NC, C, -1)
-    w = torch.nn.functional.pad(zw, (0, pad)).reshape(B * H, NC, C)
-    return f.transpose(-1, -2) @ x, (f * w[..., None]).sum(2)
+    idx = ((torch.arange(NC + 1, device=mx.device) * C).clamp(max=N) - 1).clamp(min=0)
+    return mx[..., idx]
 
 
-def _segmented(x, CPS, reverse):
-    """(local, glob) of per-chunk x (BH, NC, ...): the exclusive prefix (suffix) within each segment
-    of CPS chunks (BH, NC, ...) and the segments' exclusive prefix (suffix) (BH, P, ...)."""
-    BH, NC = x.shape[:2]
+def _states(phi, vals, zw, mx, C, CPS, reverse, MP, BE, sdt):
+    """SL (BH, NC, MP, BE) sdt, ZL (BH, NC, MP), SG (BH, P, MP, BE), ZG (BH, P, MP) fp32, built in
+    float64 from φ (B, H, N, m) (masked keys 0), vals (B, H, N, E) and the z weights zw (B, H, N),
+    at the scales the chunk kernels read. mx (BH, N): the causal key stabilizer MX (softmax: keys'
+    φ each at its own MX, queries' at mq), None for no factors (relu). With E(c) = MX at chunk
+    c's last position: keys (prefix) SL[c] = Σ φⱼ·2^(MXⱼ − E(c − 1)) ⊗ valsⱼ over the earlier
+    chunks of c's segment and SG[s] the same over the chunks before segment s, at E(s·CPS − 1);
+    queries (reverse, suffix) SL[c] = Σ φᵢ·2^(E(c) − MXᵢ) ⊗ valsᵢ over the later chunks of c's
+    segment and SG[s] the same over the chunks after segment s, at E(its last chunk)."""
+    B, H, N, m = phi.shape
+    BH, E = B * H, vals.shape[-1]
+    NC = -(-N // C)
     P = -(-NC // CPS)
-    x = torch.cat([x, x.new_zeros(BH, P * CPS - NC, *x.shape[2:])], 1).reshape(BH, P, CPS, *x.shape[2:])
+    dev = phi.device
+    pos = torch.arange(N, device=dev) // C  # each position's chunk
+    c = torch.arange(NC, device=dev)
+    s = torch.arange(P, device=dev)
+    first = (c // CPS) * CPS  # first and last chunk of c's segment, last chunk of segment s
+    last = torch.clamp(first + CPS, max=NC) - 1
+    s_last = torch.clamp((s + 1) * CPS, max=NC) - 1
     if reverse:
-        x = x.flip(1, 2)
-    local = x.cumsum(2) - x
-    tot = x.sum(2)
-    glob = tot.cumsum(1) - tot
-    if reverse:
-        local, glob = local.flip(1, 2), glob.flip(1)
-    return local.reshape(BH, P * CPS, *x.shape[3:])[:, :NC], glob
-
-
-def _layout(S, z, CPS, reverse, MP, BE, sdt):
-    """SL (BH, NC, MP, BE) sdt, ZL (BH, NC, MP), SG (BH, P, MP, BE), ZG (BH, P, MP) fp32."""
-    SL, SG = _segmented(S, CPS, reverse)
-    ZL, ZG = _segmented(z, CPS, reverse)
-    m, E = S.shape[-2:]
+        parts = (
+            ((pos[None] > c[:, None]) & (pos[None] <= last[:, None]), c),
+            (pos[None] > s_last[:, None], s_last),
+        )
+    else:
+        parts = (
+            ((pos[None] < c[:, None]) & (pos[None] >= first[:, None]), c - 1),
+            (pos[None] < (s * CPS)[:, None], s * CPS - 1),
+        )
+    f, x, w = phi.reshape(BH, N, m), vals.reshape(BH, N, E), zw.reshape(BH, N)
+    out = []
+    for summed, at in parts:  # summed (K, N): the positions each part sums; at: the chunk of its scale
+        if mx is None:
+            wt = summed.double().expand(BH, -1, -1)
+        else:
+            e = _chunk_ends(mx, C)[:, at + 1, None]  # (BH, K, 1)
+            expo = e - mx[:, None, :] if reverse else mx[:, None, :] - e
+            assert torch.all(expo[:, summed] <= 0)
+            wt = torch.where(summed, torch.exp2(expo), 0.0)
+        out += [torch.einsum("bkn,bnf,bne->bkfe", wt, f, x), torch.einsum("bkn,bnf,bn->bkf", wt, f, w)]
 
     def pad(t, last2):
         return torch.nn.functional.pad(t, (0, BE - E, 0, MP - m) if last2 else (0, MP - m)).contiguous()
 
-    return (
-        pad(SL, True).to(sdt),
-        pad(ZL, False).float(),
-        pad(SG, True).float(),
-        pad(ZG, False).float(),
-    )
-
-
-def _c2(omega):
-    """Each head's causal key stabilizer (H,) fp32, as the key scan stores it for the chunk kernels
-    ((maxⱼ‖ωⱼ‖²/2 − 40)·log2 e + log2 √m; test_kernels_performer_chunked checks the scan's)."""
-    return ref.causal_key_shift(omega) * 1.4426950408889634 + 0.5 * math.log2(omega.shape[1])
+    SL, ZL, SG, ZG = out
+    return pad(SL, True).to(sdt), pad(ZL, False).float(), pad(SG, True).float(), pad(ZG, False).float()
 
 
 def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     """Run one chunk kernel on states built in float64 from the reference (CPS chunks per
-    segment): which = "q" gives dq, "k" gives (dk, dv)."""
+    segment), with the causal key stabilizer MX of reference.causal_key_max (in the kernels'
+    units, fp32): which = "q" gives dq, "k" gives (dk, dv)."""
     cfg = triton_kernels._Cfg(q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK, False, False)
     B, H, N, m = cfg.B, cfg.H, cfg.N, cfg.m
     NC = -(-N // CHUNK)
@@ -126,10 +145,19 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     sdt = torch.float32 if cfg.feat_f32 else torch.bfloat16
     mptr = key_mask if key_mask is not None else q
     up = [t.double() for t in (q, k, v, omega)]
-    phiq, phik, _, out, den = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
+    phiq, phik, _, out, den, km = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
+    softmax = kernel_fn == "softmax"
+    MX, mx = torch.zeros(1, device=DEVICE), None  # relu: MX is not read
+    if softmax:  # log2 units, log2 √m folded in; the states use the fp32 numbers the kernels read
+        MX = (km * LOG2E + 0.5 * math.log2(m)).clamp_min(ref.NO_KEY).float().reshape(B * H, N).contiguous()
+        mx = MX.double()
     if which == "q":
-        S, z = _per_chunk(phik, up[2], torch.ones_like(phik[..., 0]), CHUNK)
-        st = _layout(S, z, CPS, False, MP, cfg.BE, sdt)
+        if softmax:  # each key at its own MX
+            lg = _logits2(k, omega, scale)
+            if key_mask is not None:
+                lg = lg.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+            phik = torch.exp2(lg - mx.view(B, H, N, 1))
+        st = _states(phik, up[2], torch.ones_like(phik[..., 0]), mx, CHUNK, CPS, False, MP, cfg.BE, sdt)
         f32 = {"device": DEVICE, "dtype": torch.float32}
         gs, gd, mq = (
             torch.empty(B * H, N, cfg.BE, **f32),
@@ -137,17 +165,20 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
             torch.empty(B * H, N, **f32),
         )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq, grad, grad, _c2(omega))  # O, STATS: not read
+        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq, grad, grad, MX)  # O, STATS: not read
         return dq, (gs, gd, mq)
     g = grad.double()
     gs = g / den
     gd = -(g * out).sum(-1) / den[..., 0]
-    S, z = _per_chunk(phiq, gs, gd, CHUNK)
-    st = _layout(S, z, CPS, True, MP, cfg.BE, sdt)
-    # The query stabilizer in log2 units, log2 √m folded in: φq = exp2(lg − mq).
-    xs = up[0] * math.sqrt(scale)
-    lg = (torch.einsum("bhnd,hmd->bhnm", xs, up[3]) - 0.5 * (xs * xs).sum(-1, keepdim=True)) / math.log(2)
-    mq = lg.amax(-1) + 0.5 * math.log2(m) if kernel_fn == "softmax" else torch.zeros_like(lg[..., 0])
+    # The query stabilizer in log2 units, log2 √m folded in (fp32, as the kernel reads it):
+    # φq = exp2(lg − mq).
+    if softmax:
+        lg = _logits2(q, omega, scale)
+        mq = (lg.amax(-1) + 0.5 * math.log2(m)).float()
+        phiq = torch.exp2(lg - mq.double()[..., None])
+    else:
+        mq = torch.zeros(B, H, N, device=DEVICE, dtype=torch.float32)
+    st = _states(phiq, gs, gd, mx, CHUNK, CPS, True, MP, cfg.BE, sdt)
     gs_t = torch.nn.functional.pad(gs, (0, cfg.BE - cfg.E)).reshape(B * H, N, cfg.BE).float().contiguous()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -160,17 +191,23 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
         *st,
         gs_t,
         gd.reshape(B * H, N).float(),
-        mq.reshape(B * H, N).float(),
+        mq.reshape(B * H, N),
         dk,
         dv,
-        _c2(omega),
+        MX,
     )
     return dk, dv
 
 
-# Kernel-level cases: (kernel_fn, dtype, (B, H, N, D, E, m), mask); ids read as shapes.
+# Kernel-level cases: (kernel_fn, dtype, (B, H, N, D, E, m), mask); ids read as shapes. mask
+# "lead": also the last batch's first 20 keys masked (the causal key stabilizer is NO_KEY for a
+# whole chunk and part of the next).
+# N = 61: four chunks, so that with CPS = 2 the second segment has two chunks and chunk 3 reads
+# the key state of segment 0 through the segment factor (three chunks never do: chunk 2 is the
+# first of its segment).
 KERNEL_CASES = {
     "softmax-fp32-N45-D20-E12-m40": ("softmax", "fp32", (2, 2, 45, 20, 12, 40), True),
+    "softmax-fp32-N61-D20-E12-m40-leadmask": ("softmax", "fp32", (2, 2, 61, 20, 12, 40), "lead"),
     "relu-fp32-N45-D20-E12-m40": ("relu", "fp32", (2, 2, 45, 20, 12, 40), True),
     "softmax-bf16-N45-D20-E20-m40": ("softmax", "bf16", (2, 2, 45, 20, 20, 40), True),
     "softmax-fp16-N33-D16-E16-m24-nomask": (
@@ -184,9 +221,9 @@ KERNEL_CASES = {
 
 @pytest.mark.parametrize("case", list(KERNEL_CASES), ids=list(KERNEL_CASES))
 def test_bwd_k_kernel_on_reference_states(poison, case):
-    """dk and dv from exact suffix states (two segments: CPS = 2 over three chunks)."""
+    """dk and dv from exact suffix states (two segments: CPS = 2 over three or four chunks)."""
     kernel_fn, dtype, shape, mask = KERNEL_CASES[case]
-    args = _inputs(*shape, DTYPES[dtype], mask=mask)
+    args = _inputs(*shape, DTYPES[dtype], mask=bool(mask), lead_off=20 if mask == "lead" else 0)
     scale = shape[3] ** -0.5
     dk, dv = _kernel_run(*args, kernel_fn, scale, 2, "k")
     _, dk_want, dv_want = _expected(*args, kernel_fn, scale)
@@ -198,7 +235,7 @@ def test_bwd_k_kernel_on_reference_states(poison, case):
 def test_bwd_q_kernel_on_reference_states(poison, case):
     """dq, and the G' and stabilizer it stores, from exact prefix states (two segments)."""
     kernel_fn, dtype, shape, mask = KERNEL_CASES[case]
-    args = _inputs(*shape, DTYPES[dtype], mask=mask)
+    args = _inputs(*shape, DTYPES[dtype], mask=bool(mask), lead_off=20 if mask == "lead" else 0)
     grad, q, k, v, omega, key_mask = args
     scale = shape[3] ** -0.5
     dq, (gs, gd, mq) = _kernel_run(*args, kernel_fn, scale, 2, "q")
@@ -206,7 +243,7 @@ def test_bwd_q_kernel_on_reference_states(poison, case):
     assert_close(dq, dq_want, name="dq")
     B, H, N, E = v.shape
     up = [t.double() for t in (q, k, v, omega)]
-    _, _, _, out, den = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
+    _, _, _, out, den, _ = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
     g = grad.double()
     gs_want = (g / den).reshape(B * H, N, E)
     gd_want = (-(g * out).sum(-1) / den[..., 0]).reshape(B * H, N)
@@ -289,6 +326,15 @@ def test_all_keys_masked_gives_zero(poison, small_tiles):
     assert torch.all(dq[-1] == 0) and torch.all(dk[-1] == 0) and torch.all(dv[-1] == 0)
 
 
+def test_leading_keys_masked(poison, small_tiles):
+    """The last batch's first 20 keys masked: its causal key stabilizer (the pre-pass) is NO_KEY
+    over a whole chunk and part of the next. Those queries see no key and those keys get no
+    gradient (dq, dk, dv exactly 0 there); the rest match the reference."""
+    args = _inputs(2, 2, 45, 16, 16, 40, torch.float32, mask=True, lead_off=20)
+    dq, dk, dv = _run_backward(*args, "softmax", 0.25)
+    assert torch.all(dq[-1, :, :20] == 0) and torch.all(dk[-1, :, :20] == 0) and torch.all(dv[-1, :, :20] == 0)
+
+
 @pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
 def test_single_position(poison, small_tiles, kernel_fn):
     """N = 1: a lone query over a lone key gives out = v, so dq = dk = 0."""
@@ -348,44 +394,55 @@ def test_rejects_bad_arguments():
 
 
 def _stats_want(q, k, omega, key_mask, kernel_fn, scale):
-    """(mq, den) (B, H, N) in float64 as the kernels define them: φq = exp2(lg_q − mq) with mq the
-    row max of lg_q plus log2 √m, φk = exp2(lg_k − c2) with the causal constant c2 (softmax), or
-    relu features and mq = 0; den = Σ_{j ≤ i} φq_i·φk_j over unmasked keys."""
+    """(mq, den, MX) (B, H, N) in float64 as the kernels define them: φq = exp2(lg_q − mq) with mq the
+    row max of lg_q plus log2 √m, and (softmax) each key at its own running key max MX (the row
+    max of lg_k over unmasked keys j' ≤ j plus log2 √m, NO_KEY before the first), φk = exp2(lg_k −
+    MX), key j entering query i's den times exp2(MX_j − MX_i); or relu features and mq = 0.
+    den = Σ_{j ≤ i} φq_i·φk_j (·exp2(MX_j − MX_i)) over unmasked keys. MX is None for relu."""
     q, k, omega = (t.double() for t in (q, k, omega))
     m = omega.shape[1]
     rs = math.sqrt(scale)
     proj = [torch.einsum("bhnd,hmd->bhnm", x * rs, omega) for x in (q, k)]
+    rel, mx = 1.0, None
     if kernel_fn == "softmax":
         lg = [(p - 0.5 * ((x * rs) ** 2).sum(-1, keepdim=True)) / math.log(2) for p, x in zip(proj, (q, k))]
         mq = lg[0].amax(-1) + 0.5 * math.log2(m)
-        c2 = (0.5 * (omega * omega).sum(-1).amax(-1) - 40.0) / math.log(2) + 0.5 * math.log2(m)  # (H,)
+        lgk = lg[1]
+        if key_mask is not None:
+            lgk = lgk.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+        mx = torch.cummax(lgk.amax(-1) + 0.5 * math.log2(m), -1).values.clamp_min(ref.NO_KEY)  # (B, H, N)
         phq = torch.exp2(lg[0] - mq[..., None])
-        phk = torch.exp2(lg[1] - c2[None, :, None, None])
+        phk = torch.exp2(lgk - mx[..., None])
+        rel = torch.exp2((mx[..., None, :] - mx[..., :, None]).clamp_max(0.0))  # (i, j): exp2(MX_j − MX_i), j ≤ i
     else:
         mq = torch.zeros(proj[0].shape[:3], dtype=torch.float64, device=q.device)
         phq, phk = (torch.relu(p) / math.sqrt(m) + ref.RELU_EPS for p in proj)
     if key_mask is not None:
         phk = phk * key_mask[:, None, :, None]
-    den = torch.tril(phq @ phk.transpose(-1, -2)).sum(-1)
-    return mq, den
+    den = torch.tril((phq @ phk.transpose(-1, -2)) * rel).sum(-1)
+    return mq, den, mx
 
 
 @pytest.mark.parametrize("case", list(E2E_CASES), ids=list(E2E_CASES))
 def test_backward_from_saved_stats(poison, small_tiles, case):
-    """performer_attention_train's out and stats (mq, den against float64), then the backward
-    given them: the dq pass reads them instead of recomputing (SAVED), and the gradients match
-    the float64 reference."""
+    """performer_attention_train's out and stats (mq, den and, softmax, the causal key stabilizer
+    MX, against float64), then the backward given them: the dq pass reads them instead of
+    recomputing (SAVED), and the gradients match the float64 reference."""
     kernel_fn, dtype, shape, mask = E2E_CASES[case]
     grad, q, k, v, omega, key_mask = _inputs(*shape, DTYPES[dtype], mask=mask)
     scale = shape[3] ** -0.5
     out, stats = triton_kernels.performer_attention_train(q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK)
     B, H, N = q.shape[:3]
-    assert stats.shape == (B, H, 2, N) and stats.dtype == torch.float32
+    assert stats.shape == (B, H, 3, N) and stats.dtype == torch.float32
     up = [t.double() for t in (q, k, v, omega)]
     assert_close(out, ref.performer_attention(*up, key_mask, kernel_fn, True, scale), name="out")
-    mq, den = _stats_want(q, k, omega, key_mask, kernel_fn, scale)
+    mq, den, mx = _stats_want(q, k, omega, key_mask, kernel_fn, scale)
     assert_close(stats[:, :, 0], mq, rtol=1e-6, name="mq")
     assert_close(stats[:, :, 1], den, rtol=RTOL[q.dtype], name="den")
+    if mx is not None:  # (relu: row 2 is not used)
+        none = mx == ref.NO_KEY
+        assert torch.all(stats[:, :, 2][none] == ref.NO_KEY)
+        assert_close(stats[:, :, 2][~none], mx[~none], rtol=RTOL[torch.float32], name="key max")
     got = triton_kernels.performer_attention_backward(
         grad, q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK, out=out, stats=stats
     )
@@ -417,7 +474,7 @@ def test_rejects_bad_stats(small_tiles):
     grad, q, k, v, omega, _ = _inputs(1, 2, 17, 16, 16, 16, torch.float32, mask=False)
     out, stats = triton_kernels.performer_attention_train(q, k, v, omega, None, "softmax", True, 0.25)
     args = (grad, q, k, v, omega, None, "softmax", True, 0.25)
-    with pytest.raises(ValueError, match=r"stats must be .* \(1, 2, 2, 17\)"):
+    with pytest.raises(ValueError, match=r"stats must be .* \(1, 2, 3, 17\)"):
         triton_kernels.performer_attention_backward(*args, out=out, stats=stats[:, :, :1])
     with pytest.raises(ValueError, match="stats must be"):
         triton_kernels.performer_attention_backward(*args, out=out, stats=stats.double())

@@ -28,9 +28,9 @@ Passes: :class:`ChunkScan` (``_scan_kernel``, grid (feature tiles, segments, B·
 head's feature tiles loaded once per program) where they fit in registers, else
 ``_fwd_chunk_kernel``. Shapes (:func:`chunked_supports`): the whole
 padded head dim in one tile (≤ 128 for bf16, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32), padded E ≤
-128, any m. Causal softmax keys use triton.py's stabilizer c2 (maxⱼ‖ωⱼ‖²/2 − 40, log2 units, log2
-√m folded in), computed tile by tile (:func:`_causal_c2_tiles`) by the key scan, which stores it
-once per head for the chunk kernels.
+128, any m. Causal softmax keys are scaled by the running key max (triton.py's ``_Cfg.key_max``,
+a pre-pass): states at the stabilizer of a chunk's last position, queries at their own
+(:func:`_scan_kernel`, :func:`_chunk_attend`).
 """
 
 from __future__ import annotations
@@ -48,14 +48,18 @@ from .triton import (
     WHOLE_D_F32,
     _cast,
     _Cfg,
+    _chunk_end,
     _contiguous_strides,
+    _decay,
     _dot,
     _f32,
     _key_valid,
     _load_rows,
     _mm,
+    _omega_rows,
     _phi_key,
     _pow2,
+    _row_max,
     _run,
     _scalars,
 )
@@ -132,43 +136,31 @@ def chunked_supports(q: Tensor, v: Tensor, omega: Tensor) -> bool:
 
 
 @triton.jit
-def _omega_tile(W, h, D, M, m0, BD: tl.constexpr, BMT: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
-    """Rows [m0, m0 + BMT) of head h's ω (contiguous (H, M, D)), all BD padded columns: a
-    (BMT, BD) tile in DT, zero outside (M, D)."""
-    offs_m = m0 + tl.arange(0, BMT)
-    offs_d = tl.arange(0, BD)
-    w = tl.load(
-        W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    return _cast(w, DT, INTERP)
-
-
-@triton.jit
-def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, BMT: tl.constexpr, BE: tl.constexpr):
+def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT: tl.constexpr, BE: tl.constexpr):
     """Chunk c's state, feature rows [m0, m0 + BMT): S (BMT, BE) and z (BMT,), both fp32, the
-    chunk's local state within its segment plus the segment's (layout: module docstring)."""
+    chunk's local state within its segment plus the segment's times gf (causal softmax: the factor
+    between their stabilizers, :func:`_segment_factor`; else 1) (layout: module docstring)."""
     s = c // CPS
     rows = m0 + tl.arange(0, BMT)
     cols = tl.arange(0, BE)
     tile = rows[:, None] * BE + cols[None, :]
-    S = tl.load(SL + (bh * NC + c) * MP * BE + tile).to(tl.float32) + tl.load(SG + (bh * P + s) * MP * BE + tile)
-    z = tl.load(ZL + (bh * NC + c) * MP + rows) + tl.load(ZG + (bh * P + s) * MP + rows)
+    S = tl.load(SL + (bh * NC + c) * MP * BE + tile).to(tl.float32) + tl.load(SG + (bh * P + s) * MP * BE + tile) * gf
+    z = tl.load(ZL + (bh * NC + c) * MP + rows) + tl.load(ZG + (bh * P + s) * MP + rows) * gf
     return S, z
 
 
 @triton.jit
-def _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BMT: tl.constexpr):
-    """Causal key stabilizer of head h (log2 units, log2 √m folded in), the number triton.py's
-    ``_causal_c2`` gives: (maxⱼ‖ωⱼ‖²/2 − 40)·log2(e) + log2 √m, with ω read in (BMT, BD) tiles
-    (no whole-m tile). The key scan and every chunk kernel must use this same helper, so that the
-    prefix states and the intra-chunk part share one constant."""
-    mx = tl.max(tl.zeros((BMT,), tl.float32), 0)
-    for m0 in range(0, M, BMT):
-        w = _omega_tile(W, h, D, M, m0, BD, BMT, tl.float32, False)
-        mx = tl.maximum(mx, tl.max(tl.sum(w * w, 1), 0))
-    return (0.5 * mx - 40.0) * 1.4426950408889634 + log2_sqrt_m
+def _segment_factor(MX, bh, N, c, CPS, BN: tl.constexpr, REVERSE: tl.constexpr):
+    """Causal softmax: the factor ≤ 1 that takes chunk c's segment state (SG) to the stabilizer
+    of its local state (SL). Keys (forward): SL[c] is at E(c − 1), the chunk before c, and SG at
+    E of the chunk before the segment. Queries (REVERSE, the backward's R): SL[c] is at E(c), SG at
+    E of the segment's last chunk."""
+    s0 = (c // CPS) * CPS
+    if REVERSE:
+        f = _decay(_chunk_end(MX, bh, N, c, BN), _chunk_end(MX, bh, N, tl.minimum(s0 + CPS, tl.cdiv(N, BN)) - 1, BN))
+    else:
+        f = _decay(_chunk_end(MX, bh, N, s0 - 1, BN), _chunk_end(MX, bh, N, c - 1, BN))
+    return f
 
 
 @triton.jit
@@ -203,7 +195,7 @@ def _phi_query(projq, mq, half, fvalid, a2, rs, log2_sqrt_m, inv_sqrt_m, eps, SO
 @triton.jit
 def _chunk_attend(
     Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
-    sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+    sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr,
     FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -214,17 +206,19 @@ def _chunk_attend(
     Qb, Kb, Vb: the (b, h) base pointers of q (N, D), k (N, D), v (N, E) with row/column strides
     (sqn, sqd), (skn, skd), (svn, sve); MASK the key mask (B, N) with strides (smb, smn), read
     only with HAS_MASK (CAUSAL only). W: ω contiguous (H, M, D). The whole padded head dim is one
-    tile (BD), E ≤ BE. rs = √scale, log2_sqrt_m = log2 √m, inv_sqrt_m = 1/√m, eps = RELU_EPS,
-    c2: fp32 scalars (pass them through ``_f32`` first). EVEN_M: BMT divides M (no padded
-    feature in any tile, so none is masked).
+    tile (BD), E ≤ BE. rs = √scale, log2_sqrt_m = log2 √m, inv_sqrt_m = 1/√m, eps = RELU_EPS:
+    fp32 scalars (pass them through ``_f32`` first). MX (B·H, N) fp32: the causal softmax key
+    stabilizer (triton.py's ``_Cfg.key_max``; read for causal softmax only). EVEN_M: BMT divides
+    M (no padded feature in any tile, so none is masked).
 
     * CAUSAL: the state of chunk c is SL[c] + SG[c // CPS] in the scan layout of the module
       docstring (:class:`ChunkScan`: NC chunks, P segments of CPS chunks, MP feature rows), and
       the intra-chunk masked quadratic part (keys j ≤ query i of this chunk) is added. Softmax
-      keys use the constant stabilizer c2 (:func:`_causal_c2_tiles`, the one the key scan uses).
+      keys are φ̃ⱼ = exp2(lⱼ − Mⱼ) at their own running max; query i takes the state (at E(c − 1),
+      the chunk before) times exp2(E(c − 1) − Mᵢ) and key j of its chunk times exp2(Mⱼ − Mᵢ).
     * not CAUSAL: SL is the whole-sequence state S (BH, MP, BE) (bf16 or fp32) and ZL is z
       (BH, MP) fp32, as triton.py's ``_Cfg.run_state`` returns them (MP = its BM ≥ the padded
-      feature rows); SG, ZG, CPS, NC, P, c2, Kb, Vb, MASK and their strides are not read (pass
+      feature rows); SG, ZG, CPS, NC, P, MX, Kb, Vb, MASK and their strides are not read (pass
       anything). N is the number of queries.
 
     mq is the query stabilizer φq = exp2(lg − mq) used (softmax): the row max over all M
@@ -242,18 +236,24 @@ def _chunk_attend(
     sqq = tl.sum(xf * xf, 1)
     a2 = rs * 1.4426950408889634
     half = (0.5 * rs * rs * 1.4426950408889634) * sqq  # ‖xs‖²/2 in log2 units, per row
+    gf = 1.0
     if CAUSAL:
         xk = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
         xf = xk.to(tl.float32)
         sqk = tl.sum(xf * xf, 1)
         rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
+        kstab = 0.0
+        if SOFTMAX:
+            mrow = _row_max(MX, bh, rows, N)
+            kstab = mrow[:, None]
+            gf = _segment_factor(MX, bh, N, c, CPS, BN, False)
     num = tl.zeros((BN, BE), tl.float32)
     den = tl.zeros((BN,), tl.float32)
     A = tl.zeros((BN, BN), tl.float32)  # φq·φkᵀ over all features (causal), masked after the loop
     mq = tl.full((BN,), -1e30, tl.float32)  # running row max of lg (softmax)
     for m0 in range(0, M, BMT):
         # ω's tile is loaded here, inside the loop: hoisted, every tile would stay on chip.
-        w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+        w = _omega_rows(W, h, D, M, m0, 0, BD, BMT, DT, INTERP)
         fvalid = (m0 + tl.arange(0, BMT)) < M
         projq = _dot(xq, tl.trans(w), PREC, INTERP)
         phq, alpha, mq = _phi_query(projq, mq, half, fvalid, a2, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX, EVEN_M)
@@ -265,9 +265,9 @@ def _chunk_attend(
         # The key tile first, so that its (C × BMT) tiles are dead before the state tile loads.
         if CAUSAL:
             projk = _dot(xk, tl.trans(w), PREC, INTERP)
-            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
+            phk = _phi_key(projk, sqk, fvalid, rvalid, kstab, rs, inv_sqrt_m, eps, SOFTMAX)
             A += _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
-            S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, BMT, BE)
+            S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT, BE)
         else:
             mrows = m0 + tl.arange(0, BMT)
             S = tl.load(SL + bh * MP * BE + mrows[:, None] * BE + offs_e[None, :])
@@ -275,6 +275,11 @@ def _chunk_attend(
         num += _mm(phq, S, FEAT_F32, PREC, INTERP)
         den += tl.sum(phq * z[None, :], 1)
     if CAUSAL:  # the intra-chunk part, once: keys j ≤ query i
+        if SOFTMAX:
+            fq = _decay(_chunk_end(MX, bh, N, c - 1, BN), mrow)
+            num = num * fq[:, None]
+            den = den * fq
+            A = A * _decay(mrow[None, :], mrow[:, None])
         A = tl.where(offs_n[:, None] >= offs_n[None, :], A, 0.0)
         vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)  # here: not live across the loop
         num += _mm(A, vt, FEAT_F32, PREC, INTERP)
@@ -293,7 +298,7 @@ def _chunk_attend(
 
 @triton.jit
 def _scan_kernel(
-    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG, C2,
+    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG, MX,
     N, D, E, M, H,
     sxb, sxh, sxn, sxd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, MP,
@@ -305,8 +310,14 @@ def _scan_kernel(
     segment s (backward with REVERSE) for feature rows [t·BMT, (t+1)·BMT): before each chunk it
     stores the running sums into SL/ZL (the exclusive prefix/suffix within the segment), then adds
     the chunk's φᵀ·vals and Σ φ (·zw); the segment totals go to SG/ZG (made exclusive over
-    segments by _segment_scan_kernel). The key scan of softmax features also stores each head's
-    causal stabilizer c2 in C2 (H,) fp32, for the chunk kernels."""
+    segments by _segment_scan_kernel).
+
+    Softmax features are scaled by the causal key stabilizer MX (B·H, N) fp32 (triton.py's
+    ``_Cfg.key_max``), so that every factor is ≤ 1: the running sums are at E(c), the stabilizer of
+    chunk c's last position, moving by exp2(E(c − 1) − E(c)) from chunk to chunk. Keys: chunk c
+    adds φ(kⱼ) = exp2(lⱼ − E(c)) and SL[c] is at E(c − 1). Queries (the backward's R, REVERSE):
+    chunk c adds φ(qᵢ)·exp2(E(c − 1) − Mᵢ) and SL[c] is at E(c). The segment totals are at the
+    scale the walk ends at."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     bh = tl.program_id(2)
@@ -323,13 +334,8 @@ def _scan_kernel(
     Xb = X + b * sxb + h * sxh
     Vb = VALS + b * svb + h * svh
     DT = X.dtype.element_ty
-    c2 = 0.0
-    if SOFTMAX and not QUERY:
-        c2 = _causal_c2_tiles(W, h, D, M, log2_sqrt_m, BD, BMT)
-        # Once per head, so that the chunk programs load it rather than recompute it from ω.
-        tl.store(C2 + h, c2, mask=(t == 0) & (s == 0) & (b == 0))
     # One feature tile per program: its ω tile is loop-invariant (and small), loaded once.
-    w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+    w = _omega_rows(W, h, D, M, m0, 0, BD, BMT, DT, INTERP)
     tile = mrows[:, None] * BE + offs_e[None, :]
     acc = tl.zeros((BMT, BE), tl.float32)
     accz = tl.zeros((BMT,), tl.float32)
@@ -340,6 +346,11 @@ def _scan_kernel(
         loc = (bh * NC + ci) * MP
         tl.store(SL + loc * BE + tile, _cast(acc, SL.dtype.element_ty, INTERP))
         tl.store(ZL + loc + mrows, accz)
+        if SOFTMAX:  # the sums move from E(ci − 1) to E(ci) (keys) or back (queries)
+            e_lo = _chunk_end(MX, bh, N, ci - 1, BN)
+            e_hi = _chunk_end(MX, bh, N, ci, BN)
+            acc = acc * _decay(e_lo, e_hi)
+            accz = accz * _decay(e_lo, e_hi)
         rows = ci * BN + offs_n
         # Features transposed, (BMT, BN): φᵀ is then the A operand of φᵀ·vals as computed, with
         # no (C × BMT) transpose through shared memory.
@@ -356,9 +367,10 @@ def _scan_kernel(
             lgT = projT * (rs * 1.4426950408889634) - ((0.5 * rs * rs * 1.4426950408889634) * sq)[None, :]
             if QUERY:
                 stab = tl.load(STAB + bh * N + rows, mask=rvalid, other=0.0)
-                phiT = tl.where(valid, tl.exp2(lgT - stab[None, :]), 0.0)
+                stab += tl.maximum(_row_max(MX, bh, rows, N) - e_lo, 0.0)
+                phiT = tl.exp2(tl.where(valid, lgT - stab[None, :], float("-inf")))
             else:
-                phiT = tl.where(valid, tl.exp2(lgT - c2), 0.0)
+                phiT = tl.exp2(tl.where(valid, lgT - e_hi, float("-inf")))
         else:
             phiT = tl.where(valid, tl.maximum(projT * rs, 0.0) * inv_sqrt_m + eps, 0.0)
         vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
@@ -453,7 +465,7 @@ def _key_pass_kernel(
     fvalid = mrows < M
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
-    w = _omega_tile(W, h, D, M, m0, BD, BMT, K.dtype.element_ty, INTERP)
+    w = _omega_rows(W, h, D, M, m0, 0, BD, BMT, K.dtype.element_ty, INTERP)
     acc = tl.zeros((BMT, BE), tl.float32)
     accz = tl.zeros((BMT,), tl.float32)
     run = tl.full((BMT,), -1e30, tl.float32)
@@ -481,9 +493,13 @@ def _key_pass_kernel(
 
 
 @triton.jit
-def _segment_scan_kernel(SG, ZG, P, MP, BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr):
+def _segment_scan_kernel(
+    SG, ZG, MX, P, MP, N, L, BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr, RESCALE: tl.constexpr
+):  # fmt: skip
     """Grid (MP / BMT, B·H): the P segment totals of one (batch·head, feature tile) replaced, in
-    place, by their exclusive prefix (suffix with REVERSE) sums."""
+    place, by their exclusive prefix (suffix with REVERSE) sums. RESCALE (softmax): segment s
+    (positions [s·L, (s+1)·L) of N) holds its total at the key stabilizer MX of its last position
+    (keys) or of the one before it (REVERSE); the running sum moves between them by exp2(Eb − Ee)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
     mrows = t * BMT + tl.arange(0, BMT)
@@ -496,13 +512,18 @@ def _segment_scan_kernel(SG, ZG, P, MP, BMT: tl.constexpr, BE: tl.constexpr, REV
         z = tl.load(ZG + p + mrows)
         tl.store(SG + p * BE + tile, acc)
         tl.store(ZG + p + mrows, accz)
+        if RESCALE:
+            sg = P - 1 - i if REVERSE else i
+            f = _decay(_chunk_end(MX, bh, N, sg - 1, L), _chunk_end(MX, bh, N, sg, L))
+            acc = acc * f
+            accz = accz * f
         acc += s
         accz += z
 
 
 @triton.jit
 def _fwd_chunk_kernel(
-    Q, K, V, W, MASK, SL, ZL, SG, ZG, O, STATS, C2,
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, O, STATS, MX,
     N, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     sob, soh, son, soe,
@@ -512,29 +533,27 @@ def _fwd_chunk_kernel(
     EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
-    the rows' query stabilizer mq and normalizer den into STATS (B·H, 2, N) fp32 (row 0 mq, row 1
-    den), which the backward reads instead of recomputing the forward. C2 (H,): the key scan's
-    causal stabilizers (read for causal softmax only)."""
+    the rows' query stabilizer mq and normalizer den into STATS (B·H, 3, N) fp32 (row 0 mq, row 1
+    den; row 2 is the host's: the key stabilizer), which the backward reads instead of recomputing
+    the forward. MX (B·H, N): the causal key
+    stabilizer (read for causal softmax only)."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
-    c2 = 0.0
-    if SOFTMAX and CAUSAL:
-        c2 = tl.load(C2 + h)
     num, den, mq = _chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
-        rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+        rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
         BN, BD, BE, BMT, SOFTMAX, CAUSAL, HAS_MASK, EVEN_M, FEAT_F32, PREC, INTERP,
     )  # fmt: skip
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
     rows = c * BN + tl.arange(0, BN)
     offs_e = tl.arange(0, BE)
     if WRITE_STATS:
-        tl.store(STATS + bh * 2 * N + rows, mq, mask=rows < N)
-        tl.store(STATS + bh * 2 * N + N + rows, den, mask=rows < N)
+        tl.store(STATS + bh * 3 * N + rows, mq, mask=rows < N)
+        tl.store(STATS + bh * 3 * N + N + rows, den, mask=rows < N)
     tl.store(
         O + b * sob + h * soh + rows[:, None] * son + offs_e[None, :] * soe,
         _cast(out, O.dtype.element_ty, INTERP),
@@ -549,7 +568,7 @@ def _out_tile(W, SL, ZL, h, bh, t, D, M, MP, BD: tl.constexpr, BE: tl.constexpr,
     (batch·head) bh's whole-sequence state S (BMT, BE) as stored and z (BMT,) fp32, and which rows
     are real features (< M)."""
     mrows = t * BMT + tl.arange(0, BMT)
-    w = _omega_tile(W, h, D, M, t * BMT, BD, BMT, DT, INTERP)
+    w = _omega_rows(W, h, D, M, t * BMT, 0, BD, BMT, DT, INTERP)
     S = tl.load(SL + bh * MP * BE + mrows[:, None] * BE + tl.arange(0, BE)[None, :])
     z = tl.load(ZL + bh * MP + mrows)
     return w, S, z, mrows < M
@@ -668,7 +687,7 @@ class ChunkScan:
 
     and called with tensors of that signature::
 
-        scan(x, vals, omega, mask, stab, zw) -> (SL, ZL, SG, ZG)
+        scan(x, vals, omega, mask, stab, zw, mx) -> (SL, ZL, SG, ZG)
 
     Args:
         x: (B, H, N, D), any strides: the feature source (keys, or queries with ``query``).
@@ -681,10 +700,11 @@ class ChunkScan:
         e: columns of vals summed (default vals.shape[-1]); columns ≥ e are read as 0. BE =
             their padded count.
         mask_strides, has_mask: the key mask (B, N)'s strides, and whether it is read (keys only).
-        query: False: key features φk = exp2(lg − c2) with the causal constant c2
-            (:func:`_causal_c2_tiles`) for softmax, masked keys → 0. True: query features
+        query: False: key features φk = exp2(lg − E) for softmax, E the causal key stabilizer of
+            the chunk's last position (``mx``), masked keys → 0. True: query features
             φq = exp2(lg − stab_i) with stab (BH, N) fp32 (the forward's mq: log2 √m folded in),
-            no mask. relu: max(ω·xs, 0)/√m + eps either way. Rows ≥ N and padded features → 0.
+            times exp2(E(c − 1) − Mᵢ), no mask. relu: max(ω·xs, 0)/√m + eps either way. Rows ≥ N
+            and padded features → 0. (The scales: :func:`_scan_kernel`.)
         weighted: z sums φ·zw with zw (BH, N) fp32; else z sums φ.
         reverse: exclusive suffixes (later chunks), chunks walked backward; else prefixes.
         feat_f32: fp32 operands (fp16/fp32 inputs) or bf16 (bf16 inputs); also the dtype of SL
@@ -692,13 +712,14 @@ class ChunkScan:
         fast, trace: as kernels._launch.Launch.
 
     Call arguments: mask the bool key mask (or None), stab (BH, N) fp32 (query softmax; else
-    None), zw (BH, N) fp32 (weighted; else None).
+    None), zw (BH, N) fp32 (weighted; else None), mx (BH, N) fp32 the causal key stabilizer
+    (triton.py's ``_Cfg.key_max``; softmax; else None).
 
     Returns (layout in the module docstring; chunk c's state is SL[c] + SG[c // CPS]):
         SL (BH, NC, MP, BE) state dtype, ZL (BH, NC, MP) fp32: within-segment exclusive sums;
-        SG (BH, P, MP, BE) fp32, ZG (BH, P, MP) fp32: exclusive sums over segments;
-        c2 (H,) fp32: each head's causal key stabilizer (:func:`_causal_c2_tiles`) for a key scan
-        of softmax features, which the chunk kernels read; else None.
+        SG (BH, P, MP, BE) fp32, ZG (BH, P, MP) fp32: exclusive sums over segments (softmax: at
+        the stabilizer of the position before the segment (keys) or of its last one (queries);
+        the chunk kernels rescale them, :func:`_segment_factor`).
 
     Attributes: NC (chunks), P (segments), CPS (chunks per segment), MP (padded feature rows, a
     multiple of BMT), BMT, BE, BN, state_dtype. P is chosen so that the grid holds about
@@ -707,7 +728,8 @@ class ChunkScan:
     Raises:
         ValueError: kernel_fn not softmax/relu, chunk or m_tile not a power of two ≥ 16, a head
             dim wider than one tile (padded D > 128), vals of the wrong shape or rank, e past
-            vals' columns or padded past 128.
+            vals' columns or padded past 128, a softmax scan other than a key prefix or a query
+            suffix; at the call, a softmax scan without mx.
     """
 
     def __init__(
@@ -718,6 +740,12 @@ class ChunkScan:
             raise ValueError(f"kernel_fn must be one of ['softmax', 'relu'], got {kernel_fn!r}")
         if chunk < 16 or chunk & (chunk - 1):
             raise ValueError(f"chunk must be a power of two >= 16, got {chunk}")
+        if kernel_fn == "softmax" and query != reverse:
+            # The stabilizer's scales are those of the key prefix and the query suffix only.
+            raise ValueError(
+                f"softmax scans are key prefixes (query=False, reverse=False) or query suffixes (query=True, "
+                f"reverse=True), got query={query}, reverse={reverse}"
+            )
         B, H, N, D = x.shape
         m = omega.shape[1]
         if omega.shape != (H, m, D):
@@ -762,27 +790,28 @@ class ChunkScan:
             meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
         )  # fmt: skip
         self.segment = _Launch(
-            _segment_scan_kernel, (self.NT, self.BH), 2, (self.P, self.MP),
-            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse}, {"num_warps": 4}, fast, trace,
+            _segment_scan_kernel, (self.NT, self.BH), 3, (self.P, self.MP, N, self.CPS * chunk),
+            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse, "RESCALE": kernel_fn == "softmax"},
+            {"num_warps": 4}, fast, trace,
         )  # fmt: skip
 
-    def __call__(self, x, vals, omega, mask, stab, zw) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor | None]:
+    def __call__(self, x, vals, omega, mask, stab, zw, mx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         BH, NC, P, MP, BE = self.BH, self.NC, self.P, self.MP, self.BE
         dev = self.device
+        if self.meta["SOFTMAX"] and mx is None:
+            raise ValueError("a softmax scan needs mx, the causal key stabilizer (triton.py's _Cfg.key_max)")
         SL = torch.empty(BH, NC, MP, BE, device=dev, dtype=self.state_dtype)
         ZL = torch.empty(BH, NC, MP, device=dev, dtype=torch.float32)
         SG = torch.empty(BH, P, MP, BE, device=dev, dtype=torch.float32)
         ZG = torch.empty(BH, P, MP, device=dev, dtype=torch.float32)
-        c2 = None
-        if self.meta["SOFTMAX"] and not self.meta["QUERY"]:
-            c2 = torch.empty(omega.shape[0], device=dev, dtype=torch.float32)
-        # Pointers never read (no mask, no stabilizer, no weights, no c2) are given x.
+        # Pointers never read (no mask, no stabilizer, no weights, relu's mx) are given x.
         mask = x if mask is None else mask
         stab = x if stab is None else stab
         zw = x if zw is None else zw
-        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG, x if c2 is None else c2)
-        _run(self, "segment", SG, ZG)
-        return SL, ZL, SG, ZG, c2
+        mx = x if mx is None else mx
+        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG, mx)
+        _run(self, "segment", SG, ZG, mx)
+        return SL, ZL, SG, ZG
 
 
 def _check_tiles(c: _Cfg, dtype: torch.dtype) -> None:
@@ -819,8 +848,9 @@ class ChunkedForwardPlan:
     whole-sequence state), then the output pass: ``_out_pass_kernel`` where its tiles fit
     (``OUT_PERSIST``; ``out_pass`` is then its launch), else ``_fwd_chunk_kernel``.
 
-    With ``stats=True`` (causal only) the call returns ``(out, stats)``: stats (B, H, 2, N) fp32
-    holds each query row's stabilizer mq and normalizer den, which
+    With ``stats=True`` (causal only) the call returns ``(out, stats)``: stats (B, H, 3, N) fp32
+    holds each query row's stabilizer mq and normalizer den and (softmax; unspecified for relu)
+    the causal key stabilizer of each position, which
     :class:`.chunked_bwd.ChunkedBackwardPlan` takes instead of recomputing the forward.
 
     Raises:
@@ -847,6 +877,7 @@ class ChunkedForwardPlan:
                 has_mask=key_mask is not None, feat_f32=c.feat_f32, prec=c.meta["PREC"], fast=fast, trace=trace,
             )  # fmt: skip
             NC, P, CPS, MP = self.scan.NC, self.scan.P, self.scan.CPS, self.scan.MP
+            self.key_max = c.key_max_launch(k)
         else:
             # The key pass in feature tiles of BMT rows (BMT divides the padded m, BM: both powers
             # of two, BMT clamped to BM), then the reduce over its segments.
@@ -906,18 +937,22 @@ class ChunkedForwardPlan:
 
     def __call__(self, q, k, v, omega, mask) -> Tensor | tuple[Tensor, Tensor]:
         if self.causal:
-            SL, ZL, SG, ZG, c2 = self.scan(k, v, omega, mask, None, None)
+            mx = self.cfg.key_max(self, k, omega, mask)
+            SL, ZL, SG, ZG = self.scan(k, v, omega, mask, None, None, mx)
         else:
             SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask, self.cfg.BM)
-            SG = ZG = ZL  # not read
-            c2 = None
+            SG = ZG = mx = ZL  # not read
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
         c = self.cfg
         if self.out_pass is not None:
             _run(self, "out_pass", q, omega, SL, ZL, out)
             return out
-        stats = torch.empty(c.B, c.H, 2, c.N, device=q.device, dtype=torch.float32) if self.stats else out
-        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, ZL if c2 is None else c2)
+        stats = out
+        if self.stats:
+            stats = torch.empty(c.B, c.H, 3, c.N, device=q.device, dtype=torch.float32)
+            if self.causal and c.softmax:  # kept for the backward: it spares a key_max pass
+                stats[:, :, 2].copy_(mx.view(c.B, c.H, c.N))
+        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, mx)
         return (out, stats) if self.stats else out
 
 

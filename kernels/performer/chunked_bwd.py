@@ -20,9 +20,11 @@ per chunk, and walk the feature tiles of BMT rows: on chip are a few (C × BMT),
 
 The query stabilizer mq (row max of the logits over all m features, log2 √m folded in) is a
 constant in the gradient (it cancels in num/den), but φq must be the same numbers in every pass:
-the recompute stores it and the later passes read it. The causal key stabilizer c2 depends on ω
-only: the backward's key scan stores it per head (C2 (H,) fp32) and both chunk kernels read it.
-Extra memory: G' and mq, B·H·N·(BE + 2) fp32, besides the scans' states.
+the recompute stores it and the later passes read it. Softmax keys are scaled by the causal key
+stabilizer M (triton.py's ``_Cfg.key_max``, recomputed here, as the forward computed it): every
+term above takes the factor exp2(−|Mᵢ − Mⱼ|) of its (query i, key j), applied as in the forward
+(:func:`.chunked._chunk_attend`): on the states per row, inside the chunk per element.
+Extra memory: G' and mq, B·H·N·(BE + 2) fp32, and M, B·H·N fp32, besides the scans' states.
 """
 
 from __future__ import annotations
@@ -35,10 +37,12 @@ from torch import Tensor
 from .._launch import Launch as _Launch
 from . import chunked
 from . import triton as _tri
-from .chunked import _chunk_attend, _omega_tile, _state_tile
+from .chunked import _chunk_attend, _segment_factor, _state_tile
 from .triton import (
     _cast,
     _Cfg,
+    _chunk_end,
+    _decay,
     _dot,
     _dphi_t,
     _f32,
@@ -46,11 +50,21 @@ from .triton import (
     _load_rows,
     _logits,
     _mm,
+    _omega_rows,
     _phi_key,
+    _row_max,
     _run,
 )
 
 __all__ = ["ChunkedBackwardPlan", "chunked_performer_attention_backward"]
+
+# Warps and pipelining depth of the dk/dv kernel (None: chunked.WARPS; for the stages, 1 with
+# bf16 features, else chunked._stages). The kernel is past the register file (255 registers, ~100
+# values spilled since it rescales by the causal key stabilizer); on the H200 (bf16, B = 4, H = 12,
+# N = 4096, d = 64, m = 256, causal) 1 stage took 301.8 µs against 328.7 at 3 stages and 355.4 at 2;
+# 8 warps spilled less (48–68 values) but took 474–498 µs.
+BWD_K_WARPS: int | None = None
+BWD_K_STAGES: int | None = None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -103,7 +117,7 @@ def _sq_rows(x):
 
 @triton.jit
 def _chunk_bwd_q_kernel(
-    G, Q, K, V, W, MASK, SL, ZL, SG, ZG, DQ, GS, GD, MQ, O, STATS, C2, N, D, E, M, H, NC, CPS, P, MP,
+    G, Q, K, V, W, MASK, SL, ZL, SG, ZG, DQ, GS, GD, MQ, O, STATS, MX, N, D, E, M, H, NC, CPS, P, MP,
     sgb, sgh, sgn, sge, sob, soh, son, soe,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
@@ -114,7 +128,7 @@ def _chunk_bwd_q_kernel(
     prefix (layout in :mod:`.chunked`); DQ (B, H, N, D) contiguous.
 
     SAVED: the forward's output O (B, H, N, E), strides (sob, soh, son, soe), and its STATS
-    (B·H, 2, N) fp32 (mq, den; :class:`.chunked.ChunkedForwardPlan` with stats) give gs = g/den
+    (B·H, 3, N) fp32 (mq, den, ...; :class:`.chunked.ChunkedForwardPlan` with stats) give gs = g/den
     and gd = −Σ gs·out, and the chunk's forward is not recomputed. Else O and STATS are not read."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
@@ -129,15 +143,12 @@ def _chunk_bwd_q_kernel(
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
     DT = Q.dtype.element_ty
-    c2 = 0.0
-    if SOFTMAX:
-        c2 = tl.load(C2 + h)
     rows = c * BN + offs_n
     qvalid = rows < N
     g = _load_rows(Gb, rows, offs_e, N, E, sgn, sge).to(tl.float32)
     if SAVED:
-        mq = tl.load(STATS + bh * 2 * N + rows, mask=qvalid, other=0.0)
-        den = tl.load(STATS + bh * 2 * N + N + rows, mask=qvalid, other=0.0)
+        mq = tl.load(STATS + bh * 3 * N + rows, mask=qvalid, other=0.0)
+        den = tl.load(STATS + bh * 3 * N + N + rows, mask=qvalid, other=0.0)
         inv = 1.0 / tl.where(den == 0.0, 1.0, den)
         gs = g * inv[:, None]
         out = _load_rows(O + b * sob + h * soh, rows, offs_e, N, E, son, soe).to(tl.float32)
@@ -146,7 +157,7 @@ def _chunk_bwd_q_kernel(
         # The chunk's forward, recomputed: num (BN, BE), den (BN,) and the stabilizer its φq used.
         num, den, mq = _chunk_attend(
             Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
-            sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, c2,
+            sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
             BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, False, FEAT_F32, PREC, INTERP,
         )  # fmt: skip
         inv = 1.0 / tl.where(den == 0.0, 1.0, den)
@@ -168,18 +179,30 @@ def _chunk_bwd_q_kernel(
     vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
     # P = tril(gs·vᵀ + gd ⊗ 1), the same for every feature tile: formed once.
     p = _mm(gs, tl.trans(vt), FEAT_F32, PREC, INTERP) + gd[:, None]
+    kstab = 0.0
+    gf = 1.0
+    if SOFTMAX:
+        # Key j of the chunk enters query i's gradient times exp2(Mⱼ − Mᵢ), the state times
+        # exp2(E(c − 1) − Mᵢ): on P, and on gs and gd where they meet the state.
+        mrow = _row_max(MX, bh, rows, N)
+        kstab = mrow[:, None]
+        gf = _segment_factor(MX, bh, N, c, CPS, BN, False)
+        p = p * _decay(mrow[None, :], mrow[:, None])
+        fq = _decay(_chunk_end(MX, bh, N, c - 1, BN), mrow)
+        gs = gs * fq[:, None]
+        gd = gd * fq
     p = _operand(tl.where(offs_n[:, None] >= offs_n[None, :], p, 0.0), FEAT_F32, INTERP)
     gs = _operand(gs, FEAT_F32, INTERP)
     acc = tl.zeros((BN, BD), tl.float32)  # Σ_t t_t·ω_t
     tsum = tl.zeros((BN,), tl.float32)  # Σ t over all features (softmax's −Σt·xs term)
     for m0 in range(0, MP, BMT):
-        w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+        w = _omega_rows(W, h, D, M, m0, 0, BD, BMT, DT, INTERP)
         fvalid = m0 + tl.arange(0, BMT) < M
         projq = _dot(xq, tl.trans(w), PREC, INTERP)
         phq = _phi_query_tile(projq, sqq, mq, fvalid, rs, inv_sqrt_m, eps, SOFTMAX)
         projk = _dot(xk, tl.trans(w), PREC, INTERP)
-        phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
-        S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, BMT, BE)
+        phk = _phi_key(projk, sqk, fvalid, rvalid, kstab, rs, inv_sqrt_m, eps, SOFTMAX)
+        S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT, BE)
         dphi = _mm(gs, tl.trans(S), FEAT_F32, PREC, INTERP) + gd[:, None] * z[None, :]
         dphi += _mm(p, phk, FEAT_F32, PREC, INTERP)
         t = _dphi_t(dphi, phq, projq, qvalid, inv_sqrt_m, SOFTMAX)
@@ -195,7 +218,7 @@ def _chunk_bwd_q_kernel(
 
 @triton.jit
 def _chunk_bwd_k_kernel(
-    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, C2, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
+    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, MX, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
     HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
@@ -215,9 +238,6 @@ def _chunk_bwd_k_kernel(
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
     DT = K.dtype.element_ty
-    c2 = 0.0
-    if SOFTMAX:
-        c2 = tl.load(C2 + h)
     rows = c * BN + offs_n
     kvalid = rows < N
     rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
@@ -237,21 +257,36 @@ def _chunk_bwd_k_kernel(
     # (key j, query i) with i ≥ j: Pᵀ = that part of v·gsᵀ + 1 ⊗ gd, formed once.
     upper = offs_n[:, None] <= offs_n[None, :]
     pt = _mm(vt, tl.trans(gs), FEAT_F32, PREC, INTERP) + gd[None, :]
+    kstab = 0.0
+    gf = 1.0
+    if SOFTMAX:
+        # (key j, query i ≥ j) takes exp2(Mⱼ − Mᵢ); the later chunks' R (at E(c)) reaches key j
+        # times exp2(Mⱼ − E(c)) (fk: on v and rz here, on dv after the loop).
+        mrow = _row_max(MX, bh, rows, N)
+        kstab = mrow[:, None]
+        gf = _segment_factor(MX, bh, N, c, CPS, BN, True)
+        pt = pt * _decay(mrow[:, None], mrow[None, :])
+        fk = _decay(mrow, _chunk_end(MX, bh, N, c, BN))
+        # (in the operand dtype, as _mm would cast it in every step of the loop)
+        vt = _operand(vt * fk[:, None], FEAT_F32, INTERP)
     pt = _operand(tl.where(upper, pt, 0.0), FEAT_F32, INTERP)
     a = tl.zeros((BN, BN), tl.float32)  # φk·φqᵀ over all features (Aᵀ of the design)
     dv = tl.zeros((BN, BE), tl.float32)
     acc = tl.zeros((BN, BD), tl.float32)
     tsum = tl.zeros((BN,), tl.float32)
     for m0 in range(0, MP, BMT):
-        w = _omega_tile(W, h, D, M, m0, BD, BMT, DT, INTERP)
+        w = _omega_rows(W, h, D, M, m0, 0, BD, BMT, DT, INTERP)
         fvalid = m0 + tl.arange(0, BMT) < M
         projq = _dot(xq, tl.trans(w), PREC, INTERP)
         phq = _phi_query_tile(projq, sqq, mq, fvalid, rs, inv_sqrt_m, eps, SOFTMAX)
         projk = _dot(xk, tl.trans(w), PREC, INTERP)
-        phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
-        R, rz = _state_tile(RL, RZL, RG, RZG, bh, c, CPS, NC, P, m0, MP, BMT, BE)
+        phk = _phi_key(projk, sqk, fvalid, rvalid, kstab, rs, inv_sqrt_m, eps, SOFTMAX)
+        R, rz = _state_tile(RL, RZL, RG, RZG, bh, c, CPS, NC, P, m0, MP, gf, BMT, BE)
         dv += _mm(phk, R, FEAT_F32, PREC, INTERP)
-        dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
+        if SOFTMAX:
+            dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + fk[:, None] * rz[None, :]
+        else:
+            dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
         dphi += _mm(pt, phq, FEAT_F32, PREC, INTERP)
         a += _mm(phk, tl.trans(phq), FEAT_F32, PREC, INTERP)
         t = _dphi_t(dphi, phk, projk, rvalid, inv_sqrt_m, SOFTMAX)
@@ -263,6 +298,10 @@ def _chunk_bwd_k_kernel(
         mask=kvalid[:, None],
         other=0.0,
     )
+    if SOFTMAX:
+        # (the factors formed again rather than held through the loop: a (C × C) fp32 tile)
+        dv = dv * fk[:, None]
+        a = a * _decay(mrow[:, None], mrow[None, :])
     dv += _mm(tl.where(upper, a, 0.0), gs, FEAT_F32, PREC, INTERP)
     dk = _dx_final(acc, tsum, xk, rs, SOFTMAX)
     tl.store(
@@ -299,7 +338,11 @@ def _chunk_launches(cfg: _Cfg, grad, out, q, k, v, BN: int, BMT: int, warps: int
         _chunk_bwd_q_kernel, grid, 17, (*dims, *grad.stride(), *so, *strides, *cfg.scal),
         {**meta, "SAVED": out is not None}, opts, cfg.fast, cfg.trace,
     )  # fmt: skip
-    bwd_k = _Launch(_chunk_bwd_k_kernel, grid, 15, (*dims, *strides, *cfg.scal), meta, opts, cfg.fast, cfg.trace)
+    opts_k = {
+        "num_warps": BWD_K_WARPS or warps,
+        "num_stages": BWD_K_STAGES or (opts["num_stages"] if cfg.feat_f32 else 1),
+    }
+    bwd_k = _Launch(_chunk_bwd_k_kernel, grid, 15, (*dims, *strides, *cfg.scal), meta, opts_k, cfg.fast, cfg.trace)
     return bwd_q, bwd_k
 
 
@@ -314,8 +357,9 @@ class ChunkedBackwardPlan:
 
     Built with ``out`` (the forward's output, (B, H, N, E) in v's dtype: its strides are part of
     the plan), it is called as ``plan(grad, q, k, v, omega, mptr, out, stats)`` with stats (B, H,
-    2, N) fp32 contiguous from :class:`.chunked.ChunkedForwardPlan` (stats=True), and the dq pass
-    takes gs, gd and mq from them instead of recomputing the chunk's forward.
+    3, N) fp32 contiguous from :class:`.chunked.ChunkedForwardPlan` (stats=True), and the dq pass
+    takes gs, gd and mq from them instead of recomputing the chunk's forward, and (softmax) the
+    key stabilizer instead of computing it again.
 
     Passes: the key scan (S_{<c}, z_{<c}), ``_chunk_bwd_q_kernel`` (dq, and G' and mq stored), the
     reverse query scan over G' (R_{>c}, rz_{>c}), ``_chunk_bwd_k_kernel`` (dk, dv). Chunk
@@ -362,22 +406,26 @@ class ChunkedBackwardPlan:
         self.bwd_q, self.bwd_k = _chunk_launches(
             c, grad, out, q, k, v, BN, BMT, chunked.WARPS, ks.NC, ks.CPS, ks.P, ks.MP
         )
+        self.key_max = c.key_max_launch(k)
 
     def __call__(self, grad, q, k, v, omega, mptr, out=None, stats=None) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
         B, H, N, D, E, BH = c.B, c.H, c.N, c.D, c.E, c.BH
         mask = mptr if c.meta["HAS_MASK"] else None
-        SL, ZL, SG, ZG, c2 = self.key_scan(k, v, omega, mask, None, None)
-        c2 = ZL if c2 is None else c2  # relu: not read
+        if stats is not None and c.softmax:
+            mx = stats[:, :, 2].reshape(BH, N).contiguous()  # the forward's (a copy: kernels index it densely)
+        else:
+            mx = c.key_max(self, k, omega, mptr)  # (relu: a placeholder, not read)
+        SL, ZL, SG, ZG = self.key_scan(k, v, omega, mask, None, None, mx)
         gs, gd, mq = c.f32(BH, N, c.BE), c.f32(BH, N), c.f32(BH, N)
         dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
         if out is None:  # O and STATS are not read
             out = stats = grad
-        _run(self, "bwd_q", grad, q, k, v, omega, mptr, SL, ZL, SG, ZG, dq, gs, gd, mq, out, stats, c2)
-        RL, RZL, RG, RZG, _ = self.query_scan(q, gs, omega, None, mq if c.softmax else None, gd)
+        _run(self, "bwd_q", grad, q, k, v, omega, mptr, SL, ZL, SG, ZG, dq, gs, gd, mq, out, stats, mx)
+        RL, RZL, RG, RZG = self.query_scan(q, gs, omega, None, mq if c.softmax else None, gd, mx)
         dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)
         dv = torch.empty(B, H, N, E, device=q.device, dtype=v.dtype)
-        _run(self, "bwd_k", q, k, v, omega, mptr, RL, RZL, RG, RZG, gs, gd, mq, dk, dv, c2)
+        _run(self, "bwd_k", q, k, v, omega, mptr, RL, RZL, RG, RZG, gs, gd, mq, dk, dv, mx)
         return dq, dk, dv
 
 

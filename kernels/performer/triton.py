@@ -38,10 +38,10 @@ backward, G' (B·H·N·(E+1) fp32). Never N×N, never N×m.
 Operands of the products: bf16 for bf16 inputs; fp32 (TF32 for fp16 inputs, full fp32 for fp32
 ones) otherwise, because causal φ(k) can fall below fp16's range. Accumulation is fp32 throughout.
 
-Causal keys use the stabilizer c = maxⱼ‖ωⱼ‖²/2 − 40 (``_causal_c2``): any per-head constant
-cancels in the num/den ratio, and the shift keeps φ(k) = exp(−‖ωⱼ − k‖²/2 + …) out of the fp32
-subnormal range (flushed to zero on the GPU) for head dims ≥ 128, while φ(k) ≤ e^40/√m still
-leaves the sums far from overflow.
+Causal softmax keys use their running max over earlier positions (README.md): a pre-pass
+(``_key_max_kernel``, ``_key_max_carry_kernel``; ``_Cfg.key_max``) computes it, states are kept
+at the stabilizer of their last position and every factor between stabilizers is ≤ 1
+(``_chunk_end``, ``_row_max``, ``_decay``).
 """
 
 from __future__ import annotations
@@ -59,7 +59,7 @@ from .._launch import compile_ahead as _compile_ahead
 from .._launch import f32_bits as _f32_bits
 from .._launch import f32_of
 from .._launch import traced as _traced
-from .reference import RELU_EPS
+from .reference import NO_KEY, RELU_EPS
 
 # (chunk, warps) per kernel group: "fwd" (the key pass and the output pass) and "bwd" (the backward
 # passes; a causal backward also runs its own key pass with it, so that both cut the sequence into
@@ -107,6 +107,13 @@ PATH = "auto"
 CHUNKED_MAX_N = 16384
 # Feature rows per program of the segment reduction (a power of two; clipped to the padded m).
 REDUCE_ROWS = 32
+# The causal softmax key stabilizer's pre-pass (_key_max_kernel): keys per program, feature rows
+# per tile of ω (clipped to the padded m) and warps. H200, bf16, B = 4, H = 12, N = 4096, d = 64,
+# m = 256, the two calls of a training step: (128, 64, 4) 51.2 µs; (64, 64, 4) 54.6,
+# (64, 128, 4) 56.7, (128, 128, 8) 63.7, (64, 256, 4) 82.1, (32, 256, 4) 110.1.
+KEY_MAX_ROWS = 128
+KEY_MAX_FEATURES = 64
+KEY_MAX_WARPS = 4
 # (The plans below are cached per call signature, these knobs included: changing any of them
 # between calls takes effect at the next call.)
 
@@ -276,11 +283,13 @@ def _phi_query(proj, sq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX: tl.c
 
 @triton.jit
 def _phi_key(proj, sq, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX: tl.constexpr):
-    """φ(k) (BN, BM) fp32 with a given stabilizer c2 (log2 units, includes log2 √m); zero on
-    masked or padded keys and padded features."""
+    """φ(k) (BN, BM) fp32 with a given stabilizer c2 (log2 units, includes log2 √m): a scalar, or
+    (BN, 1) for one per key (the causal running max); zero on masked or padded keys and padded
+    features."""
     valid = rvalid[:, None] & fvalid[None, :]
     if SOFTMAX:
-        phi = tl.where(valid, tl.exp2(_logits(proj, sq, rs) - c2), 0.0)
+        # (masked before exp2: a masked key's logit minus the stabilizer NO_KEY would overflow)
+        phi = tl.exp2(tl.where(valid, _logits(proj, sq, rs) - c2, float("-inf")))
     else:
         phi = tl.where(valid, tl.maximum(proj * rs, 0.0) * inv_sqrt_m + eps, 0.0)
     return phi
@@ -338,15 +347,107 @@ def _store_dx(
 
 
 @triton.jit
-def _causal_c2(W, h, D, M, log2_sqrt_m, BD: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr):
-    """Causal key stabilizer of head h in log2 units, log2 √m folded in:
-    (maxⱼ‖ωⱼ‖²/2 − 40)·log2(e) + log2 √m (the shift of 40: see the module docstring)."""
-    w = _load_omega(W, h, D, M, 0, BD, BM, tl.float32, False)
-    sq = tl.sum(w * w, 1)
+def _chunk_end(MX, bh, N, c, BN):
+    """The causal key stabilizer E at the last position of chunk c (positions [c·BN, (c+1)·BN)
+    clipped to N): the largest in the chunk, the running max being nondecreasing. c = −1 gives the
+    first position's (no state is at that scale; any value ≤ every later one serves). MX (BH, N)."""
+    p = tl.maximum(tl.minimum((c + 1) * BN, N) - 1, 0)
+    return tl.load(MX + bh * N + p)
+
+
+@triton.jit
+def _row_max(MX, bh, rows, N):
+    """The causal key stabilizer of the given positions (BN,), fp32; rows ≥ N read position N − 1's
+    (the largest: those rows are masked out, and every factor stays finite)."""
+    return tl.load(MX + bh * N + tl.minimum(rows, N - 1))
+
+
+@triton.jit
+def _decay(lo, hi):
+    """exp2(lo − hi) clipped to ≤ 1: the factor that takes a term from one stabilizer to another
+    no smaller. Broadcasting (lo[:, None], hi[None, :]) gives the intra-chunk factors."""
+    return tl.exp2(tl.minimum(lo - hi, 0.0))
+
+
+@triton.jit
+def _omega_rows(W, h, D, M, m0, d0, BD: tl.constexpr, BMT: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
+    """Rows [m0, m0 + BMT) and columns [d0, d0 + BD) of head h's ω (contiguous (H, M, D)) in DT,
+    zero outside (M, D)."""
+    offs_m = m0 + tl.arange(0, BMT)
+    offs_d = d0 + tl.arange(0, BD)
+    w = tl.load(
+        W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
+        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
+        other=0.0,
+    )
+    return _cast(w, DT, INTERP)
+
+
+@triton.jit
+def _max2(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _key_max_kernel(
+    K, W, MASK, OUT, CM, N, D, M, H, NCK, skb, skh, skn, skd, smb, smn, rs, log2_sqrt_m,
+    BN: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr, ND: tl.constexpr, HAS_MASK: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr,
+):  # fmt: skip
+    """Grid (NCK = ⌈N / BN⌉, B·H), first half of the causal softmax key stabilizer
+    (:meth:`_Cfg.key_max`): each key's largest logit over the M features,
+    (ω·ks − ‖ks‖²/2)·log2(e) + log2 √m (−inf for a masked key), its running max within the
+    program's chunk of BN keys into OUT (B·H, N) fp32, and the chunk's max into CM (B·H, NCK).
+    ω is read in tiles of BMT rows and, for wide heads (ND > 1), BD columns, as the kernels that
+    use the stabilizer read it."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    rs = f32_of(rs)
+    log2_sqrt_m = f32_of(log2_sqrt_m)
+    b = bh // H
+    h = bh % H
+    DT = K.dtype.element_ty
+    Kb = K + b * skb + h * skh
+    rows = c * BN + tl.arange(0, BN)
+    offs_d = tl.arange(0, BD)
+    x = _load_rows(Kb, rows, offs_d, N, D, skn, skd)
+    xf = x.to(tl.float32)
+    sq = tl.sum(xf * xf, 1)
     for j in range(1, ND):
-        w = _load_omega(W, h, D, M, j * BD, BD, BM, tl.float32, False)
-        sq += tl.sum(w * w, 1)
-    return (0.5 * tl.max(sq, 0) - 40.0) * 1.4426950408889634 + log2_sqrt_m
+        xf = _load_rows(Kb, rows, j * BD + offs_d, N, D, skn, skd).to(tl.float32)
+        sq += tl.sum(xf * xf, 1)
+    half = (0.5 * rs * rs * 1.4426950408889634) * sq
+    a2 = rs * 1.4426950408889634
+    mx = tl.full((BN,), float("-inf"), tl.float32)
+    for m0 in range(0, M, BMT):
+        offs_m = m0 + tl.arange(0, BMT)
+        proj = _dot(x, tl.trans(_omega_rows(W, h, D, M, m0, 0, BD, BMT, DT, INTERP)), PREC, INTERP)
+        for j in range(1, ND):
+            xj = _load_rows(Kb, rows, j * BD + offs_d, N, D, skn, skd)
+            proj += _dot(xj, tl.trans(_omega_rows(W, h, D, M, m0, j * BD, BD, BMT, DT, INTERP)), PREC, INTERP)
+        lg = tl.where((offs_m < M)[None, :], proj * a2 - half[:, None], float("-inf"))
+        mx = tl.maximum(mx, tl.max(lg, 1))
+    valid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
+    r = tl.where(valid, mx + log2_sqrt_m, float("-inf"))
+    tl.store(OUT + bh * N + rows, tl.associative_scan(r, 0, _max2), mask=rows < N)
+    tl.store(CM + bh * NCK + c, tl.max(r, 0))
+
+
+@triton.jit
+def _key_max_carry_kernel(OUT, CM, N, NCK, floor, BN: tl.constexpr, BC: tl.constexpr):
+    """Grid (NCK, B·H), second half: chunk c's running maxima (OUT, in place) raised to the max
+    of the earlier chunks (CM, read BC at a time), and floored at ``floor`` (NO_KEY: finite
+    where no key is visible yet)."""
+    c = tl.program_id(0)
+    bh = tl.program_id(1)
+    prev = tl.full((BC,), float("-inf"), tl.float32)
+    for c0 in range(0, c, BC):
+        offs = c0 + tl.arange(0, BC)
+        prev = tl.maximum(prev, tl.load(CM + bh * NCK + offs, mask=offs < c, other=float("-inf")))
+    rows = c * BN + tl.arange(0, BN)
+    run = tl.load(OUT + bh * N + rows, mask=rows < N, other=float("-inf"))
+    run = tl.maximum(tl.maximum(run, tl.max(prev, 0)), f32_of(floor))
+    tl.store(OUT + bh * N + rows, run, mask=rows < N)
 
 
 @triton.jit
@@ -366,7 +467,7 @@ def _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK: tl.constexpr):
 
 @triton.jit
 def _state_kernel(
-    K, V, W, MASK, S_OUT, Z_OUT, C_OUT,
+    K, V, W, MASK, MX, S_OUT, Z_OUT, C_OUT,
     Nk, D, E, M, H,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
@@ -387,14 +488,16 @@ def _state_kernel(
     Kb = K + b * skb + h * skh
     Vb = V + b * svb + h * svh
     DT = K.dtype.element_ty
-    c2 = 0.0
-    if SOFTMAX and CAUSAL:
-        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
     S = tl.zeros((BM, BE), tl.float32)
     z = tl.zeros((BM,), tl.float32)
     run = tl.max(tl.full((BN,), -1e30, tl.float32), 0)  # running max (log2 units), non-causal softmax
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
+    c2 = 0.0
+    if SOFTMAX and CAUSAL:
+        # The segment's total at the stabilizer of its last position: only later queries read it,
+        # and their running max is no smaller, so no key lost to underflow here mattered to them.
+        c2 = _chunk_end(MX, bh, Nk, c_end - 1, BN)
     for ci in range(c_start, c_end):
         w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
@@ -423,7 +526,7 @@ def _state_kernel(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, W, MASK, S_IN, Z_IN, O,
+    Q, K, V, W, MASK, MX, S_IN, Z_IN, O,
     N, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     sob, soh, son, soe,
@@ -452,11 +555,13 @@ def _fwd_kernel(
     st = bh * tl.num_programs(0) + seg if CAUSAL else bh
     S = tl.load(S_IN + st * BM * BE + tile)
     z = tl.load(Z_IN + st * BM + offs_m)
-    c2 = 0.0
-    if SOFTMAX and CAUSAL:
-        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
+    # Causal softmax: S, z are at the stabilizer ecur of the position before the chunk (the
+    # segment's exclusive prefix: the one before the segment).
+    ecur = 0.0
+    if SOFTMAX and CAUSAL:
+        ecur = _chunk_end(MX, bh, N, c_start - 1, BN)
     for ci in range(c_start, c_end):
         w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
@@ -468,13 +573,28 @@ def _fwd_kernel(
             rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
             projk, sqk, _ = _proj(Kb, rows, N, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
             vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
-            sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
-            sc = tl.where(offs_n[:, None] >= offs_n[None, :], sc, 0.0)
+            lower = offs_n[:, None] >= offs_n[None, :]
+            if SOFTMAX:
+                mrow = _row_max(MX, bh, rows, N)
+                ec = _chunk_end(MX, bh, N, ci, BN)
+                fq = _decay(ecur, mrow)
+                num = num * fq[:, None]
+                den = den * fq
+                phk = _phi_key(projk, sqk, fvalid, rvalid, mrow[:, None], rs, inv_sqrt_m, eps, SOFTMAX)
+                sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
+                sc = tl.where(lower, sc * _decay(mrow[None, :], mrow[:, None]), 0.0)
+                # The state moves to this chunk's last stabilizer ec.
+                fk = _decay(mrow, ec)
+                S = S * _decay(ecur, ec) + _mm(tl.trans(phk), vt * fk[:, None], FEAT_F32, PREC, INTERP)
+                z = z * _decay(ecur, ec) + tl.sum(phk * fk[:, None], 0)
+                ecur = ec
+            else:
+                phk = _phi_key(projk, sqk, fvalid, rvalid, 0.0, rs, inv_sqrt_m, eps, SOFTMAX)
+                sc = tl.where(lower, _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP), 0.0)
+                S += _mm(tl.trans(phk), vt, FEAT_F32, PREC, INTERP)
+                z += tl.sum(phk, 0)
             num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
             den += tl.sum(sc, 1)
-            S += _mm(tl.trans(phk), vt, FEAT_F32, PREC, INTERP)
-            z += tl.sum(phk, 0)
         out = num / tl.where(den == 0.0, 1.0, den)[:, None]
         tl.store(
             Ob + rows[:, None] * son + offs_e[None, :] * soe,
@@ -485,7 +605,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_q_kernel(
-    G, Q, K, V, W, MASK, S_IN, Z_IN, DQ, R_OUT, RZ_OUT, GS, GD,
+    G, Q, K, V, W, MASK, MX, S_IN, Z_IN, DQ, R_OUT, RZ_OUT, GS, GD,
     N, D, E, M, H,
     sgb, sgh, sgn, sge, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
@@ -512,13 +632,17 @@ def _bwd_q_kernel(
     st = bh * nseg + seg if CAUSAL else bh  # as in _fwd_kernel
     S = tl.load(S_IN + st * BM * BE + tile)
     z = tl.load(Z_IN + st * BM + offs_m)
-    c2 = 0.0
-    if SOFTMAX and CAUSAL:
-        c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
     R = tl.zeros((BM, BE), tl.float32)  # Σ φ(q)ᵀ g/den over this segment
     rz = tl.zeros((BM,), tl.float32)  # Σ φ(q)ᵀ gden
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(N, BN))
+    # Causal softmax: S, z at ecur as in _fwd_kernel; R, rz summed at the stabilizer eb of the
+    # position before the segment (the later segments' keys read them from there).
+    ecur = 0.0
+    eb = 0.0
+    if SOFTMAX and CAUSAL:
+        ecur = _chunk_end(MX, bh, N, c_start - 1, BN)
+        eb = ecur
     for ci in range(c_start, c_end):
         w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
         rows = ci * BN + offs_n
@@ -526,27 +650,46 @@ def _bwd_q_kernel(
         phq = _phi_query(projq, sqq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX)
         num = _mm(phq, S, FEAT_F32, PREC, INTERP)
         den = tl.sum(phq * z[None, :], 1)
+        fq = tl.zeros((BN,), tl.float32) + 1.0
         if CAUSAL:
             rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
             projk, sqk, _ = _proj(Kb, rows, N, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
             vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)
-            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
-            sc = _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
-            sc = tl.where(offs_n[:, None] >= offs_n[None, :], sc, 0.0)
+            lower = offs_n[:, None] >= offs_n[None, :]
+            if SOFTMAX:
+                mrow = _row_max(MX, bh, rows, N)
+                fq = _decay(ecur, mrow)
+                num = num * fq[:, None]
+                den = den * fq
+                intra = _decay(mrow[None, :], mrow[:, None])
+                phk = _phi_key(projk, sqk, fvalid, rvalid, mrow[:, None], rs, inv_sqrt_m, eps, SOFTMAX)
+                sc = tl.where(lower, _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP) * intra, 0.0)
+            else:
+                phk = _phi_key(projk, sqk, fvalid, rvalid, 0.0, rs, inv_sqrt_m, eps, SOFTMAX)
+                sc = tl.where(lower, _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP), 0.0)
             num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
             den += tl.sum(sc, 1)
         inv = 1.0 / tl.where(den == 0.0, 1.0, den)
         g = _load_rows(Gb, rows, offs_e, N, E, sgn, sge).to(tl.float32)
         gs = g * inv[:, None]
         gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
-        # dφ(q) = G'·[S; z]ᵀ (+ intra-chunk (G'·V'ᵀ masked)·φ(k))
-        dphi = _mm(gs, tl.trans(S), FEAT_F32, PREC, INTERP) + gd[:, None] * z[None, :]
+        # dφ(q) = G'·[S; z]ᵀ (+ intra-chunk (G'·V'ᵀ masked)·φ(k)); causal softmax: each term at
+        # the query's own stabilizer (fq on the state's, the intra-chunk factors on the chunk's).
+        dphi = _mm(gs * fq[:, None], tl.trans(S), FEAT_F32, PREC, INTERP) + (gd * fq)[:, None] * z[None, :]
         if CAUSAL:
             p = _mm(gs, tl.trans(vt), FEAT_F32, PREC, INTERP) + gd[:, None]
-            p = tl.where(offs_n[:, None] >= offs_n[None, :], p, 0.0)
+            if SOFTMAX:
+                p = tl.where(lower, p * intra, 0.0)
+                ec = _chunk_end(MX, bh, N, ci, BN)
+                fk = _decay(mrow, ec)
+                S = S * _decay(ecur, ec) + _mm(tl.trans(phk), vt * fk[:, None], FEAT_F32, PREC, INTERP)
+                z = z * _decay(ecur, ec) + tl.sum(phk * fk[:, None], 0)
+                ecur = ec
+            else:
+                p = tl.where(lower, p, 0.0)
+                S += _mm(tl.trans(phk), vt, FEAT_F32, PREC, INTERP)
+                z += tl.sum(phk, 0)
             dphi += _mm(p, phk, FEAT_F32, PREC, INTERP)
-            S += _mm(tl.trans(phk), vt, FEAT_F32, PREC, INTERP)
-            z += tl.sum(phk, 0)
             tl.store(GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :], gs, mask=rows[:, None] < N)
             tl.store(GD + bh * N + rows, gd, mask=rows < N)
         qvalid = rows < N
@@ -555,6 +698,8 @@ def _bwd_q_kernel(
             DQ + bh * N * D, rows, qvalid, t, x, w, Qb, N, sqn, sqd, W, h, D, M, rs,
             BD, BM, ND, DT, SOFTMAX, FEAT_F32, PREC, INTERP,
         )  # fmt: skip
+        if SOFTMAX and CAUSAL:
+            phq = phq * _decay(eb, mrow)[:, None]
         phq = tl.where(qvalid[:, None], phq, 0.0)
         R += _mm(tl.trans(phq), gs, FEAT_F32, PREC, INTERP)
         rz += tl.sum(phq * gd[:, None], 0)
@@ -565,7 +710,7 @@ def _bwd_q_kernel(
 
 @triton.jit
 def _bwd_k_kernel(
-    Q, K, V, W, MASK, CK, R_IN, RZ_IN, GS, GD, DK, DV,
+    Q, K, V, W, MASK, MX, CK, R_IN, RZ_IN, GS, GD, DK, DV,
     N, Nk, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
@@ -593,14 +738,17 @@ def _bwd_k_kernel(
     st = bh * nseg + seg if CAUSAL else bh
     R = tl.load(R_IN + st * BM * BE + tile)
     rz = tl.load(RZ_IN + st * BM + offs_m)
-    c2 = 0.0
-    if SOFTMAX:
-        if CAUSAL:
-            c2 = _causal_c2(W, h, D, M, log2_sqrt_m, BD, BM, ND)
-        else:
-            c2 = tl.load(CK + bh)  # the global key max of the forward pass
     c_start = seg * CPS
     c_end = tl.minimum(c_start + CPS, tl.cdiv(Nk, BN))
+    c2 = 0.0
+    rcur = 0.0
+    if SOFTMAX:
+        if CAUSAL:
+            # R, rz (the later segments' suffix) are at the stabilizer of the segment's last
+            # position, and move back one chunk at a time.
+            rcur = _chunk_end(MX, bh, N, c_end - 1, BN)
+        else:
+            c2 = tl.load(CK + bh)  # the global key max of the forward pass
     for i in range(c_start, c_end):
         ci = c_end - 1 - (i - c_start) if CAUSAL else i  # causal: walk the chunks backward
         w = _omega0(W, h, D, M, BD, BM, ND, DT, INTERP)
@@ -608,19 +756,38 @@ def _bwd_k_kernel(
         rvalid = _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK)
         projk, sqk, x = _proj(Kb, rows, Nk, skn, skd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
         vt = _load_rows(Vb, rows, offs_e, Nk, E, svn, sve)
-        phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
-        dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
-        dv = _mm(phk, R, FEAT_F32, PREC, INTERP)
+        if SOFTMAX and CAUSAL:
+            mrow = _row_max(MX, bh, rows, N)
+            phk = _phi_key(projk, sqk, fvalid, rvalid, mrow[:, None], rs, inv_sqrt_m, eps, SOFTMAX)
+            # Key j reads R at the chunk's stabilizer rcur: exp2(Mⱼ − rcur) takes it to its own.
+            fk = _decay(mrow, rcur)
+            dphi = _mm(vt * fk[:, None], tl.trans(R), FEAT_F32, PREC, INTERP) + fk[:, None] * rz[None, :]
+            dv = _mm(phk, R, FEAT_F32, PREC, INTERP) * fk[:, None]
+        else:
+            phk = _phi_key(projk, sqk, fvalid, rvalid, c2, rs, inv_sqrt_m, eps, SOFTMAX)
+            dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
+            dv = _mm(phk, R, FEAT_F32, PREC, INTERP)
         if CAUSAL:
             projq, sqq, _ = _proj(Qb, rows, N, sqn, sqd, w, W, h, D, M, BD, BM, ND, DT, PREC, INTERP)
             phq = _phi_query(projq, sqq, fvalid, rs, log2_sqrt_m, inv_sqrt_m, eps, SOFTMAX)
             gs = tl.load(GS + bh * N * BE + rows[:, None] * BE + offs_e[None, :], mask=rows[:, None] < N, other=0.0)
             gd = tl.load(GD + bh * N + rows, mask=rows < N, other=0.0)
             upper = offs_n[:, None] <= offs_n[None, :]  # (key j, query i): i ≥ j
+            if SOFTMAX:
+                intra = _decay(mrow[:, None], mrow[None, :])
+            else:
+                intra = 1.0
             p = _mm(vt, tl.trans(gs), FEAT_F32, PREC, INTERP) + gd[None, :]
-            dphi += _mm(tl.where(upper, p, 0.0), phq, FEAT_F32, PREC, INTERP)
+            dphi += _mm(tl.where(upper, p * intra, 0.0), phq, FEAT_F32, PREC, INTERP)
             sc = _mm(phk, tl.trans(phq), FEAT_F32, PREC, INTERP)
-            dv += _mm(tl.where(upper, sc, 0.0), gs, FEAT_F32, PREC, INTERP)
+            dv += _mm(tl.where(upper, sc * intra, 0.0), gs, FEAT_F32, PREC, INTERP)
+            if SOFTMAX:
+                # R moves back to the stabilizer before this chunk; its queries join it there.
+                eb = _chunk_end(MX, bh, N, ci - 1, BN)
+                R = R * _decay(eb, rcur)
+                rz = rz * _decay(eb, rcur)
+                phq = phq * _decay(eb, mrow)[:, None]
+                rcur = eb
             R += _mm(tl.trans(phq), gs, FEAT_F32, PREC, INTERP)
             rz += tl.sum(phq * gd[:, None], 0)
         t = _dphi_t(dphi, phk, projk, rvalid, inv_sqrt_m, SOFTMAX)
@@ -638,9 +805,9 @@ def _bwd_k_kernel(
 
 @triton.jit
 def _reduce_kernel(
-    S, Z, C, S_OUT, Z_OUT, C_OUT, P, NTC, RPC, log2_sqrt_m,
+    S, Z, C, S_OUT, Z_OUT, C_OUT, MX, P, NTC, RPC, log2_sqrt_m, N, L,
     BM: tl.constexpr, BE: tl.constexpr, RT: tl.constexpr, BPT: tl.constexpr, BNT: tl.constexpr, MODE: tl.constexpr,
-    INTERP: tl.constexpr,
+    RESCALE: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Combine the P segment states (S, z) of one (batch, head), grid (B·H, BM / RT): each program
     owns RT feature rows (a whole-BM tile per (batch, head) left most SMs idle: 12.6 µs per call
@@ -649,7 +816,10 @@ def _reduce_kernel(
     with log2 √m folded in, by the first row block); 2/3: exclusive prefix / suffix sums, in place.
     Modes 0/1 write S in S_OUT's dtype (bf16 for bf16 inputs: the operand dtype of its products).
     C (B·H, P, NTC): one stabilizer per segment and block of RPC feature rows (NTC = 1, RPC = BM:
-    one per segment; BNT = NTC padded to a power of two), read BPT segments at a time."""
+    one per segment; BNT = NTC padded to a power of two), read BPT segments at a time.
+    RESCALE (modes 2/3, causal softmax): segment s, positions [s·L, (s+1)·L) of N, is summed at the
+    key stabilizer MX (B·H, N) of its last position (mode 2: the keys' totals) or of the position
+    before it (mode 3: the queries' R); the running sum moves between them by exp2(Eb − Ee) ≤ 1."""
     bh = tl.program_id(0)
     offs_m = tl.program_id(1) * RT + tl.arange(0, RT)
     tile = offs_m[:, None] * BE + tl.arange(0, BE)[None, :]
@@ -676,6 +846,11 @@ def _reduce_kernel(
         if MODE >= 2:
             tl.store(S + p * BM * BE + tile, acc)
             tl.store(Z + p * BM + offs_m, accz)
+            if RESCALE:
+                sg = p - bh * P
+                f = _decay(_chunk_end(MX, bh, N, sg - 1, L), _chunk_end(MX, bh, N, sg, L))
+                acc = acc * f
+                accz = accz * f
         if MODE == 1:
             wgt = tl.exp2(tl.load(C + p * NTC + offs_m // RPC) - cmax)
             s = s * wgt[:, None]
@@ -817,19 +992,20 @@ class _Cfg:
         opts = {"num_warps": warps, "num_stages": self.num_stages}
         return _Launch(kernel, grid, n_ptr, scalars, {"BN": bn, **self.meta}, opts, self.fast, self.trace)
 
-    def reduce_launch(self, P: int, mode: int, ntc: int = 1) -> _Launch:
+    def reduce_launch(self, P: int, mode: int, ntc: int = 1, seg_len: int = 1) -> _Launch:
         """_reduce_kernel over P segments per (batch, head), with ntc stabilizers per segment (one
-        per block of BM / ntc feature rows; ntc divides BM); see its docstring."""
+        per block of BM / ntc feature rows; ntc divides BM); see its docstring. Causal softmax
+        (modes 2/3) rescales by the key stabilizer, segments of seg_len positions."""
         rt = min(self.BM, REDUCE_ROWS)
         bnt = triton.next_power_of_2(ntc)
         # Stabilizers are read BPT segments at a time, ≤ 4096 values (32 registers a thread).
         meta = {
             "BM": self.BM, "BE": self.BE, "RT": rt, "BPT": min(triton.next_power_of_2(P), max(1, 4096 // bnt)), "BNT": bnt,
-            "MODE": mode, "INTERP": self.interp,
+            "MODE": mode, "RESCALE": mode >= 2 and self.softmax, "INTERP": self.interp,
         }  # fmt: skip
         opts = {"num_warps": 4}
-        scalars = (P, ntc, self.BM // ntc, self.scal[1])
-        return _Launch(_reduce_kernel, (self.BH, self.BM // rt), 6, scalars, meta, opts, self.fast, self.trace)
+        scalars = (P, ntc, self.BM // ntc, self.scal[1], self.N, seg_len)
+        return _Launch(_reduce_kernel, (self.BH, self.BM // rt), 7, scalars, meta, opts, self.fast, self.trace)
 
     def state_launch(self, k: Tensor, v: Tensor, group: str) -> tuple[_Launch, _Launch, int]:
         """Key pass and its reduce: (state launch, reduce launch, segments). Non-causal: the
@@ -837,34 +1013,71 @@ class _Cfg:
         per-segment exclusive prefix states."""
         P, cps = self.segments(self.Nk, group)
         state = self.launch(
-            _state_kernel, (P, self.BH), 7,
+            _state_kernel, (P, self.BH), 8,
             (self.Nk, self.D, self.E, self.m, self.H, *k.stride(), *v.stride(), *self.mask_strides, *self.scal, cps),
             group,
         )  # fmt: skip
         mode = 2 if self.causal else 1 if self.softmax else 0
-        return state, self.reduce_launch(P, mode), P
+        return state, self.reduce_launch(P, mode, seg_len=cps * self.tiles(group)[0]), P
+
+    def key_max_launch(self, k: Tensor) -> tuple[_Launch, _Launch] | None:
+        """The launches of the causal softmax key stabilizer (else None): _key_max_kernel (chunks
+        of KEY_MAX_ROWS keys, ω in tiles of KEY_MAX_FEATURES rows and the head dim's blocks), then
+        _key_max_carry_kernel."""
+        if not (self.causal and self.softmax):
+            return None
+        nck = max(1, triton.cdiv(self.N, KEY_MAX_ROWS))
+        meta = {
+            "BN": KEY_MAX_ROWS, "BD": self.BD, "BMT": min(KEY_MAX_FEATURES, self.BM), "ND": self.ND,
+            "HAS_MASK": self.meta["HAS_MASK"], "PREC": self.meta["PREC"], "INTERP": self.interp,
+        }  # fmt: skip
+        rows = _Launch(
+            _key_max_kernel, (nck, self.BH), 5,
+            (self.N, self.D, self.m, self.H, nck, *k.stride(), *self.mask_strides, *self.scal[:2]),
+            meta, {"num_warps": KEY_MAX_WARPS, "num_stages": 2}, self.fast, self.trace,
+        )  # fmt: skip
+        carry = _Launch(
+            _key_max_carry_kernel, (nck, self.BH), 2, (self.N, nck, _f32_bits(NO_KEY)),
+            {"BN": KEY_MAX_ROWS, "BC": min(1024, triton.next_power_of_2(nck))}, {"num_warps": 4}, self.fast, self.trace,
+        )  # fmt: skip
+        return rows, carry
+
+    def key_max(self, plan, k: Tensor, omega: Tensor, mask: Tensor) -> Tensor:
+        """The causal softmax key stabilizer (B·H, N) fp32 of :func:`.reference.causal_key_max`
+        in log2 units with log2 √m folded in: the running max over positions of each key's largest
+        logit (the plan's ``key_max`` launches); NO_KEY where no unmasked key is visible yet.
+        Where the call needs none (relu, non-causal), a (1,) placeholder, never read."""
+        if plan.key_max is None:
+            return self.f32(1)
+        rows, carry = plan.key_max  # (small tiles, 2 stages: no shared-memory retry, as _run has)
+        out, cm = self.f32(self.BH, self.N), self.f32(self.BH, rows.grid[0])
+        rows(k, omega, mask, out, cm)
+        carry(out, cm)
+        return out
 
     def f32(self, *shape: int) -> Tensor:
         return torch.empty(shape, device=self.device, dtype=torch.float32)
 
-    def run_state(self, plan, k, v, omega, mask, ntc: int = 1):
+    def run_state(self, plan, k, v, omega, mask, ntc: int = 1, mx: Tensor | None = None):
         """Run the plan's key pass (launches ``state`` and ``state_reduce``, ``P_state``
         segments, ntc stabilizers per segment as in reduce_launch): (S, z, c_key) as the later
-        passes read them."""
+        passes read them. mx: the causal key stabilizer (:meth:`key_max`; causal calls only)."""
         BH, P = self.BH, plan.P_state
         S, z, c = self.f32(BH, P, self.BM, self.BE), self.f32(BH, P, self.BM), self.f32(BH, P, ntc)
-        _run(plan, "state", k, v, omega, mask, S, z, c)
+        # (the chunked non-causal key pass, _key_pass_kernel, takes no stabilizer pointer)
+        mx = () if plan.state.fn is not _state_kernel else (z if mx is None else mx,)
+        _run(plan, "state", k, v, omega, mask, *mx, S, z, c)
         if self.causal:  # exclusive prefix sums, in place
-            _run(plan, "state_reduce", S, z, z, S, z, z)
+            _run(plan, "state_reduce", S, z, z, S, z, z, *mx)
             return S, z, None
         sdt = torch.float32 if self.feat_f32 else torch.bfloat16
         S_out = torch.empty(BH, self.BM, self.BE, device=self.device, dtype=sdt)
         z_out = self.f32(BH, self.BM)
         if self.softmax:
             ckey = self.f32(BH)
-            _run(plan, "state_reduce", S, z, c, S_out, z_out, ckey)
+            _run(plan, "state_reduce", S, z, c, S_out, z_out, ckey, z)
             return S_out, z_out, ckey
-        _run(plan, "state_reduce", S, z, z, S_out, z_out, z)
+        _run(plan, "state_reduce", S, z, z, S_out, z_out, z, z)
         return S_out, z_out, None
 
 
@@ -874,10 +1087,11 @@ class _ForwardPlan:
     def __init__(self, q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast: bool, trace: bool):
         c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
         self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "fwd")
+        self.key_max = c.key_max_launch(k)
         P, cps = c.segments(c.N, "fwd")
         self.out_shape = (c.B, c.H, c.N, c.E)
         self.fwd = c.launch(
-            _fwd_kernel, (P, c.BH), 8,
+            _fwd_kernel, (P, c.BH), 9,
             (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
              *_contiguous_strides(*self.out_shape), *c.scal, cps),
             "fwd",
@@ -885,9 +1099,10 @@ class _ForwardPlan:
 
     def __call__(self, q, k, v, omega, mask) -> Tensor:
         c = self.cfg
-        S, z, _ = c.run_state(self, k, v, omega, mask)
+        mx = c.key_max(self, k, omega, mask)
+        S, z, _ = c.run_state(self, k, v, omega, mask, mx=mx)
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
-        _run(self, "fwd", q, k, v, omega, mask, S, z, out)
+        _run(self, "fwd", q, k, v, omega, mask, mx, S, z, out)
         return out
 
 
@@ -901,20 +1116,21 @@ class _BackwardPlan:
             raise ValueError(f"grad must have shape {(c.B, c.H, c.N, c.E)}, got {tuple(grad.shape)}")
         # Causal: the key pass must cut the same segments as the backward passes.
         self.state, self.state_reduce, self.P_state = c.state_launch(k, v, "bwd" if causal else "fwd")
+        self.key_max = c.key_max_launch(k)
         P, cps = c.segments(c.N, "bwd")
         if causal:
             assert P == self.P_state
         self.P = P
         self.bwd_q = c.launch(
-            _bwd_q_kernel, (P, c.BH), 13,
+            _bwd_q_kernel, (P, c.BH), 14,
             (c.N, c.D, c.E, c.m, c.H, *grad.stride(), *q.stride(), *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps),
             "bwd",
         )  # fmt: skip
-        self.r_reduce = c.reduce_launch(P, 3 if causal else 0)
+        self.r_reduce = c.reduce_launch(P, 3 if causal else 0, seg_len=cps * c.tiles("bwd")[0])
         if not causal:
             P, cps = c.segments(c.Nk, "bwd")
         self.bwd_k = c.launch(
-            _bwd_k_kernel, (P, c.BH), 12,
+            _bwd_k_kernel, (P, c.BH), 13,
             (c.N, c.Nk, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides, *c.scal, cps),
             "bwd",
         )  # fmt: skip
@@ -922,25 +1138,26 @@ class _BackwardPlan:
     def __call__(self, grad, q, k, v, omega, mask) -> tuple[Tensor, Tensor, Tensor]:
         c = self.cfg
         B, H, N, Nk, D, E, BH, P = c.B, c.H, c.N, c.Nk, c.D, c.E, c.BH, self.P
-        S, z, ckey = c.run_state(self, k, v, omega, mask)
+        mx = c.key_max(self, k, omega, mask)
+        S, z, ckey = c.run_state(self, k, v, omega, mask, mx=mx)
         if c.causal:
             gs, gd = c.f32(BH, N, c.BE), c.f32(BH, N)  # G' = [g/den, −Σ g·out/den] for the key pass
         else:
             gs = gd = z  # unused
         R, rz = c.f32(BH, P, c.BM, c.BE), c.f32(BH, P, c.BM)
         dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        _run(self, "bwd_q", grad, q, k, v, omega, mask, S, z, dq, R, rz, gs, gd)
+        _run(self, "bwd_q", grad, q, k, v, omega, mask, mx, S, z, dq, R, rz, gs, gd)
         if c.causal:  # exclusive suffix sums, in place
-            _run(self, "r_reduce", R, rz, rz, R, rz, rz)
+            _run(self, "r_reduce", R, rz, rz, R, rz, rz, mx)
         else:
             rdt = torch.float32 if c.feat_f32 else torch.bfloat16
             R_out = torch.empty(BH, c.BM, c.BE, device=q.device, dtype=rdt)
             rz_out = c.f32(BH, c.BM)
-            _run(self, "r_reduce", R, rz, rz, R_out, rz_out, rz)
+            _run(self, "r_reduce", R, rz, rz, R_out, rz_out, rz, rz)
             R, rz = R_out, rz_out
         dk = torch.empty(B, H, Nk, D, device=q.device, dtype=k.dtype)
         dv = torch.empty(B, H, Nk, E, device=q.device, dtype=v.dtype)
-        _run(self, "bwd_k", q, k, v, omega, mask, ckey if ckey is not None else z, R, rz, gs, gd, dk, dv)
+        _run(self, "bwd_k", q, k, v, omega, mask, mx, ckey if ckey is not None else z, R, rz, gs, gd, dk, dv)
         return dq, dk, dv
 
 
@@ -953,11 +1170,11 @@ _KNOBS: tuple | None = None
 
 def _knobs() -> tuple:
     return (
-        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
+        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, KEY_MAX_ROWS, KEY_MAX_FEATURES, KEY_MAX_WARPS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
         tuple(SAFE.items()), PATH, CHUNKED_MAX_N, _CHUNKED.chunked.CHUNK, _CHUNKED.chunked.M_TILE, _CHUNKED.chunked.WARPS, _CHUNKED.chunked.SCAN_WARPS,
         _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM, _CHUNKED.chunked.KEY_PROGRAMS_PER_SM, _CHUNKED.chunked.OUT_PERSIST,
         _CHUNKED.chunked.OUT_MAX_TILES, _CHUNKED.chunked.OUT_MIN_CHUNKS, _CHUNKED.chunked.OUT_PROGRAMS_PER_SM,
-        _CHUNKED.chunked.OUT_WARPS,
+        _CHUNKED.chunked.OUT_WARPS, _CHUNKED.bwd.BWD_K_WARPS, _CHUNKED.bwd.BWD_K_STAGES,
     )  # fmt: skip
 
 
@@ -1044,10 +1261,10 @@ def performer_attention_train(
 ) -> tuple[Tensor, Tensor]:
     """(out, stats): :func:`performer_attention`'s output and what its backward can reuse.
 
-    Where the call runs on the causal chunked kernels, stats (B, H, 2, N) fp32 holds each query
-    row's stabilizer and normalizer (:class:`.chunked.ChunkedForwardPlan`), and
-    :func:`performer_attention_backward` given (out, stats) skips recomputing the forward in its
-    dq pass. Elsewhere stats is an empty fp32 tensor, and the backward recomputes.
+    Where the call runs on the causal chunked kernels, stats (B, H, 3, N) fp32 holds each query
+    row's stabilizer and normalizer and each position's causal key stabilizer
+    (:class:`.chunked.ChunkedForwardPlan`), and :func:`performer_attention_backward` given (out,
+    stats) skips recomputing the forward in its dq pass and the key stabilizer. Elsewhere stats is an empty fp32 tensor, and the backward recomputes.
     """
     if causal and not _fp16_wide(q) and _use_chunked(q, v, omega, causal, False):
         return _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, True, stats=True)
@@ -1098,15 +1315,15 @@ def performer_attention_backward(
     recompute of the forward; otherwise both are ignored.
 
     Raises:
-        ValueError: a non-empty stats that is not (B, H, 2, N) fp32 contiguous, or stats without
+        ValueError: a non-empty stats that is not (B, H, 3, N) fp32 contiguous, or stats without
             out, or out not the shape of grad (besides the forward's errors).
     """
     saved = stats is not None and stats.numel() > 0
     if saved:
         B, H, N = q.shape[:3]
-        if stats.shape != (B, H, 2, N) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        if stats.shape != (B, H, 3, N) or stats.dtype != torch.float32 or not stats.is_contiguous():
             raise ValueError(
-                f"stats must be a contiguous float32 tensor of shape {(B, H, 2, N)} (from performer_attention_train), "
+                f"stats must be a contiguous float32 tensor of shape {(B, H, 3, N)} (from performer_attention_train), "
                 f"got {tuple(stats.shape)} {stats.dtype}"
             )
         if out is None or out.shape != grad.shape:

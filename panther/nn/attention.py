@@ -45,11 +45,6 @@ def _init_(param: Tensor, init, generator: torch.Generator | None, shape: tuple[
     param.copy_(t.reshape(param.shape))
 
 
-def _refresh_after_load(module: RandMultiHeadAttention, incompatible_keys) -> None:
-    """load_state_dict post hook: the loaded ``omega``'s causal stabilizer, for compiled calls."""
-    module._refresh_causal_shift()
-
-
 class RandMultiHeadAttention(nn.Module):
     r"""Multi-head attention with random-feature (Performer / FAVOR+) kernels: linear in sequence length.
 
@@ -193,7 +188,6 @@ class RandMultiHeadAttention(nn.Module):
             "omega", torch.empty(self.num_heads, self.num_random_features, feature_dim, dtype=like.dtype, device=like.device)
         )
         self.reset_parameters(generator)
-        self.register_load_state_dict_post_hook(_refresh_after_load)
 
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialize the projections as ``nn.MultiheadAttention`` does and draw a fresh ``omega``,
@@ -220,51 +214,6 @@ class RandMultiHeadAttention(nn.Module):
             if proj.bias is not None:
                 nn.init.zeros_(proj.bias)
 
-    @torch.no_grad()
-    def _refresh_causal_shift(self) -> None:
-        """Compute the causal key stabilizer of the current ``omega`` (see _check_causal_range) and
-        remember it with the version of ``omega`` it belongs to (None for an inference tensor,
-        which has no version counter)."""
-        from panther.kernels.performer.reference import causal_key_shift
-
-        omega = self.omega
-        if omega.is_meta:  # no values yet: computed at the first call after materialization
-            self._causal_shift = None
-            return
-        key = None if omega.is_inference() else (omega._version, omega.data_ptr())
-        self._causal_shift = (key, float(causal_key_shift(omega).max()))
-
-    def _check_causal_range(self) -> None:
-        """Raise where causal softmax features cannot be represented: their data-independent key
-        stabilizer (kernels/performer/reference.causal_key_shift) grows like D/2 with the feature
-        dim D, and past CAUSAL_SHIFT_LIMIT every typical key's feature flushes to zero, which would
-        make the output silently 0.
-
-        The stabilizer is computed when ``omega`` is drawn or loaded and again in eager calls
-        whenever ``omega`` changed since (its version counter); under ``torch.compile`` the value
-        from eager is used, so the check raises at trace time without a graph break."""
-        from panther.kernels.performer.reference import causal_shift_limit
-
-        omega = self.omega
-        cached = getattr(self, "_causal_shift", None)
-        if cached is None or (
-            not torch.compiler.is_compiling()
-            and not omega.is_inference()
-            and cached[0] != (omega._version, omega.data_ptr())
-        ):
-            self._refresh_causal_shift()
-        if self._causal_shift is None:  # meta tensors: nothing to check
-            return
-        shift = self._causal_shift[1]
-        limit = causal_shift_limit(omega.dtype)
-        if shift > limit:
-            raise ValueError(
-                f"iscausal=True with kernel_fn='softmax' cannot represent the features at feature dim "
-                f"{omega.shape[-1]}: the causal key stabilizer maxⱼ‖ωⱼ‖²/2 − 40 is {shift:.1f}, over "
-                f"{limit:.0f} for {omega.dtype}, so typical keys' features would flush to zero. "
-                "Use kernel_fn='relu', a float64 layer, or a feature dim (head_dim, or sinSRPE's R) of at most ~160"
-            )
-
     def redraw_features(self, generator: torch.Generator | None = None) -> None:
         """Draw a fresh ``omega`` from ``generator`` (default: the global RNG), in place."""
         H, m, d = self.omega.shape
@@ -273,7 +222,6 @@ class RandMultiHeadAttention(nn.Module):
                 H, m, d, generator=check_generator(generator), device=self.omega.device, dtype=self.omega.dtype
             )
         )
-        self._refresh_causal_shift()
 
     def _key_mask(self, attention_mask: Tensor, key: Tensor) -> Tensor:
         """Validate the (..., Nk) mask and return it as bool, True = attend."""
@@ -334,8 +282,6 @@ class RandMultiHeadAttention(nn.Module):
             )
         if self.iscausal and Nq != Nk:
             raise ValueError(f"causal attention needs equal query and key lengths, got {Nq} and {Nk}")
-        if self.iscausal and self.kernel_fn == "softmax":
-            self._check_causal_range()
         mask = None if attention_mask is None else self._key_mask(attention_mask, key)
 
         B, H, D = math.prod(lead), self.num_heads, self.head_dim

@@ -89,10 +89,9 @@ def performer_attention(
     """Performer attention: outᵢ = Σⱼ φ(qᵢ)·φ(kⱼ) vⱼ / Σⱼ φ(qᵢ)·φ(kⱼ), over all j or j ≤ i (causal).
 
     φ approximates the kernel exp(scale·q·k) ("softmax") or is relu features ("relu"); masked
-    keys (key_mask False) contribute nothing. Shapes in the module docstring. Causal softmax
-    features are representable only while ``causal_key_shift(omega)`` (kernels/performer/
-    reference.py) stays under ``CAUSAL_SHIFT_LIMIT``: past it the output is 0. The op does not
-    check (that needs a device sync per call); ``RandMultiHeadAttention`` does, once per ω.
+    keys (key_mask False) contribute nothing. Shapes in the module docstring. Causal softmax keys
+    are stabilized by their running max over earlier positions (kernels/performer/README.md), so
+    no output depends on a later key and no feature overflows.
     """
     return _impl("performer_attention", q, v, omega)(q, k, v, omega, key_mask, kernel_fn, causal, scale)
 
@@ -110,7 +109,7 @@ def performer_attention_train(
 ) -> tuple[Tensor, Tensor]:
     """(out, stats): :func:`performer_attention`'s output, and what its backward may reuse.
 
-    stats is float32 and opaque: (B, H, 2, N) where the kernels that ran keep per-row numbers of
+    stats is float32 and opaque: (B, H, 3, N) where the kernels that ran keep per-row numbers of
     the forward for the backward (the causal chunked Triton kernels), empty elsewhere. Its
     autograd backward passes (out, stats) to :func:`performer_attention_backward`; stats gets no
     gradient. Use this op for training (``RandMultiHeadAttention`` does whenever a gradient is
