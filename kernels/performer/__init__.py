@@ -1,6 +1,7 @@
 """Performer (FAVOR+) random-feature attention: reference math (and Triton kernels on CUDA)."""
 
 from .reference import (
+    causal_key_max,
     feature_map,
     feature_map_backward,
     linear_attention,
@@ -9,6 +10,7 @@ from .reference import (
 )
 
 __all__ = [
+    "causal_key_max",
     "feature_map",
     "feature_map_backward",
     "linear_attention",
