@@ -26,6 +26,21 @@ def _call(model, args, kwargs):
     return model(*args, **kwargs)
 
 
+def _check_runs_eagerly(model: Callable, example_inputs: tuple, example_kwargs: dict | None, err: Exception) -> None:
+    """After tracing failed with ``err``: if the model itself fails on the example inputs (a
+    wrong shape or dtype), raise that as a short ValueError naming the inputs instead of Dynamo's
+    long trace of it; otherwise return (the caller re-raises ``err``)."""
+    try:
+        with torch.no_grad():
+            model(*example_inputs, **(example_kwargs or {}))
+    except Exception as eager:
+        shapes = [tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__ for x in example_inputs]
+        raise ValueError(
+            f"the model fails on the example inputs (positional: {shapes}; keyword: "
+            f"{sorted(example_kwargs or {})}) when run without panther: {type(eager).__name__}: {eager}"
+        ) from eager
+
+
 def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any] | None = None, **options: Any):
     """Report of the rewrites ``torch.compile(model, backend="panther", options=options)`` would make.
 
@@ -50,7 +65,8 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
 
     Raises:
         ValueError / TypeError: malformed options; ``model`` not callable; ``example_kwargs``
-            not a dict.
+            not a dict; example inputs the model itself fails on (ValueError, with the model's
+            own error, e.g. a shape mismatch).
 
     Example::
 
@@ -101,7 +117,13 @@ def explain(model: Callable, *example_inputs: Any, example_kwargs: dict[str, Any
 
     with torch._dynamo.config.patch(limits), rng_fence(pytree.tree_leaves((example_inputs, example_kwargs or {}))):
         torch.manual_seed(0)
-        rewritten = torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
+        try:
+            rewritten = torch.compile(caller, backend=backend)(model, example_inputs, example_kwargs or {})
+        except torch._dynamo.exc.BackendCompilerFailed:
+            raise  # panther's passes failed (strict mode): their own error
+        except Exception as err:
+            _check_runs_eagerly(model, example_inputs, example_kwargs, err)
+            raise
         if len(reports) > 1 and opts.measure_error:
             # Each graph's error is measured on its own inputs; with graph breaks the model's is
             # the rewritten graphs chained, against the dense model (same RNG stream for both).

@@ -381,6 +381,20 @@ def test_keyword_only_example_inputs_are_calibrated_on():
         panther.convert(_rank8_mlp(), example_kwargs=[1], min_params=0)
 
 
+def test_wrongly_shaped_example_inputs_give_the_models_own_error():
+    """A model that fails on its example inputs (here a (64, 100) input for a 128-wide layer):
+    explain and convert raise a short ValueError naming the inputs and carrying the model's own
+    message, not Dynamo's trace of the failure; the model is left as it was."""
+    model = _rank8_mlp()
+    weights = [p.detach().clone() for p in model.parameters()]
+    for fn in (panther.explain, panther.convert):
+        with pytest.raises(ValueError, match=r"fails on the example inputs \(positional: \[\(64, 100\)\].*mat1 and mat2") as info:
+            fn(model, torch.randn(64, 100), min_params=0)
+        assert len(str(info.value)) < 400
+    assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
+    assert all(type(m) in (nn.Linear, nn.ReLU) for m in model.modules() if m is not model)
+
+
 @pytest.mark.parametrize("with_inputs", [True, False])
 def test_convert_leaves_the_global_rng_alone(with_inputs):
     model = nn.Sequential(_rank8_mlp(), nn.MultiheadAttention(32, 4, batch_first=True))
