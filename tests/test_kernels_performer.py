@@ -104,6 +104,30 @@ def test_all_keys_masked_gives_zero(poison, causal):
     assert torch.all(out[-1] == 0) and torch.all(dq[-1] == 0) and torch.all(dk[-1] == 0) and torch.all(dv[-1] == 0)
 
 
+@pytest.mark.parametrize("path", ["chunked", "segments"])
+def test_underflowing_normalizer_gives_finite_gradients(poison, monkeypatch, path):
+    """q and k ×30 (D = 16, m = 24, scale 1/4): some causal queries' features overlap the visible
+    keys' by less than fp32's range (float64 den down to 1e-73), so den is subnormal or 0 in fp32.
+    Their 1/den used to overflow the backward's sums to inf and then NaN (every gradient, kernels
+    and the fp32 reference alike); such a query now passes no gradient (den < DEN_MIN) and every
+    output and gradient is finite."""
+    monkeypatch.setattr(triton_kernels, "PATH", path)
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    q, k = (30 * torch.randn(1, 1, 50, 16, device=DEVICE, generator=g) for _ in range(2))
+    v = torch.randn(1, 1, 50, 16, device=DEVICE, generator=g)
+    omega = torch.randn(1, 24, 16, device=DEVICE, generator=g)
+    grad = torch.randn(1, 1, 50, 16, device=DEVICE, generator=g)
+    args = (omega, None, "softmax", True, 0.25)
+    den64 = ref._forward(*(t.double() for t in (q, k, v, omega)), None, "softmax", True, 0.25, 64)[4]
+    assert (den64 < ref.DEN_MIN).any()  # the case the test is about
+    out = triton_kernels.performer_attention(q, k, v, *args, 16)
+    got = triton_kernels.performer_attention_backward(grad, q, k, v, *args, 16)
+    want = ref.performer_attention_backward(grad, q, k, v, *args)
+    assert torch.isfinite(out).all()
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):  # (fp32 cannot be accurate here)
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+
+
 @pytest.mark.parametrize("causal", [False, True], ids=["noncausal", "causal"])
 def test_strided_inputs_and_default_chunk(poison, causal):
     """(B, N, H, D) tensors viewed as (B, H, N, D), as a module's projections give them."""

@@ -46,6 +46,7 @@ from .triton import (
     _dot,
     _dphi_t,
     _f32,
+    _inv_den,
     _key_valid,
     _load_rows,
     _logits,
@@ -149,7 +150,7 @@ def _chunk_bwd_q_kernel(
     if SAVED:
         mq = tl.load(STATS + bh * 3 * N + rows, mask=qvalid, other=0.0)
         den = tl.load(STATS + bh * 3 * N + N + rows, mask=qvalid, other=0.0)
-        inv = 1.0 / tl.where(den == 0.0, 1.0, den)
+        inv = _inv_den(den)
         gs = g * inv[:, None]
         out = _load_rows(O + b * sob + h * soh, rows, offs_e, N, E, son, soe).to(tl.float32)
         gd = -tl.sum(gs * out, 1)  # −Σ g·out / den
@@ -160,7 +161,7 @@ def _chunk_bwd_q_kernel(
             sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
             BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, False, FEAT_F32, PREC, INTERP,
         )  # fmt: skip
-        inv = 1.0 / tl.where(den == 0.0, 1.0, den)
+        inv = _inv_den(den)
         gs = g * inv[:, None]
         gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
     # Rows past N are 0 in gs and gd (g loads 0 there): they add nothing below.

@@ -15,6 +15,11 @@ from torch import Tensor
 
 RELU_EPS = 1e-3
 DEFAULT_CHUNK = 64
+# Below this normalizer a query passes no gradient (fp32 compute; float64: DEN_MIN_F64): its
+# 1/den, times the sums of the backward, would overflow fp32 to inf and then inf·0 = NaN. Such a
+# den means the query's features and the keys' barely overlap (their stabilizers are separate).
+DEN_MIN = 1e-30
+DEN_MIN_F64 = 1e-300
 
 
 def _compute_dtype(t: Tensor) -> torch.dtype:
@@ -226,8 +231,11 @@ def performer_attention_backward(
     """(dq, dk, dv) of :func:`performer_attention` given grad = ∂loss/∂out; omega gets no gradient."""
     phiq, phik, v1, out, safe, km = _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size)
     g = grad.to(out.dtype)
-    # [num, den] = lin(φq, φk, V'): its upstream gradient G' = [g/den, −Σ g·out / den].
-    gaug = torch.cat([g / safe, -(g * out).sum(-1, keepdim=True) / safe], dim=-1)
+    # [num, den] = lin(φq, φk, V'): its upstream gradient G' = [g/den, −Σ g·out / den] (0 where
+    # den < DEN_MIN; den = 0 has safe = 1).
+    tiny = DEN_MIN_F64 if out.dtype == torch.float64 else DEN_MIN
+    inv = torch.where(safe < tiny, torch.zeros_like(safe), 1.0 / safe)
+    gaug = torch.cat([g * inv, -(g * out).sum(-1, keepdim=True) * inv], dim=-1)
     dphiq = linear_attention(gaug, v1, phik, causal, chunk_size=chunk_size, key_max=km)
     dphik = linear_attention(v1, gaug, phiq, causal, reverse=True, chunk_size=chunk_size, key_max=km)
     dv1 = linear_attention(phik, phiq, gaug, causal, reverse=True, chunk_size=chunk_size, key_max=km)

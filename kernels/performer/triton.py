@@ -451,6 +451,14 @@ def _key_max_carry_kernel(OUT, CM, N, NCK, floor, BN: tl.constexpr, BC: tl.const
 
 
 @triton.jit
+def _inv_den(den):
+    """1/den for the backward's G' = [g/den, −Σ g·out/den]: 1 where den = 0 (no visible key), and 0
+    where 0 < den < DEN_MIN (reference.py): such a query's 1/den would overflow the backward's
+    fp32 sums (inf, then inf·0 = NaN), so it passes no gradient."""
+    return tl.where(den == 0.0, 1.0, tl.where(den < 1e-30, 0.0, 1.0 / tl.where(den == 0.0, 1.0, den)))
+
+
+@triton.jit
 def _key_valid(MASK, b, rows, Nk, smb, smn, HAS_MASK: tl.constexpr):
     rvalid = rows < Nk
     if HAS_MASK:
@@ -669,7 +677,7 @@ def _bwd_q_kernel(
                 sc = tl.where(lower, _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP), 0.0)
             num += _mm(sc, vt, FEAT_F32, PREC, INTERP)
             den += tl.sum(sc, 1)
-        inv = 1.0 / tl.where(den == 0.0, 1.0, den)
+        inv = _inv_den(den)
         g = _load_rows(Gb, rows, offs_e, N, E, sgn, sge).to(tl.float32)
         gs = g * inv[:, None]
         gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
