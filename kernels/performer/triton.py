@@ -110,10 +110,13 @@ REDUCE_ROWS = 32
 # The causal softmax key stabilizer's pre-pass (_key_max_kernel): keys per program, feature rows
 # per tile of ω (clipped to the padded m) and warps. H200, bf16, B = 4, H = 12, N = 4096, d = 64,
 # m = 256, the two calls of a training step: (128, 64, 4) 51.2 µs; (64, 64, 4) 54.6,
-# (64, 128, 4) 56.7, (128, 128, 8) 63.7, (64, 256, 4) 82.1, (32, 256, 4) 110.1.
+# (64, 128, 4) 56.7, (128, 128, 8) 63.7, (64, 256, 4) 82.1, (32, 256, 4) 110.1. One forward call,
+# with stages: (128, 64, 4) 24.9–25.5 µs at 2–3 stages, 28.0 at 1; (256, 64, 4 or 8) 27.3–27.8;
+# (128, 32, 4) 27.6; (64, 64, 2) 35.2. Every setting sits at 25–28 µs (25 MB of keys, 6.4 GFLOP).
 KEY_MAX_ROWS = 128
 KEY_MAX_FEATURES = 64
 KEY_MAX_WARPS = 4
+KEY_MAX_STAGES = 2
 # (The plans below are cached per call signature, these knobs included: changing any of them
 # between calls takes effect at the next call.)
 
@@ -1042,7 +1045,7 @@ class _Cfg:
         rows = _Launch(
             _key_max_kernel, (nck, self.BH), 5,
             (self.N, self.D, self.m, self.H, nck, *k.stride(), *self.mask_strides, *self.scal[:2]),
-            meta, {"num_warps": KEY_MAX_WARPS, "num_stages": 2}, self.fast, self.trace,
+            meta, {"num_warps": KEY_MAX_WARPS, "num_stages": KEY_MAX_STAGES}, self.fast, self.trace,
         )  # fmt: skip
         carry = _Launch(
             _key_max_carry_kernel, (nck, self.BH), 2, (self.N, nck, _f32_bits(NO_KEY)),
@@ -1178,7 +1181,8 @@ _KNOBS: tuple | None = None
 
 def _knobs() -> tuple:
     return (
-        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, KEY_MAX_ROWS, KEY_MAX_FEATURES, KEY_MAX_WARPS, D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
+        NUM_WARPS, PROGRAMS_PER_SM, INTERPRETER_PROGRAMS, REDUCE_ROWS, KEY_MAX_ROWS, KEY_MAX_FEATURES, KEY_MAX_WARPS, KEY_MAX_STAGES,
+        D_BLOCK, WHOLE_D_F32, D_BLOCK_F32, tuple(TUNED.items()),
         tuple(SAFE.items()), PATH, CHUNKED_MAX_N, _CHUNKED.chunked.CHUNK, _CHUNKED.chunked.M_TILE, _CHUNKED.chunked.WARPS, _CHUNKED.chunked.SCAN_WARPS,
         _CHUNKED.chunked.SCAN_PROGRAMS_PER_SM, _CHUNKED.chunked.KEY_PROGRAMS_PER_SM, _CHUNKED.chunked.OUT_PERSIST,
         _CHUNKED.chunked.OUT_MAX_TILES, _CHUNKED.chunked.OUT_MIN_CHUNKS, _CHUNKED.chunked.OUT_PROGRAMS_PER_SM,
