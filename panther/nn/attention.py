@@ -109,10 +109,7 @@ class RandMultiHeadAttention(nn.Module):
             divisible by ``num_heads``, unknown ``kernel_fn``, ``dropout`` outside [0, 1), an
             ``SRPE`` that is not a matching sinSRPE); in ``forward``, inputs of the wrong rank,
             feature size, dtype or device, mismatched batch dimensions, causal attention over
-            different query and key lengths, or a mask of the wrong shape, device or values;
-            causal softmax attention whose feature dim (head_dim, or sinSRPE's R) is too wide for
-            its key features to be represented (past about 160 in fp32/bf16/fp16: see
-            ``kernels/performer/README.md``).
+            different query and key lengths, or a mask of the wrong shape, device or values.
 
     Example:
         >>> import torch
