@@ -22,11 +22,11 @@ chunked = pytest.importorskip("panther.kernels.performer.chunked")
 from panther.kernels.performer import chunked_bwd
 from panther.kernels.performer import triton as triton_kernels
 from panther_testing import RTOL, assert_close
+from performer_testing import LOG2E, chunk_ends, key_max2, logits2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHUNK = 16
 TILE = 16
-LOG2E = 1.4426950408889634
 
 
 @pytest.fixture
@@ -174,30 +174,11 @@ def _attend_probe(
     tl.store(MQ + bh * N + rows, mq, mask=rows < N)
 
 
-def _logits2(x, omega, scale):
-    """(ω·xs − ‖xs‖²/2)·log2 e in float64, (B, H, N, m)."""
-    xs = x.double() * math.sqrt(scale)
-    proj = torch.einsum("bhnd,hmd->bhnm", xs, omega.double())
-    return (proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) * LOG2E
 
 
-def _key_max64(k, omega, scale, mask=None):
-    """The causal softmax key stabilizer MX (B, H, N) in float64, in the kernels' units (log2, with
-    log2 √m folded in): each key's largest logit over the features (masked keys −inf), its running
-    max over positions, clamped at NO_KEY where no unmasked key came yet."""
-    top = _logits2(k, omega, scale).amax(-1) + 0.5 * math.log2(omega.shape[1])
-    if mask is not None:
-        top = top.masked_fill(~mask[:, None, :], float("-inf"))
-    return torch.cummax(top, -1).values.clamp_min(ref.NO_KEY)
 
 
-def _chunk_ends(mx, C):
-    """E(c) for c = −1 … NC − 1, (..., NC + 1) with E(c) at index c + 1: mx (..., N) at the last
-    position of chunk c (positions [c·C, (c+1)·C) clipped to N); E(−1) = mx at position 0."""
-    N = mx.shape[-1]
-    NC = -(-N // C)
-    idx = ((torch.arange(NC + 1, device=mx.device) * C).clamp(max=N) - 1).clamp(min=0)
-    return mx[..., idx]
+
 
 
 def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
@@ -205,7 +186,7 @@ def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
     relu max(ω·xs, 0)/√m + eps. Masked keys 0 (softmax: masked before 2^, where a stabilizer of
     NO_KEY would overflow)."""
     if kernel_fn == "softmax":
-        lg = _logits2(x, omega, scale)
+        lg = logits2(x, omega, scale)
         if mask is not None:
             lg = lg.masked_fill(~mask[:, None, :, None], float("-inf"))
         return torch.exp2(lg - stab)
@@ -234,7 +215,7 @@ def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, m):
     mask[1, 20] = True
     scale = D**-0.5
     softmax = kernel_fn == "softmax"
-    mx = _key_max64(k, omega, scale, mask).float().reshape(B * H, N)
+    mx = key_max2(k, omega, scale, mask).float().reshape(B * H, N)
     assert torch.all(mx.view(B, H, N)[1, :, :20] == ref.NO_KEY) and torch.all(mx.view(B, H, N)[:, :, 20:] > ref.NO_KEY)
     plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, True, scale, CHUNK, False, False)
     SL, ZL, SG, ZG = plan.scan(k, v, omega, mask, None, None, mx if softmax else None)
@@ -251,7 +232,7 @@ def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, m):
         EVEN_M=m % sc.BMT == 0, FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
     )  # fmt: skip
     if softmax:
-        want_mq = _logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(m)
+        want_mq = logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(m)
         assert_close(mq, want_mq.reshape(BH, N), name="mq")
         mx64 = mx.double().reshape(B, H, N)
         phq = _phi64(q, omega, kernel_fn, scale, mq.double().reshape(B, H, N, 1))
@@ -313,7 +294,7 @@ def test_scan_matches_cumsum(poison, small, case):
     mask = stab = zw = mx = None
     if softmax:
         keys = torch.randn(B, H, N, D, device=DEVICE).to(dtype) if query else x
-        mx = _key_max64(keys, omega, scale, kmask).float().reshape(BH, N)
+        mx = key_max2(keys, omega, scale, kmask).float().reshape(BH, N)
         assert torch.all(mx[H:, :20] == ref.NO_KEY)
     if query:
         vals = torch.full((BH, N, BE), float("nan"), device=DEVICE)
@@ -321,7 +302,7 @@ def test_scan_matches_cumsum(poison, small, case):
         vals64 = vals[:, :, :E].double()
         zw = torch.randn(BH, N, device=DEVICE)
         if softmax:
-            stab = (_logits2(x, omega, scale).amax(-1) + 0.5 * math.log2(m)).float().reshape(BH, N)
+            stab = (logits2(x, omega, scale).amax(-1) + 0.5 * math.log2(m)).float().reshape(BH, N)
         phi = _phi64(x, omega, kernel_fn, scale, None if stab is None else stab.double().reshape(B, H, N, 1))
     else:
         vals = torch.randn(B, N, H, E, device=DEVICE).to(dtype).transpose(1, 2)
@@ -346,7 +327,7 @@ def test_scan_matches_cumsum(poison, small, case):
     seg = c // CPS
     if softmax:
         mx64 = mx.double()
-        ends = _chunk_ends(mx64, CHUNK)  # E(c) at c + 1
+        ends = chunk_ends(mx64, CHUNK)  # E(c) at c + 1
         if query:  # 2^(E(c) − MX_i); chunk c's SG at E(last chunk of its segment)
             expo = ends[:, 1:, None] - mx64[:, None, :]
             f = torch.exp2(ends[:, c + 1] - ends[:, torch.clamp((seg + 1) * CPS, max=NC)])

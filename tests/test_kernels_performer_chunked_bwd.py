@@ -21,12 +21,12 @@ triton_kernels = pytest.importorskip("panther.kernels.performer.triton")
 chunked_bwd = pytest.importorskip("panther.kernels.performer.chunked_bwd")
 
 from panther_testing import RTOL, assert_close
+from performer_testing import LOG2E, chunk_ends, key_max2, logits2
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CHUNK = 16
 TILE = 16
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-LOG2E = 1.4426950408889634
 
 
 def _inputs(B, H, N, D, E, m, dtype, mask, all_off=False, seed_shift=0, lead_off=0):
@@ -67,20 +67,10 @@ def _assert_grads(got, want, inputs, zero=(), gmax=1.0):
 # ---------------------------------------------------------------------------------------------
 
 
-def _logits2(x, omega, scale):
-    """(ω·xs − ‖xs‖²/2)·log2 e in float64, (B, H, N, m)."""
-    xs = x.double() * math.sqrt(scale)
-    proj = torch.einsum("bhnd,hmd->bhnm", xs, omega.double())
-    return (proj - 0.5 * (xs * xs).sum(-1, keepdim=True)) * LOG2E
 
 
-def _chunk_ends(mx, C):
-    """E(c) for c = −1 … NC − 1, (..., NC + 1) with E(c) at index c + 1: mx (..., N) at the last
-    position of chunk c (positions [c·C, (c+1)·C) clipped to N); E(−1) = mx at position 0."""
-    N = mx.shape[-1]
-    NC = -(-N // C)
-    idx = ((torch.arange(NC + 1, device=mx.device) * C).clamp(max=N) - 1).clamp(min=0)
-    return mx[..., idx]
+
+
 
 
 def _states(phi, vals, zw, mx, C, CPS, reverse, MP, BE, sdt):
@@ -119,7 +109,7 @@ def _states(phi, vals, zw, mx, C, CPS, reverse, MP, BE, sdt):
         if mx is None:
             wt = summed.double().expand(BH, -1, -1)
         else:
-            e = _chunk_ends(mx, C)[:, at + 1, None]  # (BH, K, 1)
+            e = chunk_ends(mx, C)[:, at + 1, None]  # (BH, K, 1)
             expo = e - mx[:, None, :] if reverse else mx[:, None, :] - e
             assert torch.all(expo[:, summed] <= 0)
             wt = torch.where(summed, torch.exp2(expo), 0.0)
@@ -153,7 +143,7 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
         mx = MX.double()
     if which == "q":
         if softmax:  # each key at its own MX
-            lg = _logits2(k, omega, scale)
+            lg = logits2(k, omega, scale)
             if key_mask is not None:
                 lg = lg.masked_fill(~key_mask[:, None, :, None], float("-inf"))
             phik = torch.exp2(lg - mx.view(B, H, N, 1))
@@ -173,7 +163,7 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     # The query stabilizer in log2 units, log2 √m folded in (fp32, as the kernel reads it):
     # φq = exp2(lg − mq).
     if softmax:
-        lg = _logits2(q, omega, scale)
+        lg = logits2(q, omega, scale)
         mq = (lg.amax(-1) + 0.5 * math.log2(m)).float()
         phiq = torch.exp2(lg - mq.double()[..., None])
     else:
@@ -410,7 +400,7 @@ def _stats_want(q, k, omega, key_mask, kernel_fn, scale):
         lgk = lg[1]
         if key_mask is not None:
             lgk = lgk.masked_fill(~key_mask[:, None, :, None], float("-inf"))
-        mx = torch.cummax(lgk.amax(-1) + 0.5 * math.log2(m), -1).values.clamp_min(ref.NO_KEY)  # (B, H, N)
+        mx = key_max2(k, omega, scale, key_mask)  # (B, H, N)
         phq = torch.exp2(lg[0] - mq[..., None])
         phk = torch.exp2(lgk - mx[..., None])
         rel = torch.exp2((mx[..., None, :] - mx[..., :, None]).clamp_max(0.0))  # (i, j): exp2(MX_j − MX_i), j ≤ i

@@ -216,15 +216,8 @@ def _load_rows(base, rows, cols, n_rows, n_cols, s_row, s_col):
 
 @triton.jit
 def _load_omega(W, h, D, M, d0, BD: tl.constexpr, BM: tl.constexpr, DT: tl.constexpr, INTERP: tl.constexpr):
-    """Columns [d0, d0 + BD) of head h's ω (BM, BD) in DT, zero outside (M, D)."""
-    offs_m = tl.arange(0, BM)
-    offs_d = d0 + tl.arange(0, BD)
-    w = tl.load(
-        W + h * M * D + offs_m[:, None] * D + offs_d[None, :],
-        mask=(offs_m[:, None] < M) & (offs_d[None, :] < D),
-        other=0.0,
-    )
-    return _cast(w, DT, INTERP)
+    """Columns [d0, d0 + BD) of head h's ω (BM, BD) in DT, zero outside (M, D): every feature row."""
+    return _omega_rows(W, h, D, M, 0, d0, BD, BM, DT, INTERP)
 
 
 @triton.jit
