@@ -138,30 +138,32 @@ def test_causal_output_ignores_later_keys(poison, small):
 
 
 # ---------------------------------------------------------------------------------------------
-# _chunk_attend's contract (the backward recomputes the forward with it): num, den and mq
+# _chunk_attend's contract (the forward, and the backward recomputing it): num, den, mq and mk
 # ---------------------------------------------------------------------------------------------
 
 
 @triton.jit
 def _attend_probe(
-    Q, K, V, W, MASK, SL, ZL, SG, ZG, NUM, DEN, MQ, MX,
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, NUM, DEN, MQ, MK, MX, EL, EG,
     N, D, E, M, H, sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
-    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, ONLINE: tl.constexpr, FEAT_F32: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
-    """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den and mq (BH, N), given the
-    causal key stabilizer MX (BH, N) fp32 (read for softmax only)."""
+    """Grid (chunks, B·H): _chunk_attend's causal num (BH, N, BE), den, mq and mk (BH, N), given
+    the causal key stabilizer MX (BH, N) fp32 (read for softmax without ONLINE), or with ONLINE
+    the online scan's stabilizers EL, EG."""
     rs, log2_sqrt_m, inv_sqrt_m, eps = triton_kernels._f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     c = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    num, den, mq = chunked._chunk_attend(
+    num, den, mq, mk = chunked._chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
-        rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
-        BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, EVEN_M, FEAT_F32, PREC, INTERP,
+        rs, log2_sqrt_m, inv_sqrt_m, eps, MX, EL, EG,
+        BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, EVEN_M, ONLINE, FEAT_F32, PREC, INTERP,
     )  # fmt: skip
     rows = c * BN + tl.arange(0, BN)
     offs_e = tl.arange(0, BE)
@@ -172,6 +174,7 @@ def _attend_probe(
     )
     tl.store(DEN + bh * N + rows, den, mask=rows < N)
     tl.store(MQ + bh * N + rows, mq, mask=rows < N)
+    tl.store(MK + bh * N + rows, mk, mask=rows < N)
 
 
 
@@ -198,17 +201,24 @@ def _phi64(x, omega, kernel_fn, scale, stab=None, mask=None):
 
 
 @pytest.mark.parametrize("m", [40, 48], ids=["m40-padded-tile", "m48-even"])
-@pytest.mark.parametrize("kernel_fn", ["softmax", "relu"])
-def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, m):
-    """num, den and mq of _chunk_attend (causal) in the units the backward relies on: mq is the
-    row max of the logits over all m features plus log2 √m (0 for relu), and
+@pytest.mark.parametrize(
+    "kernel_fn, online", [("softmax", False), ("softmax", True), ("relu", False)], ids=["softmax", "softmax-online", "relu"]
+)
+def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, online, m):
+    """num, den, mq and mk of _chunk_attend (causal) in the units the backward relies on: mq is
+    the row max of the logits over all m features plus log2 √m (0 for relu), and
     [num, den]ᵢ = Σ_{j ≤ i} (φq_i·φk_j)·2^(MX_j − MX_i)·[v_j, 1] with φq = 2^(lg − mq) and, for
     softmax, φk = 2^(lg − MX) each key at its own running key max MX (float64, given to the scan
     and the kernel in fp32): key j enters query i's sums as 2^(lg_j − MX_i), whether through the
     state or inside the chunk. Batch 1's first 20 keys are masked (MX = NO_KEY there, a whole
     chunk and part of the next, and those queries get 0). N = 61: four chunks in two segments of
     two, so chunk 3 reads segment 0's state through the segment factor. Tiles of 16 features:
-    m = 40 ends in a partly padded tile (masked), m = 48 has none (EVEN_M, unmasked)."""
+    m = 40 ends in a partly padded tile (masked), m = 48 has none (EVEN_M, unmasked).
+
+    online (the forward's path): the scan and the kernel are given no MX and find the stabilizers
+    themselves (ChunkScan's ``online``); the same sums come out, at an mk that must equal MX (the
+    backward reads it from the training stats). Otherwise (the backward's recompute) MX is given,
+    and mk returns it."""
     B, H, N, D, E = 2, 2, 61, 20, 12
     q, k, v, omega, mask = _inputs(B, H, N, N, D, E, m, torch.float32, True)
     mask[1, :20] = False
@@ -218,29 +228,40 @@ def test_chunk_attend_num_den_and_stabilizer(poison, small, kernel_fn, m):
     mx = key_max2(k, omega, scale, mask).float().reshape(B * H, N)
     assert torch.all(mx.view(B, H, N)[1, :, :20] == ref.NO_KEY) and torch.all(mx.view(B, H, N)[:, :, 20:] > ref.NO_KEY)
     plan = chunked.ChunkedForwardPlan(q, k, v, omega, mask, kernel_fn, True, scale, CHUNK, False, False)
-    SL, ZL, SG, ZG = plan.scan(k, v, omega, mask, None, None, mx if softmax else None)
-    cfg, sc = plan.cfg, plan.scan
+    cfg = plan.cfg
+    sc = chunked.ChunkScan(
+        k, v, omega, kernel_fn=kernel_fn, scale=scale, chunk=CHUNK, m_tile=TILE, mask_strides=cfg.mask_strides,
+        has_mask=True, online=online, feat_f32=True, prec="ieee",
+    )  # fmt: skip
+    assert (sc.NC, sc.P) == (4, 2)
+    if online:
+        SL, ZL, SG, ZG, EL, EG = sc(k, v, omega, mask, None, None, None)
+    else:
+        SL, ZL, SG, ZG = sc(k, v, omega, mask, None, None, mx if softmax else None)
+        EL = EG = mx
     BH, BE = B * H, cfg.BE
     num = torch.empty(BH, N, BE, device=DEVICE)
     den = torch.empty(BH, N, device=DEVICE)
     mq = torch.empty(BH, N, device=DEVICE)
+    mk = torch.empty(BH, N, device=DEVICE)
     _attend_probe[(sc.NC, BH)](
-        q, k, v, omega, mask, SL, ZL, SG, ZG, num, den, mq, mx,
+        q, k, v, omega, mask, SL, ZL, SG, ZG, num, den, mq, mk, mx, EL, EG,
         N, D, E, m, H, *q.stride(), *k.stride(), *v.stride(), *cfg.mask_strides, *cfg.scal,
         sc.CPS, sc.NC, sc.P, sc.MP,
         BN=CHUNK, BD=cfg.BD, BE=BE, BMT=sc.BMT, SOFTMAX=softmax, HAS_MASK=True,
-        EVEN_M=m % sc.BMT == 0, FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
+        EVEN_M=m % sc.BMT == 0, ONLINE=online, FEAT_F32=True, PREC="ieee", INTERP=cfg.interp,
     )  # fmt: skip
     if softmax:
         want_mq = logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(m)
         assert_close(mq, want_mq.reshape(BH, N), name="mq")
+        assert_close(mk, mx, name="mk")
         mx64 = mx.double().reshape(B, H, N)
         phq = _phi64(q, omega, kernel_fn, scale, mq.double().reshape(B, H, N, 1))
         phk = _phi64(k, omega, kernel_fn, scale, mx64[..., None], mask)
         # (query i, key j): 2^(MX_j − MX_i), ≤ 1 where j ≤ i (clamped above, where tril drops it)
         rel = torch.exp2((mx64[..., None, :] - mx64[..., :, None]).clamp_max(0.0))
     else:
-        assert torch.all(mq == 0)
+        assert torch.all(mq == 0) and torch.all(mk == 0)
         phq = _phi64(q, omega, kernel_fn, scale)
         phk = _phi64(k, omega, kernel_fn, scale, mask=mask)
         rel = 1.0
@@ -353,6 +374,66 @@ def test_scan_matches_cumsum(poison, small, case):
     assert torch.all(got_s[:, :, m:] == 0) and torch.all(got_s[:, :, :, E:] == 0) and torch.all(got_z[:, :, m:] == 0)
     first = [min(s * CPS + CPS, NC) - 1 if reverse else s * CPS for s in range(P)]
     assert torch.all(SL[:, first] == 0) and torch.all(ZL[:, first] == 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_online_scan_stabilizers_and_states(poison, small, dtype):
+    """The forward's key scan with ``online`` (no MX given): each program's stabilizer is the
+    largest logit (+ log2 √m) of its feature tile over the keys it has summed, and the states are
+    at it. Against float64 from the same rounded inputs, per chunk c and feature tile t:
+
+    * EL[c, t] = max over the unmasked keys j of c's segment before c and the features f of tile
+      t of lg_jf + log2 √m (NO_KEY where there is none), SL[c, f] = Σ those j of
+      2^(lg_jf − EL[c, t])/√m·v_j (z: Σ 2^(…)/√m);
+    * after the segment scan, EG[s, t] = the same max over the keys of the segments before s, and
+      SG[s] their sum at it.
+
+    Every factor is then ≤ 1, and SL·2^(EL) + SG·2^(EG) is the plain prefix sum. Batch 1's first
+    20 keys are masked (NO_KEY through chunk 0 and into segment 1's first chunk); N = 61: four
+    chunks in two segments of two; m = 40: three tiles of 16, the last partly padded."""
+    B, H, N, D, E, m = 2, 2, 61, 20, 12, 40
+    BH, scale = B * H, 0.3
+    k = torch.randn(B, N, H, D, device=DEVICE).to(dtype).transpose(1, 2)  # strided
+    v = torch.randn(B, N, H, E, device=DEVICE).to(dtype).transpose(1, 2)
+    omega = torch.randn(H, m, D, device=DEVICE).to(dtype)
+    mask = torch.rand(B, N, device=DEVICE) > 0.3
+    mask[1, :20] = False
+    mask[0, 0] = True
+    feat_f32 = dtype != torch.bfloat16
+    scan = chunked.ChunkScan(
+        k, v, omega, kernel_fn="softmax", scale=scale, chunk=CHUNK, m_tile=TILE, mask_strides=mask.stride(),
+        has_mask=True, online=True, feat_f32=feat_f32, prec="ieee" if dtype == torch.float32 else "tf32",
+    )  # fmt: skip
+    NC, P, CPS, MP, NT = scan.NC, scan.P, scan.CPS, scan.MP, scan.NT
+    assert (NC, P, CPS, MP, NT) == (4, 2, 2, 48, 3)
+    SL, ZL, SG, ZG, EL, EG = scan(k, v, omega, mask, None, None, None)
+    assert EL.shape == (BH, NC, NT) and EG.shape == (BH, P, NT) and EL.dtype == EG.dtype == torch.float32
+    lg = logits2(k, omega, scale).masked_fill(~mask[:, None, :, None], float("-inf")).reshape(BH, N, m)
+    lg = torch.nn.functional.pad(lg, (0, MP - m), value=float("-inf"))  # padded features: none
+    v64 = v.double().reshape(BH, N, E)
+    pos = torch.arange(N, device=DEVICE)
+    tol = RTOL[torch.float32] if feat_f32 else RTOL[torch.bfloat16]
+
+    def at_stabilizer(keys, got_e, got_s, got_z, name):
+        # keys (N,) bool: the positions summed. Stabilizer per feature tile, then the sums at it.
+        lk = lg.masked_fill(~keys[None, :, None], float("-inf"))
+        want_e = (lk.reshape(BH, N, NT, TILE).amax((1, 3)) + 0.5 * math.log2(m)).clamp_min(ref.NO_KEY)  # (BH, NT)
+        none = want_e == ref.NO_KEY
+        assert torch.all(got_e[none] == ref.NO_KEY), name
+        assert_close(got_e[~none], want_e[~none], rtol=RTOL[torch.float32], name=f"{name} stabilizer")
+        stab = want_e.repeat_interleave(TILE, 1)[:, None, :] - 0.5 * math.log2(m)  # (BH, 1, MP)
+        phi = torch.exp2(lk - stab) / math.sqrt(m)
+        assert torch.all(phi <= 1 / math.sqrt(m) + 1e-12)
+        assert_close(got_s.double()[:, :, :E], torch.einsum("bnf,bne->bfe", phi, v64), rtol=tol, name=name)
+        assert_close(got_z.double(), phi.sum(1), rtol=tol, name=f"{name} z")
+        assert torch.all(got_s[:, m:] == 0) and torch.all(got_s[:, :, E:] == 0)
+
+    for c in range(NC):
+        s = c // CPS
+        at_stabilizer((pos >= s * CPS * CHUNK) & (pos < c * CHUNK), EL[:, c], SL[:, c], ZL[:, c], f"chunk {c}")
+    for s in range(P):
+        at_stabilizer(pos < s * CPS * CHUNK, EG[:, s], SG[:, s], ZG[:, s], f"segment {s}")
+    assert torch.all(EL[H:, 0] == ref.NO_KEY) and torch.all(EG[:, 0] == ref.NO_KEY)
 
 
 @pytest.mark.parametrize(

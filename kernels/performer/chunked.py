@@ -28,9 +28,12 @@ Passes: :class:`ChunkScan` (``_scan_kernel``, grid (feature tiles, segments, B·
 head's feature tiles loaded once per program) where they fit in registers, else
 ``_fwd_chunk_kernel``. Shapes (:func:`chunked_supports`): the whole
 padded head dim in one tile (≤ 128 for bf16, ≤ ``WHOLE_D_F32`` = 64 for fp16/fp32), padded E ≤
-128, any m. Causal softmax keys are scaled by the running key max (triton.py's ``_Cfg.key_max``,
-a pre-pass): states at the stabilizer of a chunk's last position, queries at their own
-(:func:`_scan_kernel`, :func:`_chunk_attend`).
+128, any m. Causal softmax keys are scaled by the running key max M. The forward finds it online,
+with no pre-pass: the key scan keeps one stabilizer per (feature tile, segment) and stores it with
+each state, and ``_fwd_chunk_kernel`` combines those with its chunk's own key maxima as it walks
+the feature tiles (``ONLINE``; it writes M into the training stats). The backward reads M (the
+training stats, else triton.py's pre-pass ``_Cfg.key_max``): states at the stabilizer of a chunk's
+last position, queries at their own (:func:`_scan_kernel`, :func:`_chunk_attend`).
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ from .triton import (
     _f32,
     _key_valid,
     _load_rows,
+    _logits,
+    _max2,
     _mm,
     _omega_rows,
     _phi_key,
@@ -85,6 +90,7 @@ SCAN_WARPS = 4
 # 0.255 ms forward and 0.797 ms backward, against 0.300 / 0.896 at 4, 0.324 / 0.932 at 8 and
 # 0.405 / 1.083 at 16 (8 scan warps were slower at each).
 SCAN_PROGRAMS_PER_SM = 2
+SCAN_STAGES = 3
 # Programs of the non-causal key pass (_key_pass_kernel) resident per SM (4 warps, 122 registers,
 # 49 KB of shared memory at d = 64: 4 fit). The segments per (batch·head, feature tile) are as
 # many as keep the grid within one such wave: more programs than fit leave a tail (H200, bf16,
@@ -150,6 +156,19 @@ def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT: tl.constexpr
 
 
 @triton.jit
+def _state_tile_at(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gl, gf, BMT: tl.constexpr, BE: tl.constexpr):
+    """As :func:`_state_tile`, with the local state too taken times a factor: SL·gl + SG·gf (the
+    ONLINE scan's states, each at its own stabilizer, brought to a common one)."""
+    s = c // CPS
+    rows = m0 + tl.arange(0, BMT)
+    cols = tl.arange(0, BE)
+    tile = rows[:, None] * BE + cols[None, :]
+    S = tl.load(SL + (bh * NC + c) * MP * BE + tile).to(tl.float32) * gl + tl.load(SG + (bh * P + s) * MP * BE + tile) * gf
+    z = tl.load(ZL + (bh * NC + c) * MP + rows) * gl + tl.load(ZG + (bh * P + s) * MP + rows) * gf
+    return S, z
+
+
+@triton.jit
 def _segment_factor(MX, bh, N, c, CPS, BN: tl.constexpr, REVERSE: tl.constexpr):
     """Causal softmax: the factor ≤ 1 that takes chunk c's segment state (SG) to the stabilizer
     of its local state (SL). Keys (forward): SL[c] is at E(c − 1), the chunk before c, and SG at
@@ -195,13 +214,15 @@ def _phi_query(projq, mq, half, fvalid, a2, rs, log2_sqrt_m, inv_sqrt_m, eps, SO
 @triton.jit
 def _chunk_attend(
     Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
-    sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
+    sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX, EL, EG,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    ONLINE: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Forward of chunk c (rows c·BN + arange(BN)) of one (batch b, head h; bh = b·H + h):
-    returns (num (BN, BE) fp32, den (BN,) fp32, mq (BN,) fp32), out = num / (den == 0 ? 1 : den).
+    returns (num (BN, BE) fp32, den (BN,) fp32, mq (BN,) fp32, mk (BN,) fp32),
+    out = num / (den == 0 ? 1 : den); mk is the rows' causal key stabilizer Mᵢ (causal softmax;
+    else 0).
 
     Qb, Kb, Vb: the (b, h) base pointers of q (N, D), k (N, D), v (N, E) with row/column strides
     (sqn, sqd), (skn, skd), (svn, sve); MASK the key mask (B, N) with strides (smb, smn), read
@@ -216,6 +237,14 @@ def _chunk_attend(
       the intra-chunk masked quadratic part (keys j ≤ query i of this chunk) is added. Softmax
       keys are φ̃ⱼ = exp2(lⱼ − Mⱼ) at their own running max; query i takes the state (at E(c − 1),
       the chunk before) times exp2(E(c − 1) − Mᵢ) and key j of its chunk times exp2(Mⱼ − Mᵢ).
+    * CAUSAL, SOFTMAX and ONLINE: MX is not read; the states come from the ONLINE scan, feature
+      tile t of SL[c] at EL[bh, c, t] and of SG[c // CPS] at EG[bh, c // CPS, t] (EL (BH, NC, NT),
+      EG (BH, P, NT) fp32, :func:`_scan_kernel`). The program finds the stabilizers itself, online
+      over its feature tiles as it does the query's: the states are summed at g, the largest of
+      their stabilizers so far (= E(c − 1) after the last tile), and key j of the chunk at κⱼ,
+      its own largest logit so far (A's column j rescaled when κⱼ grows). After the loop
+      Mᵢ = max(g, max_{j ≤ i} κⱼ), the same running max as MX, and query i takes the states
+      times exp2(g − Mᵢ) and key j times exp2(κⱼ − Mᵢ): the same sums as above.
     * not CAUSAL: SL is the whole-sequence state S (BH, MP, BE) (bf16 or fp32) and ZL is z
       (BH, MP) fp32, as triton.py's ``_Cfg.run_state`` returns them (MP = its BM ≥ the padded
       feature rows); SG, ZG, CPS, NC, P, MX, Kb, Vb, MASK and their strides are not read (pass
@@ -244,9 +273,15 @@ def _chunk_attend(
         rvalid = _key_valid(MASK, b, rows, N, smb, smn, HAS_MASK)
         kstab = 0.0
         if SOFTMAX:
-            mrow = _row_max(MX, bh, rows, N)
-            kstab = mrow[:, None]
-            gf = _segment_factor(MX, bh, N, c, CPS, BN, False)
+            if ONLINE:
+                NT = MP // BMT
+                kk = tl.full((BN,), -1e30, tl.float32)  # κ: each key's largest logit so far
+                g = tl.max(kk, 0)  # the states' stabilizer so far (NO_KEY)
+                kvalid = rvalid[:, None]
+            else:
+                mrow = _row_max(MX, bh, rows, N)
+                kstab = mrow[:, None]
+                gf = _segment_factor(MX, bh, N, c, CPS, BN, False)
     num = tl.zeros((BN, BE), tl.float32)
     den = tl.zeros((BN,), tl.float32)
     A = tl.zeros((BN, BN), tl.float32)  # φq·φkᵀ over all features (causal), masked after the loop
@@ -265,21 +300,47 @@ def _chunk_attend(
         # The key tile first, so that its (C × BMT) tiles are dead before the state tile loads.
         if CAUSAL:
             projk = _dot(xk, tl.trans(w), PREC, INTERP)
-            phk = _phi_key(projk, sqk, fvalid, rvalid, kstab, rs, inv_sqrt_m, eps, SOFTMAX)
+            if SOFTMAX and ONLINE:
+                if EVEN_M:
+                    lgk = tl.where(kvalid, _logits(projk, sqk, rs), float("-inf"))
+                else:
+                    lgk = tl.where(kvalid & fvalid[None, :], _logits(projk, sqk, rs), float("-inf"))
+                knew = tl.maximum(kk, tl.max(lgk, 1) + log2_sqrt_m)
+                A = A * tl.exp2(kk - knew)[None, :]
+                kk = knew
+                phk = tl.exp2(lgk - knew[:, None])
+            else:
+                phk = _phi_key(projk, sqk, fvalid, rvalid, kstab, rs, inv_sqrt_m, eps, SOFTMAX)
             A += _mm(phq, tl.trans(phk), FEAT_F32, PREC, INTERP)
-            S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT, BE)
+            if SOFTMAX and ONLINE:
+                el = tl.load(EL + (bh * NC + c) * NT + m0 // BMT)
+                eg = tl.load(EG + (bh * P + c // CPS) * NT + m0 // BMT)
+                gnew = tl.maximum(g, tl.maximum(el, eg))
+                num = num * tl.exp2(g - gnew)
+                den = den * tl.exp2(g - gnew)
+                g = gnew
+                S, z = _state_tile_at(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, tl.exp2(el - g), tl.exp2(eg - g), BMT, BE)
+            else:
+                S, z = _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT, BE)
         else:
             mrows = m0 + tl.arange(0, BMT)
             S = tl.load(SL + bh * MP * BE + mrows[:, None] * BE + offs_e[None, :])
             z = tl.load(ZL + bh * MP + mrows)
         num += _mm(phq, S, FEAT_F32, PREC, INTERP)
         den += tl.sum(phq * z[None, :], 1)
+    mk = tl.zeros((BN,), tl.float32)
     if CAUSAL:  # the intra-chunk part, once: keys j ≤ query i
         if SOFTMAX:
-            fq = _decay(_chunk_end(MX, bh, N, c - 1, BN), mrow)
+            if ONLINE:
+                mrow = tl.maximum(tl.associative_scan(kk, 0, _max2), g)
+                fq = _decay(g, mrow)
+                A = A * _decay(kk[None, :], mrow[:, None])
+            else:
+                fq = _decay(_chunk_end(MX, bh, N, c - 1, BN), mrow)
+                A = A * _decay(mrow[None, :], mrow[:, None])
             num = num * fq[:, None]
             den = den * fq
-            A = A * _decay(mrow[None, :], mrow[:, None])
+            mk = mrow
         A = tl.where(offs_n[:, None] >= offs_n[None, :], A, 0.0)
         vt = _load_rows(Vb, rows, offs_e, N, E, svn, sve)  # here: not live across the loop
         num += _mm(A, vt, FEAT_F32, PREC, INTERP)
@@ -288,7 +349,7 @@ def _chunk_attend(
         mq = mq + log2_sqrt_m
     else:
         mq = tl.zeros((BN,), tl.float32)
-    return num, den, mq
+    return num, den, mq, mk
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,13 +359,14 @@ def _chunk_attend(
 
 @triton.jit
 def _scan_kernel(
-    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG, MX,
+    X, VALS, W, MASK, STAB, ZW, SL, ZL, SG, ZG, MX, EL, EG,
     N, D, E, M, H,
     sxb, sxh, sxn, sxd, svb, svh, svn, sve, smb, smn,
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
     SOFTMAX: tl.constexpr, QUERY: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr,
-    REVERSE: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    REVERSE: tl.constexpr, ONLINE: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr,
+    INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (MP / BMT feature tiles, P segments, B·H). Program (t, s, bh) walks the chunks of
     segment s (backward with REVERSE) for feature rows [t·BMT, (t+1)·BMT): before each chunk it
@@ -317,10 +379,22 @@ def _scan_kernel(
     chunk c's last position, moving by exp2(E(c − 1) − E(c)) from chunk to chunk. Keys: chunk c
     adds φ(kⱼ) = exp2(lⱼ − E(c)) and SL[c] is at E(c − 1). Queries (the backward's R, REVERSE):
     chunk c adds φ(qᵢ)·exp2(E(c − 1) − Mᵢ) and SL[c] is at E(c). The segment totals are at the
-    scale the walk ends at."""
+    scale the walk ends at.
+
+    ONLINE (softmax keys, prefix): MX is not read. The program keeps its own stabilizer instead,
+    the running max e of its tile's key logits (log2 units, log2 √m folded in, as MX) over the
+    segment's keys so far (NO_KEY before the first unmasked key): SL[c] is at e before chunk c,
+    stored in EL (BH, NC, NT) fp32, and the segment total at the walk's end e, in EG (BH, P, NT).
+    This spares the forward the key-max pre-pass; _segment_scan_kernel and _chunk_attend take the
+    sums between these stabilizers. One per tile rather than one per feature row (a reduction
+    inside each warp, as _key_pass_kernel's): per-row stabilizers kept this kernel at its MX
+    speed, but the chunk kernel then took a vector of them and per-row factors on every state
+    tile, and lost more than the scan won (H200, bf16, B = 4, H = 12, d = 64, m = 256, N = 16384:
+    scan 280 → 249 µs, chunk kernel 664 → 845 µs)."""
     t = tl.program_id(0)
     s = tl.program_id(1)
     bh = tl.program_id(2)
+    NT = tl.num_programs(0)
     P = tl.num_programs(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
@@ -339,6 +413,7 @@ def _scan_kernel(
     tile = mrows[:, None] * BE + offs_e[None, :]
     acc = tl.zeros((BMT, BE), tl.float32)
     accz = tl.zeros((BMT,), tl.float32)
+    run = tl.max(tl.full((BMT,), -1e30, tl.float32), 0)  # ONLINE: the stabilizer e (NO_KEY)
     c_lo = s * CPS
     c_hi = tl.minimum(c_lo + CPS, NC)
     for i in range(c_lo, c_hi):
@@ -346,7 +421,9 @@ def _scan_kernel(
         loc = (bh * NC + ci) * MP
         tl.store(SL + loc * BE + tile, _cast(acc, SL.dtype.element_ty, INTERP))
         tl.store(ZL + loc + mrows, accz)
-        if SOFTMAX:  # the sums move from E(ci − 1) to E(ci) (keys) or back (queries)
+        if ONLINE:
+            tl.store(EL + (bh * NC + ci) * NT + t, run)
+        elif SOFTMAX:  # the sums move from E(ci − 1) to E(ci) (keys) or back (queries)
             e_lo = _chunk_end(MX, bh, N, ci - 1, BN)
             e_hi = _chunk_end(MX, bh, N, ci, BN)
             acc = acc * _decay(e_lo, e_hi)
@@ -369,6 +446,14 @@ def _scan_kernel(
                 stab = tl.load(STAB + bh * N + rows, mask=rvalid, other=0.0)
                 stab += tl.maximum(_row_max(MX, bh, rows, N) - e_lo, 0.0)
                 phiT = tl.exp2(tl.where(valid, lgT - stab[None, :], float("-inf")))
+            elif ONLINE:
+                lgT = tl.where(valid, lgT, float("-inf"))
+                new = tl.maximum(run, tl.max(tl.max(lgT, 1), 0) + log2_sqrt_m)
+                f = tl.exp2(run - new)
+                acc = acc * f
+                accz = accz * f
+                run = new
+                phiT = tl.exp2(lgT - new)
             else:
                 phiT = tl.exp2(tl.where(valid, lgT - e_hi, float("-inf")))
         else:
@@ -383,6 +468,8 @@ def _scan_kernel(
     seg = (bh * P + s) * MP
     tl.store(SG + seg * BE + tile, acc)
     tl.store(ZG + seg + mrows, accz)
+    if ONLINE:
+        tl.store(EG + (bh * P + s) * NT + t, run)
 
 
 @triton.jit
@@ -494,36 +581,54 @@ def _key_pass_kernel(
 
 @triton.jit
 def _segment_scan_kernel(
-    SG, ZG, MX, P, MP, N, L, BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr, RESCALE: tl.constexpr
+    SG, ZG, MX, EG, EX, P, MP, N, L,
+    BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr, RESCALE: tl.constexpr, ONLINE: tl.constexpr,
 ):  # fmt: skip
     """Grid (MP / BMT, B·H): the P segment totals of one (batch·head, feature tile) replaced, in
     place, by their exclusive prefix (suffix with REVERSE) sums. RESCALE (softmax): segment s
     (positions [s·L, (s+1)·L) of N) holds its total at the key stabilizer MX of its last position
-    (keys) or of the one before it (REVERSE); the running sum moves between them by exp2(Eb − Ee)."""
+    (keys) or of the one before it (REVERSE); the running sum moves between them by exp2(Eb − Ee).
+    ONLINE (keys, prefix; MX not read): segment s's total is at EG (BH, P, NT)[bh, s, t]
+    (_scan_kernel's ONLINE stabilizer); the running sum is kept at the max of those seen, and
+    each prefix's stabilizer goes to EX (BH, P, NT) (NO_KEY for the first segment). Not in place
+    as the sums are: every thread reads and writes the same scalar, so a thread's store could land
+    before another thread's load (it did on the H200)."""
     t = tl.program_id(0)
     bh = tl.program_id(1)
+    NT = tl.num_programs(0)
     mrows = t * BMT + tl.arange(0, BMT)
     tile = mrows[:, None] * BE + tl.arange(0, BE)[None, :]
     acc = tl.zeros((BMT, BE), tl.float32)
     accz = tl.zeros((BMT,), tl.float32)
+    run = tl.max(tl.full((BMT,), -1e30, tl.float32), 0)
     for i in range(P):
         p = (bh * P + (P - 1 - i if REVERSE else i)) * MP
         s = tl.load(SG + p * BE + tile)
         z = tl.load(ZG + p + mrows)
         tl.store(SG + p * BE + tile, acc)
         tl.store(ZG + p + mrows, accz)
-        if RESCALE:
-            sg = P - 1 - i if REVERSE else i
-            f = _decay(_chunk_end(MX, bh, N, sg - 1, L), _chunk_end(MX, bh, N, sg, L))
-            acc = acc * f
-            accz = accz * f
-        acc += s
-        accz += z
+        if ONLINE:
+            es = tl.load(EG + (bh * P + i) * NT + t)
+            tl.store(EX + (bh * P + i) * NT + t, run)
+            new = tl.maximum(run, es)
+            f = tl.exp2(run - new)
+            fs = tl.exp2(es - new)
+            acc = acc * f + s * fs
+            accz = accz * f + z * fs
+            run = new
+        else:
+            if RESCALE:
+                sg = P - 1 - i if REVERSE else i
+                f = _decay(_chunk_end(MX, bh, N, sg - 1, L), _chunk_end(MX, bh, N, sg, L))
+                acc = acc * f
+                accz = accz * f
+            acc += s
+            accz += z
 
 
 @triton.jit
 def _fwd_chunk_kernel(
-    Q, K, V, W, MASK, SL, ZL, SG, ZG, O, STATS, MX,
+    Q, K, V, W, MASK, SL, ZL, SG, ZG, O, STATS, EL, EG,
     N, D, E, M, H,
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn,
     sob, soh, son, soe,
@@ -533,20 +638,20 @@ def _fwd_chunk_kernel(
     EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
-    the rows' query stabilizer mq and normalizer den into STATS (B·H, 3, N) fp32 (row 0 mq, row 1
-    den; row 2 is the host's: the key stabilizer), which the backward reads instead of recomputing
-    the forward. MX (B·H, N): the causal key
-    stabilizer (read for causal softmax only)."""
+    the rows' query stabilizer mq, normalizer den and (causal softmax) key stabilizer Mᵢ into
+    STATS (B·H, 3, N) fp32 (rows 0, 1, 2), which the backward reads instead of recomputing the
+    forward. Causal softmax takes its stabilizers online (_chunk_attend's ONLINE): EL, EG are the
+    ONLINE scan's (:class:`ChunkScan` with ``online``), read for causal softmax only."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
-    num, den, mq = _chunk_attend(
+    num, den, mq, mk = _chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
-        rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
-        BN, BD, BE, BMT, SOFTMAX, CAUSAL, HAS_MASK, EVEN_M, FEAT_F32, PREC, INTERP,
+        rs, log2_sqrt_m, inv_sqrt_m, eps, EL, EL, EG,
+        BN, BD, BE, BMT, SOFTMAX, CAUSAL, HAS_MASK, EVEN_M, True, FEAT_F32, PREC, INTERP,
     )  # fmt: skip
     out = num / tl.where(den == 0.0, 1.0, den)[:, None]
     rows = c * BN + tl.arange(0, BN)
@@ -554,6 +659,8 @@ def _fwd_chunk_kernel(
     if WRITE_STATS:
         tl.store(STATS + bh * 3 * N + rows, mq, mask=rows < N)
         tl.store(STATS + bh * 3 * N + N + rows, den, mask=rows < N)
+        if CAUSAL and SOFTMAX:
+            tl.store(STATS + bh * 3 * N + 2 * N + rows, mk, mask=rows < N)
     tl.store(
         O + b * sob + h * soh + rows[:, None] * son + offs_e[None, :] * soe,
         _cast(out, O.dtype.element_ty, INTERP),
@@ -683,11 +790,12 @@ class ChunkScan:
 
         ChunkScan(x, vals, omega, *, kernel_fn, scale, chunk, m_tile, e=None,
                   mask_strides=(0, 0), has_mask=False, query=False, weighted=False,
-                  reverse=False, feat_f32, prec, fast=False, trace=False)
+                  reverse=False, online=False, feat_f32, prec, fast=False, trace=False)
 
     and called with tensors of that signature::
 
-        scan(x, vals, omega, mask, stab, zw, mx) -> (SL, ZL, SG, ZG)
+        scan(x, vals, omega, mask, stab, zw, mx) -> (SL, ZL, SG, ZG)        # online=False
+        scan(x, vals, omega, mask, None, None, None) -> (SL, ZL, SG, ZG, EL, EG)  # online=True
 
     Args:
         x: (B, H, N, D), any strides: the feature source (keys, or queries with ``query``).
@@ -707,6 +815,10 @@ class ChunkScan:
             and padded features → 0. (The scales: :func:`_scan_kernel`.)
         weighted: z sums φ·zw with zw (BH, N) fp32; else z sums φ.
         reverse: exclusive suffixes (later chunks), chunks walked backward; else prefixes.
+        online: softmax key prefixes only: each program finds its own stabilizer (the largest key
+            logit of its feature tile so far) instead of reading ``mx``, and the call also returns
+            them: EL (BH, NC, NT) fp32, SL[c]'s, and EG (BH, P, NT) fp32, SG[s]'s (NT feature
+            tiles; :func:`_scan_kernel` ONLINE). The forward takes this, with no key-max pre-pass.
         feat_f32: fp32 operands (fp16/fp32 inputs) or bf16 (bf16 inputs); also the dtype of SL
             (fp32, else bf16). prec: "ieee" or "tf32" (the projection and fp32 products).
         fast, trace: as kernels._launch.Launch.
@@ -729,12 +841,13 @@ class ChunkScan:
         ValueError: kernel_fn not softmax/relu, chunk or m_tile not a power of two ≥ 16, a head
             dim wider than one tile (padded D > 128), vals of the wrong shape or rank, e past
             vals' columns or padded past 128, a softmax scan other than a key prefix or a query
-            suffix; at the call, a softmax scan without mx.
+            suffix, online for other than a softmax key prefix; at the call, a softmax scan that
+            is not online without mx.
     """
 
     def __init__(
         self, x, vals, omega, *, kernel_fn, scale, chunk, m_tile, e=None, mask_strides=(0, 0), has_mask=False,
-        query=False, weighted=False, reverse=False, feat_f32, prec, fast=False, trace=False,
+        query=False, weighted=False, reverse=False, online=False, feat_f32, prec, fast=False, trace=False,
     ):  # fmt: skip
         if kernel_fn not in ("softmax", "relu"):
             raise ValueError(f"kernel_fn must be one of ['softmax', 'relu'], got {kernel_fn!r}")
@@ -745,6 +858,10 @@ class ChunkScan:
             raise ValueError(
                 f"softmax scans are key prefixes (query=False, reverse=False) or query suffixes (query=True, "
                 f"reverse=True), got query={query}, reverse={reverse}"
+            )
+        if online and not (kernel_fn == "softmax" and not query and not reverse):
+            raise ValueError(
+                f"online scans are softmax key prefixes, got kernel_fn={kernel_fn!r}, query={query}, reverse={reverse}"
             )
         B, H, N, D = x.shape
         m = omega.shape[1]
@@ -781,24 +898,25 @@ class ChunkScan:
         meta = {
             "BN": chunk, "BD": self.BD, "BE": self.BE, "BMT": self.BMT, "SOFTMAX": kernel_fn == "softmax",
             "QUERY": query, "HAS_MASK": has_mask and not query, "WEIGHTED": weighted, "REVERSE": reverse,
-            "FEAT_F32": feat_f32, "PREC": prec, "INTERP": interp,
+            "ONLINE": online, "FEAT_F32": feat_f32, "PREC": prec, "INTERP": interp,
         }  # fmt: skip
         self.meta = meta
+        self.online = online
         self.scan = _Launch(
-            _scan_kernel, (self.NT, self.P, self.BH), 11,
+            _scan_kernel, (self.NT, self.P, self.BH), 13,
             (N, D, E, m, H, *x.stride(), *sv, *mask_strides, *scal, self.CPS, self.NC, self.MP),
-            meta, {"num_warps": SCAN_WARPS, "num_stages": 3}, fast, trace,
+            meta, {"num_warps": SCAN_WARPS, "num_stages": SCAN_STAGES}, fast, trace,
         )  # fmt: skip
         self.segment = _Launch(
-            _segment_scan_kernel, (self.NT, self.BH), 3, (self.P, self.MP, N, self.CPS * chunk),
-            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse, "RESCALE": kernel_fn == "softmax"},
+            _segment_scan_kernel, (self.NT, self.BH), 5, (self.P, self.MP, N, self.CPS * chunk),
+            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse, "RESCALE": kernel_fn == "softmax", "ONLINE": online},
             {"num_warps": 4}, fast, trace,
         )  # fmt: skip
 
-    def __call__(self, x, vals, omega, mask, stab, zw, mx) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def __call__(self, x, vals, omega, mask, stab, zw, mx) -> tuple[Tensor, ...]:
         BH, NC, P, MP, BE = self.BH, self.NC, self.P, self.MP, self.BE
         dev = self.device
-        if self.meta["SOFTMAX"] and mx is None:
+        if self.meta["SOFTMAX"] and not self.online and mx is None:
             raise ValueError("a softmax scan needs mx, the causal key stabilizer (triton.py's _Cfg.key_max)")
         SL = torch.empty(BH, NC, MP, BE, device=dev, dtype=self.state_dtype)
         ZL = torch.empty(BH, NC, MP, device=dev, dtype=torch.float32)
@@ -809,8 +927,15 @@ class ChunkScan:
         stab = x if stab is None else stab
         zw = x if zw is None else zw
         mx = x if mx is None else mx
-        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG, mx)
-        _run(self, "segment", SG, ZG, mx)
+        if self.online:
+            EL = torch.empty(BH, NC, self.NT, device=dev, dtype=torch.float32)
+            EG = torch.empty(BH, P, self.NT, device=dev, dtype=torch.float32)
+            _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG, mx, EL, EG)
+            EX = torch.empty_like(EG)
+            _run(self, "segment", SG, ZG, mx, EG, EX)
+            return SL, ZL, SG, ZG, EL, EX
+        _run(self, "scan", x, vals, omega, mask, stab, zw, SL, ZL, SG, ZG, mx, x, x)
+        _run(self, "segment", SG, ZG, mx, x, x)
         return SL, ZL, SG, ZG
 
 
@@ -872,12 +997,13 @@ class ChunkedForwardPlan:
         BMT = _feature_tile(c.m, M_TILE)
         self.causal = causal
         if causal:
+            # Softmax: the scan and the chunk kernel find the key stabilizer online (no pre-pass).
             self.scan = ChunkScan(
                 k, v, omega, kernel_fn=kernel_fn, scale=scale, chunk=BN, m_tile=BMT, mask_strides=c.mask_strides,
-                has_mask=key_mask is not None, feat_f32=c.feat_f32, prec=c.meta["PREC"], fast=fast, trace=trace,
+                has_mask=key_mask is not None, online=c.softmax, feat_f32=c.feat_f32, prec=c.meta["PREC"], fast=fast,
+                trace=trace,
             )  # fmt: skip
             NC, P, CPS, MP = self.scan.NC, self.scan.P, self.scan.CPS, self.scan.MP
-            self.key_max = c.key_max_launch(k)
         else:
             # The key pass in feature tiles of BMT rows (BMT divides the padded m, BM: both powers
             # of two, BMT clamped to BM), then the reduce over its segments.
@@ -909,7 +1035,7 @@ class ChunkedForwardPlan:
         self.fwd = None
         if self.out_pass is None:
             self.fwd = _Launch(
-                _fwd_chunk_kernel, (NC, c.BH), 12,
+                _fwd_chunk_kernel, (NC, c.BH), 13,
                 (c.N, c.D, c.E, c.m, c.H, *q.stride(), *k.stride(), *v.stride(), *c.mask_strides,
                  *_contiguous_strides(*self.out_shape), *c.scal, CPS, NC, P, MP),
                 meta, {"num_warps": WARPS, "num_stages": _stages(c.feat_f32, c.BE)}, fast, trace,
@@ -936,12 +1062,14 @@ class ChunkedForwardPlan:
         )  # fmt: skip
 
     def __call__(self, q, k, v, omega, mask) -> Tensor | tuple[Tensor, Tensor]:
-        if self.causal:
-            mx = self.cfg.key_max(self, k, omega, mask)
-            SL, ZL, SG, ZG = self.scan(k, v, omega, mask, None, None, mx)
+        if self.causal and self.scan.online:
+            SL, ZL, SG, ZG, EL, EG = self.scan(k, v, omega, mask, None, None, None)
+        elif self.causal:
+            SL, ZL, SG, ZG = self.scan(k, v, omega, mask, None, None, None)
+            EL = EG = ZL  # not read (relu)
         else:
             SL, ZL, _ = self.cfg.run_state(self, k, v, omega, mask, self.cfg.BM)
-            SG = ZG = mx = ZL  # not read
+            SG = ZG = EL = EG = ZL  # not read
         out = torch.empty(self.out_shape, device=q.device, dtype=v.dtype)
         c = self.cfg
         if self.out_pass is not None:
@@ -950,9 +1078,7 @@ class ChunkedForwardPlan:
         stats = out
         if self.stats:
             stats = torch.empty(c.B, c.H, 3, c.N, device=q.device, dtype=torch.float32)
-            if self.causal and c.softmax:  # kept for the backward: it spares a key_max pass
-                stats[:, :, 2].copy_(mx.view(c.B, c.H, c.N))
-        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, mx)
+        _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, EL, EG)
         return (out, stats) if self.stats else out
 
 

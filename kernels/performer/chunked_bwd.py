@@ -21,7 +21,7 @@ per chunk, and walk the feature tiles of BMT rows: on chip are a few (C × BMT),
 The query stabilizer mq (row max of the logits over all m features, log2 √m folded in) is a
 constant in the gradient (it cancels in num/den), but φq must be the same numbers in every pass:
 the recompute stores it and the later passes read it. Softmax keys are scaled by the causal key
-stabilizer M (triton.py's ``_Cfg.key_max``, recomputed here, as the forward computed it): every
+stabilizer M (the forward's, from the training stats; else triton.py's ``_Cfg.key_max``): every
 term above takes the factor exp2(−|Mᵢ − Mⱼ|) of its (query i, key j), applied as in the forward
 (:func:`.chunked._chunk_attend`): on the states per row, inside the chunk per element.
 Extra memory: G' and mq, B·H·N·(BE + 2) fp32, and M, B·H·N fp32, besides the scans' states.
@@ -156,10 +156,10 @@ def _chunk_bwd_q_kernel(
         gd = -tl.sum(gs * out, 1)  # −Σ g·out / den
     else:
         # The chunk's forward, recomputed: num (BN, BE), den (BN,) and the stabilizer its φq used.
-        num, den, mq = _chunk_attend(
+        num, den, mq, _ = _chunk_attend(
             Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
-            sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX,
-            BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, False, FEAT_F32, PREC, INTERP,
+            sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX, MX, MX,
+            BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, False, False, FEAT_F32, PREC, INTERP,
         )  # fmt: skip
         inv = _inv_den(den)
         gs = g * inv[:, None]

@@ -38,10 +38,11 @@ backward, G' (B·H·N·(E+1) fp32). Never N×N, never N×m.
 Operands of the products: bf16 for bf16 inputs; fp32 (TF32 for fp16 inputs, full fp32 for fp32
 ones) otherwise, because causal φ(k) can fall below fp16's range. Accumulation is fp32 throughout.
 
-Causal softmax keys use their running max over earlier positions (README.md): a pre-pass
+Causal softmax keys use their running max over earlier positions (README.md): here a pre-pass
 (``_key_max_kernel``, ``_key_max_carry_kernel``; ``_Cfg.key_max``) computes it, states are kept
 at the stabilizer of their last position and every factor between stabilizers is ≤ 1
-(``_chunk_end``, ``_row_max``, ``_decay``).
+(``_chunk_end``, ``_row_max``, ``_decay``). The chunked forward finds it online instead
+(chunked.py).
 """
 
 from __future__ import annotations
