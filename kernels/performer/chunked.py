@@ -90,6 +90,7 @@ SCAN_WARPS = 4
 # 0.255 ms forward and 0.797 ms backward, against 0.300 / 0.896 at 4, 0.324 / 0.932 at 8 and
 # 0.405 / 1.083 at 16 (8 scan warps were slower at each).
 SCAN_PROGRAMS_PER_SM = 2
+# Software-pipelining depth of the scans' chunk loop (a knob for probes; 3 as before it was one).
 SCAN_STAGES = 3
 # Programs of the non-causal key pass (_key_pass_kernel) resident per SM (4 warps, 122 registers,
 # 49 KB of shared memory at d = 64: 4 fit). The segments per (batch·head, feature tile) are as
@@ -825,16 +826,18 @@ class ChunkScan:
 
     Call arguments: mask the bool key mask (or None), stab (BH, N) fp32 (query softmax; else
     None), zw (BH, N) fp32 (weighted; else None), mx (BH, N) fp32 the causal key stabilizer
-    (triton.py's ``_Cfg.key_max``; softmax; else None).
+    (triton.py's ``_Cfg.key_max``; softmax scans that are not online; else None, never read).
 
     Returns (layout in the module docstring; chunk c's state is SL[c] + SG[c // CPS]):
         SL (BH, NC, MP, BE) state dtype, ZL (BH, NC, MP) fp32: within-segment exclusive sums;
         SG (BH, P, MP, BE) fp32, ZG (BH, P, MP) fp32: exclusive sums over segments (softmax: at
         the stabilizer of the position before the segment (keys) or of its last one (queries);
-        the chunk kernels rescale them, :func:`_segment_factor`).
+        the chunk kernels rescale them, :func:`_segment_factor`);
+        online only: EL (BH, NC, NT) and EG (BH, P, NT) fp32, the stabilizers SL's and SG's
+        feature tiles are at (SG: of the segments' exclusive sum).
 
     Attributes: NC (chunks), P (segments), CPS (chunks per segment), MP (padded feature rows, a
-    multiple of BMT), BMT, BE, BN, state_dtype. P is chosen so that the grid holds about
+    multiple of BMT), NT (feature tiles, MP / BMT), BMT, BE, BN, state_dtype, online. P is chosen so that the grid holds about
     triton.py's ``_target_programs(device)`` programs.
 
     Raises:
