@@ -143,23 +143,9 @@ def chunked_supports(q: Tensor, v: Tensor, omega: Tensor) -> bool:
 
 
 @triton.jit
-def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT: tl.constexpr, BE: tl.constexpr):
-    """Chunk c's state, feature rows [m0, m0 + BMT): S (BMT, BE) and z (BMT,), both fp32, the
-    chunk's local state within its segment plus the segment's times gf (causal softmax: the factor
-    between their stabilizers, :func:`_segment_factor`; else 1) (layout: module docstring)."""
-    s = c // CPS
-    rows = m0 + tl.arange(0, BMT)
-    cols = tl.arange(0, BE)
-    tile = rows[:, None] * BE + cols[None, :]
-    S = tl.load(SL + (bh * NC + c) * MP * BE + tile).to(tl.float32) + tl.load(SG + (bh * P + s) * MP * BE + tile) * gf
-    z = tl.load(ZL + (bh * NC + c) * MP + rows) + tl.load(ZG + (bh * P + s) * MP + rows) * gf
-    return S, z
-
-
-@triton.jit
 def _state_tile_at(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gl, gf, BMT: tl.constexpr, BE: tl.constexpr):
-    """As :func:`_state_tile`, with the local state too taken times a factor: SL·gl + SG·gf (the
-    ONLINE scan's states, each at its own stabilizer, brought to a common one)."""
+    """Chunk c's state as :func:`_state_tile`, with the local state too taken times a factor:
+    SL·gl + SG·gf (the ONLINE scan's states, each at its own stabilizer, brought to a common one)."""
     s = c // CPS
     rows = m0 + tl.arange(0, BMT)
     cols = tl.arange(0, BE)
@@ -167,6 +153,14 @@ def _state_tile_at(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gl, gf, BMT: tl.co
     S = tl.load(SL + (bh * NC + c) * MP * BE + tile).to(tl.float32) * gl + tl.load(SG + (bh * P + s) * MP * BE + tile) * gf
     z = tl.load(ZL + (bh * NC + c) * MP + rows) * gl + tl.load(ZG + (bh * P + s) * MP + rows) * gf
     return S, z
+
+
+@triton.jit
+def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT: tl.constexpr, BE: tl.constexpr):
+    """Chunk c's state, feature rows [m0, m0 + BMT): S (BMT, BE) and z (BMT,), both fp32, the
+    chunk's local state within its segment plus the segment's times gf (causal softmax: the factor
+    between their stabilizers, :func:`_segment_factor`; else 1) (layout: module docstring)."""
+    return _state_tile_at(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, 1.0, gf, BMT, BE)
 
 
 @triton.jit
