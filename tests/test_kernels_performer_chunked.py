@@ -159,7 +159,7 @@ def _attend_probe(
     bh = tl.program_id(1)
     b = bh // H
     h = bh % H
-    num, den, mq, mk = chunked._chunk_attend(
+    num, den, mq, mk, _ = chunked._chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
         rs, log2_sqrt_m, inv_sqrt_m, eps, MX, EL, EG,

@@ -122,10 +122,41 @@ def _states(phi, vals, zw, mx, C, CPS, reverse, MP, BE, sdt):
     return pad(SL, True).to(sdt), pad(ZL, False).float(), pad(SG, True).float(), pad(ZG, False).float()
 
 
+def _scores_want(q, k, omega, key_mask, kernel_fn, scale, mq, mx, C):
+    """The intra-chunk scores A (B, H, N, C) in float64, in the layout of chunked.stats_scores:
+    [i, j] = φq_i·φk_{c0 + j} for key c0 + j ≤ i of query i's chunk (c0 = its first position),
+    else 0. Softmax: φq = exp2(lg_q − mq), φk = exp2(lg_k − MX) (masked keys 0) and the pair's
+    factor exp2(min(MX_j − MX_i, 0)), with mq, mx (B, H, N) the stabilizers the kernel used; relu:
+    relu(ω·xs)/√m + eps (mq, mx not read)."""
+    B, H, N, _ = q.shape
+    m = omega.shape[1]
+    if kernel_fn == "softmax":
+        lgk = logits2(k, omega, scale)
+        if key_mask is not None:
+            lgk = lgk.masked_fill(~key_mask[:, None, :, None], float("-inf"))
+        phq = torch.exp2(logits2(q, omega, scale) - mq[..., None])
+        phk = torch.exp2(lgk - mx[..., None])
+        rel = torch.exp2((mx[..., None, :] - mx[..., :, None]).clamp_max(0.0))
+    else:
+        proj = [torch.einsum("bhnd,hmd->bhnm", x.double() * math.sqrt(scale), omega.double()) for x in (q, k)]
+        phq, phk = (torch.relu(p) / math.sqrt(m) + ref.RELU_EPS for p in proj)
+        if key_mask is not None:
+            phk = phk * key_mask[:, None, :, None]
+        rel = 1.0
+    full = (phq @ phk.transpose(-1, -2)) * rel  # (B, H, N, N): [i, j] over all pairs
+    i = torch.arange(N, device=q.device)[:, None]
+    j = (i // C) * C + torch.arange(C, device=q.device)[None, :]  # key positions of i's chunk
+    keep = j <= i
+    got = full.gather(-1, j.clamp(max=N - 1).expand(B, H, N, C))
+    return torch.where(keep, got, 0.0)
+
+
 def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     """Run one chunk kernel on states built in float64 from the reference (CPS chunks per
     segment), with the causal key stabilizer MX of reference.causal_key_max (in the kernels'
-    units, fp32): which = "q" gives dq, "k" gives (dk, dv)."""
+    units, fp32): which = "q" gives dq, "k" gives (dk, dv). The dq pass recomputes the forward
+    and writes its intra-chunk scores into a stats workspace: "q" returns them too, in float64
+    with the expected values; "k" reads them from stats built in float64."""
     cfg = triton_kernels._Cfg(q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK, False, False)
     B, H, N, m = cfg.B, cfg.H, cfg.N, cfg.m
     NC = -(-N // CHUNK)
@@ -138,6 +169,8 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     phiq, phik, _, out, den, km = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
     softmax = kernel_fn == "softmax"
     MX, mx = torch.zeros(1, device=DEVICE), None  # relu: MX is not read
+    stats = torch.empty(B, H, chunked.stats_rows(cfg.feat_f32, CHUNK), N, device=DEVICE)
+    scores = chunked.stats_scores(stats, cfg.feat_f32, CHUNK)
     if softmax:  # log2 units, log2 √m folded in; the states use the fp32 numbers the kernels read
         MX = (km * LOG2E + 0.5 * math.log2(m)).clamp_min(ref.NO_KEY).float().reshape(B * H, N).contiguous()
         mx = MX.double()
@@ -155,8 +188,9 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
             torch.empty(B * H, N, **f32),
         )
         dq = torch.empty_like(q, memory_format=torch.contiguous_format)
-        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq, grad, grad, MX)  # O, STATS: not read
-        return dq, (gs, gd, mq)
+        bwd_q(grad, q, k, v, omega, mptr, *st, dq, gs, gd, mq, grad, stats, MX)  # O: not read
+        want = _scores_want(q, k, omega, key_mask, kernel_fn, scale, mq.double().view(B, H, N), mx.view(B, H, N) if softmax else None, CHUNK)
+        return dq, (gs, gd, mq), (scores.double(), want)
     g = grad.double()
     gs = g / den
     gd = -(g * out).sum(-1) / den[..., 0]
@@ -169,6 +203,8 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
     else:
         mq = torch.zeros(B, H, N, device=DEVICE, dtype=torch.float32)
     st = _states(phiq, gs, gd, mx, CHUNK, CPS, True, MP, cfg.BE, sdt)
+    mxv = mx.view(B, H, N) if softmax else None
+    scores.copy_(_scores_want(q, k, omega, key_mask, kernel_fn, scale, mq.double(), mxv, CHUNK))
     gs_t = torch.nn.functional.pad(gs, (0, cfg.BE - cfg.E)).reshape(B * H, N, cfg.BE).float().contiguous()
     dk = torch.empty_like(k, memory_format=torch.contiguous_format)
     dv = torch.empty_like(v, memory_format=torch.contiguous_format)
@@ -185,6 +221,7 @@ def _kernel_run(grad, q, k, v, omega, key_mask, kernel_fn, scale, CPS, which):
         dk,
         dv,
         MX,
+        stats,
     )
     return dk, dv
 
@@ -228,9 +265,13 @@ def test_bwd_q_kernel_on_reference_states(poison, case):
     args = _inputs(*shape, DTYPES[dtype], mask=bool(mask), lead_off=20 if mask == "lead" else 0)
     grad, q, k, v, omega, key_mask = args
     scale = shape[3] ** -0.5
-    dq, (gs, gd, mq) = _kernel_run(*args, kernel_fn, scale, 2, "q")
+    dq, (gs, gd, mq), (scores, scores_want) = _kernel_run(*args, kernel_fn, scale, 2, "q")
     dq_want = _expected(*args, kernel_fn, scale)[0]
     assert_close(dq, dq_want, name="dq")
+    C = scores.shape[-1]
+    later = torch.arange(C, device=DEVICE)[None, :] > (torch.arange(q.shape[2], device=DEVICE) % C)[:, None]
+    assert torch.all(scores[..., later] == 0)  # keys after the query in its chunk: written, as 0
+    assert_close(scores, scores_want, rtol=RTOL[q.dtype], name="scores")
     B, H, N, E = v.shape
     up = [t.double() for t in (q, k, v, omega)]
     _, _, _, out, den, _ = ref._forward(*up, key_mask, kernel_fn, True, scale, CHUNK)
@@ -423,7 +464,8 @@ def test_backward_from_saved_stats(poison, small_tiles, case):
     scale = shape[3] ** -0.5
     out, stats = triton_kernels.performer_attention_train(q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK)
     B, H, N = q.shape[:3]
-    assert stats.shape == (B, H, 3, N) and stats.dtype == torch.float32
+    feat_f32 = q.dtype != torch.bfloat16
+    assert stats.shape == (B, H, chunked.stats_rows(feat_f32, CHUNK), N) and stats.dtype == torch.float32
     up = [t.double() for t in (q, k, v, omega)]
     assert_close(out, ref.performer_attention(*up, key_mask, kernel_fn, True, scale), name="out")
     mq, den, mx = _stats_want(q, k, omega, key_mask, kernel_fn, scale)
@@ -433,6 +475,10 @@ def test_backward_from_saved_stats(poison, small_tiles, case):
         none = mx == ref.NO_KEY
         assert torch.all(stats[:, :, 2][none] == ref.NO_KEY)
         assert_close(stats[:, :, 2][~none], mx[~none], rtol=RTOL[torch.float32], name="key max")
+    # The intra-chunk scores, at the stabilizers just checked (relu: none).
+    stab = [stats[:, :, r].double() for r in (0, 2)] if mx is not None else [None, None]
+    scores = chunked.stats_scores(stats, feat_f32, CHUNK).double()
+    assert_close(scores, _scores_want(q, k, omega, key_mask, kernel_fn, scale, *stab, CHUNK), rtol=RTOL[q.dtype], name="scores")
     got = triton_kernels.performer_attention_backward(
         grad, q, k, v, omega, key_mask, kernel_fn, True, scale, CHUNK, out=out, stats=stats
     )
@@ -464,7 +510,8 @@ def test_rejects_bad_stats(small_tiles):
     grad, q, k, v, omega, _ = _inputs(1, 2, 17, 16, 16, 16, torch.float32, mask=False)
     out, stats = triton_kernels.performer_attention_train(q, k, v, omega, None, "softmax", True, 0.25)
     args = (grad, q, k, v, omega, None, "softmax", True, 0.25)
-    with pytest.raises(ValueError, match=r"stats must be .* \(1, 2, 3, 17\)"):
+    rows = chunked.stats_rows(True)  # fp32, the default chunk
+    with pytest.raises(ValueError, match=rf"stats must be .* \(1, 2, {rows}, 17\)"):
         triton_kernels.performer_attention_backward(*args, out=out, stats=stats[:, :, :1])
     with pytest.raises(ValueError, match="stats must be"):
         triton_kernels.performer_attention_backward(*args, out=out, stats=stats.double())

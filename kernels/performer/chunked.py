@@ -74,6 +74,8 @@ __all__ = [
     "ChunkedForwardPlan",
     "chunked_performer_attention",
     "chunked_supports",
+    "stats_rows",
+    "stats_scores",
 ]
 
 # Positions per chunk (C = BN) of the chunk kernels and the scans; ``chunk_size`` overrides it.
@@ -164,6 +166,31 @@ def _state_tile(SL, ZL, SG, ZG, bh, c, CPS, NC, P, m0, MP, gf, BMT: tl.constexpr
 
 
 @triton.jit
+def _operand(x, FEAT_F32: tl.constexpr, INTERP: tl.constexpr):
+    """x in the operand dtype of the feature-side products (what _mm would cast it to, rounded the
+    same way): held so across the feature loop, a bf16 tile takes half the registers."""
+    if FEAT_F32:
+        return x.to(tl.float32)
+    else:
+        return _cast(x, tl.bfloat16, INTERP)
+
+
+@triton.jit
+def _stats_at(STATS, bh, N, BN: tl.constexpr, FEAT_F32: tl.constexpr):
+    """(base, scores) of (batch·head) bh in the training stats (layout: :func:`stats_rows`): base,
+    fp32, holds mq, den and the causal key stabilizer at + row, + N + row, + 2N + row; scores, in
+    the feature operand dtype (:func:`_operand`), the intra-chunk scores A[i, j] (query position i,
+    key j of its chunk) at + i·BN + j."""
+    if FEAT_F32:
+        base = STATS + bh * (3 + BN) * N
+        scores = base + 3 * N
+    else:
+        base = STATS + bh * (3 + BN // 2) * N
+        scores = base.to(tl.pointer_type(tl.bfloat16)) + 6 * N
+    return base, scores
+
+
+@triton.jit
 def _segment_factor(MX, bh, N, c, CPS, BN: tl.constexpr, REVERSE: tl.constexpr):
     """Causal softmax: the factor ≤ 1 that takes chunk c's segment state (SG) to the stabilizer
     of its local state (SL). Keys (forward): SL[c] is at E(c − 1), the chunk before c, and SG at
@@ -215,9 +242,10 @@ def _chunk_attend(
     ONLINE: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Forward of chunk c (rows c·BN + arange(BN)) of one (batch b, head h; bh = b·H + h):
-    returns (num (BN, BE) fp32, den (BN,) fp32, mq (BN,) fp32, mk (BN,) fp32),
+    returns (num (BN, BE) fp32, den (BN,) fp32, mq (BN,) fp32, mk (BN,) fp32, A (BN, BN) fp32),
     out = num / (den == 0 ? 1 : den); mk is the rows' causal key stabilizer Mᵢ (causal softmax;
-    else 0).
+    else 0); A the intra-chunk scores (causal; else 0): A[i, j] = φ(qᵢ)·φ(kⱼ) for keys j ≤ query
+    i of the chunk (times exp2(Mⱼ − Mᵢ), softmax), 0 above the diagonal, the weights of vⱼ in numᵢ.
 
     Qb, Kb, Vb: the (b, h) base pointers of q (N, D), k (N, D), v (N, E) with row/column strides
     (sqn, sqd), (skn, skd), (svn, sve); MASK the key mask (B, N) with strides (smb, smn), read
@@ -344,7 +372,7 @@ def _chunk_attend(
         mq = mq + log2_sqrt_m
     else:
         mq = tl.zeros((BN,), tl.float32)
-    return num, den, mq, mk
+    return num, den, mq, mk, A
 
 
 # ---------------------------------------------------------------------------------------------
@@ -633,16 +661,16 @@ def _fwd_chunk_kernel(
     EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
-    the rows' query stabilizer mq, normalizer den and (causal softmax) key stabilizer Mᵢ into
-    STATS (B·H, 3, N) fp32 (rows 0, 1, 2), which the backward reads instead of recomputing the
-    forward. Causal softmax takes its stabilizers online (_chunk_attend's ONLINE): EL, EG are the
+    the rows' query stabilizer mq, normalizer den, (causal softmax) key stabilizer Mᵢ and (causal)
+    intra-chunk scores A into STATS (layout: :func:`stats_rows`), which the backward reads instead
+    of recomputing the forward. Causal softmax takes its stabilizers online (_chunk_attend's ONLINE): EL, EG are the
     ONLINE scan's (:class:`ChunkScan` with ``online``), read for causal softmax only."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
-    num, den, mq, mk = _chunk_attend(
+    num, den, mq, mk, A = _chunk_attend(
         Q + b * sqb + h * sqh, K + b * skb + h * skh, V + b * svb + h * svh, W, MASK, SL, ZL, SG, ZG,
         b, h, bh, c, CPS, NC, P, MP, N, D, E, M, sqn, sqd, skn, skd, svn, sve, smb, smn,
         rs, log2_sqrt_m, inv_sqrt_m, eps, EL, EL, EG,
@@ -652,10 +680,14 @@ def _fwd_chunk_kernel(
     rows = c * BN + tl.arange(0, BN)
     offs_e = tl.arange(0, BE)
     if WRITE_STATS:
-        tl.store(STATS + bh * 3 * N + rows, mq, mask=rows < N)
-        tl.store(STATS + bh * 3 * N + N + rows, den, mask=rows < N)
-        if CAUSAL and SOFTMAX:
-            tl.store(STATS + bh * 3 * N + 2 * N + rows, mk, mask=rows < N)
+        sb, sa = _stats_at(STATS, bh, N, BN, FEAT_F32)
+        tl.store(sb + rows, mq, mask=rows < N)
+        tl.store(sb + N + rows, den, mask=rows < N)
+        if CAUSAL:
+            if SOFTMAX:
+                tl.store(sb + 2 * N + rows, mk, mask=rows < N)
+            offs_n = tl.arange(0, BN)
+            tl.store(sa + rows[:, None] * BN + offs_n[None, :], _operand(A, FEAT_F32, INTERP), mask=rows[:, None] < N)
     tl.store(
         O + b * sob + h * soh + rows[:, None] * son + offs_e[None, :] * soe,
         _cast(out, O.dtype.element_ty, INTERP),
@@ -767,6 +799,34 @@ def _out_pass_kernel(
 # ---------------------------------------------------------------------------------------------
 # host side
 # ---------------------------------------------------------------------------------------------
+
+
+def stats_rows(feat_f32: bool, chunk: int | None = None) -> int:
+    """Rows R of the causal training stats (B, H, R, N) fp32 that :class:`ChunkedForwardPlan`
+    (``stats=True``) writes and :class:`.chunked_bwd.ChunkedBackwardPlan` reads, for chunks of
+    ``chunk`` positions (None: ``CHUNK``) and features in fp32 (``feat_f32``: fp16/fp32 inputs) or
+    bf16. Per (batch, head), contiguous:
+
+    * rows 0, 1, 2: each query's stabilizer mq, normalizer den and (softmax) the causal key
+      stabilizer M of each position;
+    * then N·chunk scores in the feature operand dtype (fp32, or bf16 packed two to a row element):
+      A[i, j] at i·chunk + j, the weight of key j of query i's chunk in numᵢ (:func:`_chunk_attend`,
+      0 for j after i). The dk/dv pass reads them (Aᵀ·G') instead of forming φk·φqᵀ again.
+
+    So R = 3 + chunk (fp32 features) or 3 + chunk / 2 (bf16)."""
+    bn = CHUNK if chunk is None else chunk
+    return 3 + (bn if feat_f32 else bn // 2)
+
+
+def stats_scores(stats: Tensor, feat_f32: bool, chunk: int | None = None) -> Tensor:
+    """The intra-chunk scores held in training stats (B, H, R, N) (:func:`stats_rows`), as a view
+    (B, H, N, chunk) in fp32 or bf16: [b, h, i, j] is query i's weight on key j of its chunk."""
+    B, H, _, N = stats.shape
+    bn = CHUNK if chunk is None else chunk
+    region = stats[:, :, 3:].reshape(B, H, -1)
+    if not feat_f32:
+        region = region.view(torch.bfloat16)
+    return region.view(B, H, N, bn)
 
 
 def _feature_tile(m: int, m_tile: int) -> int:
@@ -970,10 +1030,10 @@ class ChunkedForwardPlan:
     whole-sequence state), then the output pass: ``_out_pass_kernel`` where its tiles fit
     (``OUT_PERSIST``; ``out_pass`` is then its launch), else ``_fwd_chunk_kernel``.
 
-    With ``stats=True`` (causal only) the call returns ``(out, stats)``: stats (B, H, 3, N) fp32
-    holds each query row's stabilizer mq and normalizer den and (softmax; unspecified for relu)
-    the causal key stabilizer of each position, which
-    :class:`.chunked_bwd.ChunkedBackwardPlan` takes instead of recomputing the forward.
+    With ``stats=True`` (causal only) the call returns ``(out, stats)``: stats (B, H, R, N) fp32
+    (:func:`stats_rows`) holds each query row's stabilizer mq and normalizer den, (softmax;
+    unspecified for relu) the causal key stabilizer of each position and the intra-chunk scores,
+    which :class:`.chunked_bwd.ChunkedBackwardPlan` takes instead of recomputing them.
 
     Raises:
         ValueError: as triton.py's ``_Cfg`` (kernel_fn, shapes, dtypes, chunk_size, key_mask), for
@@ -990,7 +1050,7 @@ class ChunkedForwardPlan:
         c = self.cfg = _Cfg(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, fast, trace)
         _check_tiles(c, q.dtype)
         self.stats = stats
-        BN = CHUNK if chunk_size is None else chunk_size
+        BN = self.chunk = CHUNK if chunk_size is None else chunk_size
         BMT = _feature_tile(c.m, M_TILE)
         self.causal = causal
         if causal:
@@ -1074,7 +1134,8 @@ class ChunkedForwardPlan:
             return out
         stats = out
         if self.stats:
-            stats = torch.empty(c.B, c.H, 3, c.N, device=q.device, dtype=torch.float32)
+            rows = stats_rows(c.feat_f32, self.chunk)
+            stats = torch.empty(c.B, c.H, rows, c.N, device=q.device, dtype=torch.float32)
         _run(self, "fwd", q, k, v, omega, mask, SL, ZL, SG, ZG, out, stats, EL, EG)
         return (out, stats) if self.stats else out
 

@@ -12,9 +12,11 @@ where S_{<c}, z_{<c} are the keys' exclusive prefix state (the forward's key sca
 scan). dq and dk follow through the feature map, tile by tile: with t = dφ·φ (softmax) or
 dφ·1[ω·xs > 0]/√m (relu), dx = √s·(Σ_t t_t·ω_t − Σt·xs) (softmax; relu without the last term).
 
-Passes (``ChunkedBackwardPlan``): key scan → ``_chunk_bwd_q_kernel`` (recomputes the chunk's
-forward, stores G' and the query stabilizer mq, writes dq) → reverse query scan over G' →
-``_chunk_bwd_k_kernel`` (writes dk, dv). Both chunk kernels run on a grid (NC, B·H), one program
+Passes (``ChunkedBackwardPlan``): key scan → ``_chunk_bwd_q_kernel`` (reads the training
+forward's stats or recomputes the chunk's forward, stores G' and the query stabilizer mq, writes
+dq) → reverse query scan over G' → ``_chunk_bwd_k_kernel`` (writes dk, dv; its intra-chunk
+tril(A)ᵀ·gs reads the scores A = φq·φkᵀ the forward, or the dq pass's recompute, stored:
+:func:`.chunked.stats_rows`). Both chunk kernels run on a grid (NC, B·H), one program
 per chunk, and walk the feature tiles of BMT rows: on chip are a few (C × BMT), (C × C) and
 (C × E) fp32 tiles, never the m × E state.
 
@@ -24,7 +26,8 @@ the recompute stores it and the later passes read it. Softmax keys are scaled by
 stabilizer M (the forward's, from the training stats; else triton.py's ``_Cfg.key_max``): every
 term above takes the factor exp2(−|Mᵢ − Mⱼ|) of its (query i, key j), applied as in the forward
 (:func:`.chunked._chunk_attend`): on the states per row, inside the chunk per element.
-Extra memory: G' and mq, B·H·N·(BE + 2) fp32, and M, B·H·N fp32, besides the scans' states.
+Extra memory: G' and mq, B·H·N·(BE + 2) fp32, and M, B·H·N fp32, besides the scans' states;
+without the training stats, a workspace of their size (B·H·N·(3 + C/2) fp32 for bf16).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ from torch import Tensor
 from .._launch import Launch as _Launch
 from . import chunked
 from . import triton as _tri
-from .chunked import _chunk_attend, _segment_factor, _state_tile
+from .chunked import _chunk_attend, _operand, _segment_factor, _state_tile, _stats_at
 from .triton import (
     _cast,
     _Cfg,
@@ -96,16 +99,6 @@ def _dx_final(acc, tsum, x, rs, SOFTMAX: tl.constexpr):
 
 
 @triton.jit
-def _operand(x, FEAT_F32: tl.constexpr, INTERP: tl.constexpr):
-    """x in the operand dtype of the feature-side products (what _mm would cast it to, rounded the
-    same way): held so across the feature loop, a bf16 tile takes half the registers."""
-    if FEAT_F32:
-        return x.to(tl.float32)
-    else:
-        return _cast(x, tl.bfloat16, INTERP)
-
-
-@triton.jit
 def _sq_rows(x):
     xf = x.to(tl.float32)
     return tl.sum(xf * xf, 1)
@@ -129,8 +122,10 @@ def _chunk_bwd_q_kernel(
     prefix (layout in :mod:`.chunked`); DQ (B, H, N, D) contiguous.
 
     SAVED: the forward's output O (B, H, N, E), strides (sob, soh, son, soe), and its STATS
-    (B·H, 3, N) fp32 (mq, den, ...; :class:`.chunked.ChunkedForwardPlan` with stats) give gs = g/den
-    and gd = −Σ gs·out, and the chunk's forward is not recomputed. Else O and STATS are not read."""
+    (:func:`.chunked.stats_rows`: mq, den, ...; :class:`.chunked.ChunkedForwardPlan` with stats)
+    give gs = g/den and gd = −Σ gs·out, and the chunk's forward is not recomputed. Else O is not
+    read, and the recomputed forward's intra-chunk scores are written into STATS (a workspace of
+    that layout) for the dk/dv pass."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
@@ -147,20 +142,22 @@ def _chunk_bwd_q_kernel(
     rows = c * BN + offs_n
     qvalid = rows < N
     g = _load_rows(Gb, rows, offs_e, N, E, sgn, sge).to(tl.float32)
+    sb, sa = _stats_at(STATS, bh, N, BN, FEAT_F32)
     if SAVED:
-        mq = tl.load(STATS + bh * 3 * N + rows, mask=qvalid, other=0.0)
-        den = tl.load(STATS + bh * 3 * N + N + rows, mask=qvalid, other=0.0)
+        mq = tl.load(sb + rows, mask=qvalid, other=0.0)
+        den = tl.load(sb + N + rows, mask=qvalid, other=0.0)
         inv = _inv_den(den)
         gs = g * inv[:, None]
         out = _load_rows(O + b * sob + h * soh, rows, offs_e, N, E, son, soe).to(tl.float32)
         gd = -tl.sum(gs * out, 1)  # −Σ g·out / den
     else:
         # The chunk's forward, recomputed: num (BN, BE), den (BN,) and the stabilizer its φq used.
-        num, den, mq, _ = _chunk_attend(
+        num, den, mq, _, A = _chunk_attend(
             Qb, Kb, Vb, W, MASK, SL, ZL, SG, ZG, b, h, bh, c, CPS, NC, P, MP, N, D, E, M,
             sqn, sqd, skn, skd, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps, MX, MX, MX,
             BN, BD, BE, BMT, SOFTMAX, True, HAS_MASK, False, False, FEAT_F32, PREC, INTERP,
         )  # fmt: skip
+        tl.store(sa + rows[:, None] * BN + offs_n[None, :], _operand(A, FEAT_F32, INTERP), mask=qvalid[:, None])
         inv = _inv_den(den)
         gs = g * inv[:, None]
         gd = -tl.sum(gs * num, 1) * inv  # −Σ g·out / den
@@ -219,14 +216,15 @@ def _chunk_bwd_q_kernel(
 
 @triton.jit
 def _chunk_bwd_k_kernel(
-    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, MX, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
+    Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, MX, STATS, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
     HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
 ):  # fmt: skip
     """dk and dv of chunk c. R, rz: the reverse query scan's exclusive suffix over later chunks
-    (the state layout of :mod:`.chunked`); GS, GD, MQ as the dq pass stored them; DK (B, H, N, D)
-    and DV (B, H, N, E) contiguous."""
+    (the state layout of :mod:`.chunked`); GS, GD, MQ as the dq pass stored them; STATS the
+    intra-chunk scores A (:func:`.chunked.stats_rows`: the training forward's, or the dq pass's
+    recompute); DK (B, H, N, D) and DV (B, H, N, E) contiguous."""
     c = tl.program_id(0)
     bh = tl.program_id(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
@@ -271,7 +269,6 @@ def _chunk_bwd_k_kernel(
         # (in the operand dtype, as _mm would cast it in every step of the loop)
         vt = _operand(vt * fk[:, None], FEAT_F32, INTERP)
     pt = _operand(tl.where(upper, pt, 0.0), FEAT_F32, INTERP)
-    a = tl.zeros((BN, BN), tl.float32)  # φk·φqᵀ over all features (Aᵀ of the design)
     dv = tl.zeros((BN, BE), tl.float32)
     acc = tl.zeros((BN, BD), tl.float32)
     tsum = tl.zeros((BN,), tl.float32)
@@ -289,7 +286,6 @@ def _chunk_bwd_k_kernel(
         else:
             dphi = _mm(vt, tl.trans(R), FEAT_F32, PREC, INTERP) + rz[None, :]
         dphi += _mm(pt, phq, FEAT_F32, PREC, INTERP)
-        a += _mm(phk, tl.trans(phq), FEAT_F32, PREC, INTERP)
         t = _dphi_t(dphi, phk, projk, rvalid, inv_sqrt_m, SOFTMAX)
         acc += _mm(t, w, FEAT_F32, PREC, INTERP)
         tsum += tl.sum(t, 1)
@@ -300,10 +296,13 @@ def _chunk_bwd_k_kernel(
         other=0.0,
     )
     if SOFTMAX:
-        # (the factors formed again rather than held through the loop: a (C × C) fp32 tile)
         dv = dv * fk[:, None]
-        a = a * _decay(mrow[:, None], mrow[None, :])
-    dv += _mm(tl.where(upper, a, 0.0), gs, FEAT_F32, PREC, INTERP)
+    # The chunk's own queries: dvⱼ += Σ_{i ≥ j} A[i, j]·gsᵢ, with A as stored (masked and scaled),
+    # rather than φk·φqᵀ formed again over every feature tile (a (C × C) fp32 tile held through the
+    # loop, and the kernel's 7th product).
+    _, sa = _stats_at(STATS, bh, N, BN, FEAT_F32)
+    at = tl.load(sa + rows[None, :] * BN + offs_n[:, None], mask=kvalid[None, :], other=0.0)  # [j, i] = A[i, j]
+    dv += _mm(at, gs, FEAT_F32, PREC, INTERP)
     dk = _dx_final(acc, tsum, xk, rs, SOFTMAX)
     tl.store(
         DK + bh * N * D + rows[:, None] * D + offs_d[None, :],
@@ -343,7 +342,7 @@ def _chunk_launches(cfg: _Cfg, grad, out, q, k, v, BN: int, BMT: int, warps: int
         "num_warps": BWD_K_WARPS or warps,
         "num_stages": BWD_K_STAGES or (opts["num_stages"] if cfg.feat_f32 else 1),
     }
-    bwd_k = _Launch(_chunk_bwd_k_kernel, grid, 15, (*dims, *strides, *cfg.scal), meta, opts_k, cfg.fast, cfg.trace)
+    bwd_k = _Launch(_chunk_bwd_k_kernel, grid, 16, (*dims, *strides, *cfg.scal), meta, opts_k, cfg.fast, cfg.trace)
     return bwd_q, bwd_k
 
 
@@ -358,9 +357,11 @@ class ChunkedBackwardPlan:
 
     Built with ``out`` (the forward's output, (B, H, N, E) in v's dtype: its strides are part of
     the plan), it is called as ``plan(grad, q, k, v, omega, mptr, out, stats)`` with stats (B, H,
-    3, N) fp32 contiguous from :class:`.chunked.ChunkedForwardPlan` (stats=True), and the dq pass
-    takes gs, gd and mq from them instead of recomputing the chunk's forward, and (softmax) the
-    key stabilizer instead of computing it again.
+    R, N) fp32 contiguous from :class:`.chunked.ChunkedForwardPlan` (stats=True;
+    :func:`.chunked.stats_rows`), and the dq pass takes gs, gd and mq from them instead of
+    recomputing the chunk's forward, the dk/dv pass the intra-chunk scores, and (softmax) both the
+    key stabilizer instead of computing it again. Without them the dq pass recomputes the forward
+    and writes the scores into a workspace of that layout.
 
     Passes: the key scan (S_{<c}, z_{<c}), ``_chunk_bwd_q_kernel`` (dq, and G' and mq stored), the
     reverse query scan over G' (R_{>c}, rz_{>c}), ``_chunk_bwd_k_kernel`` (dk, dv). Chunk
@@ -420,13 +421,15 @@ class ChunkedBackwardPlan:
         SL, ZL, SG, ZG = self.key_scan(k, v, omega, mask, None, None, mx)
         gs, gd, mq = c.f32(BH, N, c.BE), c.f32(BH, N), c.f32(BH, N)
         dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
-        if out is None:  # O and STATS are not read
-            out = stats = grad
+        if out is None:  # O is not read; the dq pass writes the intra-chunk scores into stats
+            out = grad
+            rows = chunked.stats_rows(c.feat_f32, self.bwd_k.meta["BN"])
+            stats = torch.empty(B, H, rows, N, device=q.device, dtype=torch.float32)
         _run(self, "bwd_q", grad, q, k, v, omega, mptr, SL, ZL, SG, ZG, dq, gs, gd, mq, out, stats, mx)
         RL, RZL, RG, RZG = self.query_scan(q, gs, omega, None, mq if c.softmax else None, gd, mx)
         dk = torch.empty(B, H, N, D, device=q.device, dtype=k.dtype)
         dv = torch.empty(B, H, N, E, device=q.device, dtype=v.dtype)
-        _run(self, "bwd_k", q, k, v, omega, mptr, RL, RZL, RG, RZG, gs, gd, mq, dk, dv, mx)
+        _run(self, "bwd_k", q, k, v, omega, mptr, RL, RZL, RG, RZG, gs, gd, mq, dk, dv, mx, stats)
         return dq, dk, dv
 
 

@@ -1267,10 +1267,10 @@ def performer_attention_train(
 ) -> tuple[Tensor, Tensor]:
     """(out, stats): :func:`performer_attention`'s output and what its backward can reuse.
 
-    Where the call runs on the causal chunked kernels, stats (B, H, 3, N) fp32 holds each query
-    row's stabilizer and normalizer and each position's causal key stabilizer
-    (:class:`.chunked.ChunkedForwardPlan`), and :func:`performer_attention_backward` given (out,
-    stats) skips recomputing the forward in its dq pass and the key stabilizer. Elsewhere stats is an empty fp32 tensor, and the backward recomputes.
+    Where the call runs on the causal chunked kernels, stats (B, H, R, N) fp32 holds each query
+    row's stabilizer and normalizer, each position's causal key stabilizer and the intra-chunk
+    scores (:func:`.chunked.stats_rows`), and :func:`performer_attention_backward` given (out,
+    stats) skips recomputing the forward in its dq pass, the key stabilizer and the scores. Elsewhere stats is an empty fp32 tensor, and the backward recomputes.
     """
     if causal and not _fp16_wide(q) and _use_chunked(q, v, omega, causal, False):
         return _forward(q, k, v, omega, key_mask, kernel_fn, causal, scale, chunk_size, True, stats=True)
@@ -1321,16 +1321,18 @@ def performer_attention_backward(
     recompute of the forward; otherwise both are ignored.
 
     Raises:
-        ValueError: a non-empty stats that is not (B, H, 3, N) fp32 contiguous, or stats without
-            out, or out not the shape of grad (besides the forward's errors).
+        ValueError: a non-empty stats that is not (B, H, R, N) fp32 contiguous
+            (:func:`.chunked.stats_rows` for q's dtype and ``chunk_size``), or stats without out,
+            or out not the shape of grad (besides the forward's errors).
     """
     saved = stats is not None and stats.numel() > 0
     if saved:
         B, H, N = q.shape[:3]
-        if stats.shape != (B, H, 3, N) or stats.dtype != torch.float32 or not stats.is_contiguous():
+        want = (B, H, _CHUNKED.chunked.stats_rows(q.dtype != torch.bfloat16, chunk_size), N)
+        if stats.shape != want or stats.dtype != torch.float32 or not stats.is_contiguous():
             raise ValueError(
-                f"stats must be a contiguous float32 tensor of shape {(B, H, 3, N)} (from performer_attention_train), "
-                f"got {tuple(stats.shape)} {stats.dtype}"
+                f"stats must be a contiguous float32 tensor of shape {want} (from performer_attention_train "
+                f"with the same chunk_size), got {tuple(stats.shape)} {stats.dtype}"
             )
         if out is None or out.shape != grad.shape:
             raise ValueError(f"out must be the forward's output, of grad's shape {tuple(grad.shape)}, with stats")

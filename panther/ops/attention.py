@@ -109,8 +109,9 @@ def performer_attention_train(
 ) -> tuple[Tensor, Tensor]:
     """(out, stats): :func:`performer_attention`'s output, and what its backward may reuse.
 
-    stats is float32 and opaque: (B, H, 3, N) where the kernels that ran keep per-row numbers of
-    the forward for the backward (the causal chunked Triton kernels), empty elsewhere. Its
+    stats is float32 and opaque: (B, H, R, N) where the kernels that ran keep per-row numbers of
+    the forward for the backward (the causal chunked Triton kernels: R = 3 + 32 for bf16 at the
+    default chunk of 64 positions, 3 + 64 otherwise), empty elsewhere. Its
     autograd backward passes (out, stats) to :func:`performer_attention_backward`; stats gets no
     gradient. Use this op for training (``RandMultiHeadAttention`` does whenever a gradient is
     needed) and :func:`performer_attention` for inference, which keeps nothing.
