@@ -106,6 +106,28 @@ def test_long_sequence_forward(poison, path):
     _check(1, 12, 65536, 65536, 64, 256, torch.bfloat16, True, "softmax", mask=False, backward=False)
 
 
+def test_offsets_past_int32(poison, monkeypatch):
+    """B·H = 520 heads at N = 16384, d = E = 64, m = 256, bf16, causal, on the chunked kernels:
+    the key scan's per-chunk states hold 520·256·256·64 > 2³¹ elements, so offsets into them wrap
+    in int32 (the last heads read and write outside the buffer). The first and last heads match
+    the float64 reference, forward and the training backward."""
+    from panther.kernels.performer import triton as tk
+
+    monkeypatch.setattr(tk, "PATH", "chunked")
+    B, H, N, D, m = 1, 520, 16384, 64, 256
+    q, k, v, omega, _ = _inputs(B, H, N, N, D, m, torch.bfloat16, False)
+    scale = D**-0.5
+    out, stats = tk.performer_attention_train(q, k, v, omega, None, "softmax", True, scale)
+    grad = torch.randn_like(out)
+    got = tk.performer_attention_backward(grad, q, k, v, omega, None, "softmax", True, scale, out=out, stats=stats)
+    for h in (0, H - 1):
+        one = [t[:, h : h + 1].double() for t in (q, k, v)] + [omega[h : h + 1].double()]
+        assert_close(out[:, h : h + 1], ref.performer_attention(*one, None, "softmax", True, scale), name=f"out {h}")
+        want = ref.performer_attention_backward(grad[:, h : h + 1].double(), *one, None, "softmax", True, scale)
+        for name, a, b in zip(("dq", "dk", "dv"), got, want):
+            assert_close(a[:, h : h + 1], b, name=f"{name} {h}")
+
+
 @pytest.mark.parametrize("train", [False, True], ids=["op", "train_op"])
 @pytest.mark.parametrize("D", [64, 256], ids=["d64", "d256"])
 def test_op_under_compile(poison, D, train):

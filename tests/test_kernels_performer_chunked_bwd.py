@@ -390,6 +390,32 @@ def test_strided_inputs_and_default_knobs(poison, monkeypatch):
     assert (scan.BN, scan.NC, scan.BMT) == (chunked.CHUNK, 1, 32)
 
 
+def test_int64_offsets_where_buffers_pass_int32(poison, small_tiles, monkeypatch):
+    """Shapes whose buffers reach 2³¹ elements take int64 offsets (the kernels' I64), others not;
+    and the I64 kernels give the same training forward and backward (the GPU test
+    test_offsets_past_int32 runs a shape that needs them; here they are forced by pretending
+    the inputs span 2³¹ elements)."""
+
+    def needs(B, H, N):
+        x = torch.empty(1, 1, 1, 64, device=DEVICE).expand(B, H, N, 64)
+        omega = torch.empty(H, 256, 64, device=DEVICE)
+        return triton_kernels._Cfg(x, x, x, omega, None, "softmax", True, 0.125, None, False, False).i64
+
+    assert not needs(4, 12, 16384)
+    assert needs(1, 520, 16384)  # the key scan's per-chunk states: 520·256·256·64 elements
+    monkeypatch.setattr(triton_kernels, "_extent", lambda t: 2**31)
+    grad, q, k, v, omega, key_mask = _inputs(2, 2, 45, 20, 20, 40, torch.bfloat16, mask=True)
+    out, stats = triton_kernels.performer_attention_train(q, k, v, omega, key_mask, "softmax", True, 0.2, CHUNK)
+    up = [t.double() for t in (q, k, v, omega)]
+    assert_close(out, ref.performer_attention(*up, key_mask, "softmax", True, 0.2), name="out")
+    got = triton_kernels.performer_attention_backward(
+        grad, q, k, v, omega, key_mask, "softmax", True, 0.2, CHUNK, out=out, stats=stats
+    )
+    plan = _last_plan()
+    assert plan.bwd_q.meta["I64"] and plan.bwd_k.meta["I64"] and plan.key_scan.meta["I64"]
+    _assert_grads(got, _expected(grad, q, k, v, omega, key_mask, "softmax", 0.2), (q, k, v))
+
+
 def test_plan_is_cached_and_follows_the_knobs(poison, small_tiles, monkeypatch):
     """A second call of the signature reuses its plan; changing chunked.M_TILE starts over."""
     args = _inputs(1, 2, 45, 16, 16, 40, torch.float32, mask=True)

@@ -62,6 +62,7 @@ from .triton import (
     _max2,
     _mm,
     _omega_rows,
+    _bh_id,
     _phi_key,
     _pow2,
     _row_max,
@@ -389,7 +390,7 @@ def _scan_kernel(
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
     SOFTMAX: tl.constexpr, QUERY: tl.constexpr, HAS_MASK: tl.constexpr, WEIGHTED: tl.constexpr,
     REVERSE: tl.constexpr, ONLINE: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr,
-    INTERP: tl.constexpr,
+    INTERP: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Grid (MP / BMT feature tiles, P segments, B·H). Program (t, s, bh) walks the chunks of
     segment s (backward with REVERSE) for feature rows [t·BMT, (t+1)·BMT): before each chunk it
@@ -416,7 +417,7 @@ def _scan_kernel(
     scan 280 → 249 µs, chunk kernel 664 → 845 µs)."""
     t = tl.program_id(0)
     s = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = _bh_id(2, I64)
     NT = tl.num_programs(0)
     P = tl.num_programs(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
@@ -546,6 +547,7 @@ def _key_pass_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, BM,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
     HAS_MASK: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     """Non-causal key pass, grid (BM / BMT feature tiles, P segments, B·H). Program (t, s, bh)
     sums, over the keys of segment s (chunks [s·CPS, (s+1)·CPS)) and feature rows [t·BMT,
@@ -563,7 +565,7 @@ def _key_pass_kernel(
     are all < N run without any element mask; only the last chunk of the sequence may need one."""
     t = tl.program_id(0)
     s = tl.program_id(1)
-    bh = tl.program_id(2)
+    bh = _bh_id(2, I64)
     P = tl.num_programs(1)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     a2 = rs * 1.4426950408889634
@@ -606,6 +608,7 @@ def _key_pass_kernel(
 def _segment_scan_kernel(
     SG, ZG, MX, EG, EX, P, MP, N, L,
     BMT: tl.constexpr, BE: tl.constexpr, REVERSE: tl.constexpr, RESCALE: tl.constexpr, ONLINE: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     """Grid (MP / BMT, B·H): the P segment totals of one (batch·head, feature tile) replaced, in
     place, by their exclusive prefix (suffix with REVERSE) sums. RESCALE (softmax): segment s
@@ -617,7 +620,7 @@ def _segment_scan_kernel(
     as the sums are: every thread reads and writes the same scalar, so a thread's store could land
     before another thread's load (it did on the H200)."""
     t = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     NT = tl.num_programs(0)
     mrows = t * BMT + tl.arange(0, BMT)
     tile = mrows[:, None] * BE + tl.arange(0, BE)[None, :]
@@ -658,7 +661,7 @@ def _fwd_chunk_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS, NC, P, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, WRITE_STATS: tl.constexpr,
-    EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
     the rows' query stabilizer mq, normalizer den, (causal softmax) key stabilizer Mᵢ and (causal)
@@ -666,7 +669,7 @@ def _fwd_chunk_kernel(
     of recomputing the forward. Causal softmax takes its stabilizers online (_chunk_attend's ONLINE): EL, EG are the
     ONLINE scan's (:class:`ChunkScan` with ``online``), read for causal softmax only."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
@@ -733,6 +736,7 @@ def _out_pass_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPP, NC, MP,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, NT: tl.constexpr,
     SOFTMAX: tl.constexpr, EVEN_M: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     """Non-causal output pass with the head's features held on chip: grid (G, B·H). Program (g, bh)
     loads the NT ≤ 4 feature tiles of ω and of the whole-sequence state (SL (BH, MP, BE), ZL
@@ -742,7 +746,7 @@ def _out_pass_kernel(
     against the chunk's 8 KB of queries). The arguments are _fwd_chunk_kernel's, less the causal
     ones; the tiles take registers, so the plan picks this kernel only where they fit."""
     g = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
@@ -948,6 +952,9 @@ class ChunkScan:
         self.CPS = triton.cdiv(self.NC, want)
         self.P = triton.cdiv(self.NC, self.CPS)
         self.state_dtype = torch.float32 if feat_f32 else torch.bfloat16
+        # int64 offsets where the states (per chunk, per segment) or the inputs reach 2³¹ elements.
+        states = self.BH * (self.NC + self.P) * self.MP * self.BE
+        self.i64 = max(states, _tri._extent(x), _tri._extent(vals)) >= 2**31
         self.reverse = reverse
         self.device = x.device
         interp = x.device.type == "cpu"
@@ -955,7 +962,7 @@ class ChunkScan:
         meta = {
             "BN": chunk, "BD": self.BD, "BE": self.BE, "BMT": self.BMT, "SOFTMAX": kernel_fn == "softmax",
             "QUERY": query, "HAS_MASK": has_mask and not query, "WEIGHTED": weighted, "REVERSE": reverse,
-            "ONLINE": online, "FEAT_F32": feat_f32, "PREC": prec, "INTERP": interp,
+            "ONLINE": online, "FEAT_F32": feat_f32, "PREC": prec, "INTERP": interp, "I64": self.i64,
         }  # fmt: skip
         self.meta = meta
         self.online = online
@@ -966,7 +973,8 @@ class ChunkScan:
         )  # fmt: skip
         self.segment = _Launch(
             _segment_scan_kernel, (self.NT, self.BH), 5, (self.P, self.MP, N, self.CPS * chunk),
-            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse, "RESCALE": kernel_fn == "softmax", "ONLINE": online},
+            {"BMT": self.BMT, "BE": self.BE, "REVERSE": reverse, "RESCALE": kernel_fn == "softmax", "ONLINE": online,
+             "I64": self.i64},
             {"num_warps": 4}, fast, trace,
         )  # fmt: skip
 
@@ -1071,7 +1079,7 @@ class ChunkedForwardPlan:
             self.P_state = triton.cdiv(NCK, cps)
             key_meta = {
                 "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "HAS_MASK": key_mask is not None,
-                "EVEN_M": c.m == c.BM, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp,
+                "EVEN_M": c.m == c.BM, "FEAT_F32": c.feat_f32, "PREC": c.meta["PREC"], "INTERP": c.interp, "I64": c.i64,
             }  # fmt: skip
             self.state = _Launch(
                 _key_pass_kernel, (NT, self.P_state, c.BH), 7,
@@ -1085,7 +1093,7 @@ class ChunkedForwardPlan:
         meta = {
             "BN": BN, "BD": c.BD, "BE": c.BE, "BMT": BMT, "SOFTMAX": c.softmax, "CAUSAL": causal,
             "HAS_MASK": key_mask is not None, "WRITE_STATS": stats, "EVEN_M": c.m % BMT == 0, "FEAT_F32": c.feat_f32,
-            "PREC": c.meta["PREC"], "INTERP": c.interp,
+            "PREC": c.meta["PREC"], "INTERP": c.interp, "I64": c.i64,
         }  # fmt: skip
         # The non-causal output pass: _out_pass_kernel where the plan takes it, else _fwd_chunk_kernel.
         self.out_pass = None if causal else self._out_pass(q, BMT, NC, meta, fast, trace)
@@ -1111,7 +1119,7 @@ class ChunkedForwardPlan:
             persist = not c.feat_f32 and c.BD == 64 and c.BE <= 64 and cpp >= OUT_MIN_CHUNKS
         if not persist or NT > min(OUT_MAX_TILES, 4):  # (the kernel holds at most 4)
             return None
-        out_meta = {k_: meta[k_] for k_ in ("BN", "BD", "BE", "BMT", "SOFTMAX", "EVEN_M", "FEAT_F32", "PREC", "INTERP")}
+        out_meta = {k_: meta[k_] for k_ in ("BN", "BD", "BE", "BMT", "SOFTMAX", "EVEN_M", "FEAT_F32", "PREC", "INTERP", "I64")}
         return _Launch(
             _out_pass_kernel, (triton.cdiv(NC, cpp), c.BH), 5,
             (c.N, c.D, c.E, c.m, c.H, *q.stride(), *_contiguous_strides(*self.out_shape), *c.scal, cpp, NC, c.BM),

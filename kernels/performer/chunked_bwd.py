@@ -55,6 +55,7 @@ from .triton import (
     _logits,
     _mm,
     _omega_rows,
+    _bh_id,
     _phi_key,
     _row_max,
     _run,
@@ -116,6 +117,7 @@ def _chunk_bwd_q_kernel(
     sqb, sqh, sqn, sqd, skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
     HAS_MASK: tl.constexpr, SAVED: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    I64: tl.constexpr,
 ):  # fmt: skip
     """dq of chunk c, and G' = [gs, gd] (GS (BH, N, BE), GD (BH, N)) and the query stabilizer
     (MQ (BH, N)) for the reverse query scan and the key pass. S, z: the key scan's exclusive
@@ -127,7 +129,7 @@ def _chunk_bwd_q_kernel(
     read, and the recomputed forward's intra-chunk scores are written into STATS (a workspace of
     that layout) for the dk/dv pass."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
@@ -219,14 +221,14 @@ def _chunk_bwd_k_kernel(
     Q, K, V, W, MASK, RL, RZL, RG, RZG, GS, GD, MQ, DK, DV, MX, STATS, N, D, E, M, H, NC, CPS, P, MP, sqb, sqh, sqn, sqd,
     skb, skh, skn, skd, svb, svh, svn, sve, smb, smn, rs, log2_sqrt_m, inv_sqrt_m, eps,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BMT: tl.constexpr, SOFTMAX: tl.constexpr,
-    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    HAS_MASK: tl.constexpr, FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """dk and dv of chunk c. R, rz: the reverse query scan's exclusive suffix over later chunks
     (the state layout of :mod:`.chunked`); GS, GD, MQ as the dq pass stored them; STATS the
     intra-chunk scores A (:func:`.chunked.stats_rows`: the training forward's, or the dq pass's
     recompute); DK (B, H, N, D) and DV (B, H, N, E) contiguous."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
@@ -327,7 +329,7 @@ def _chunk_launches(cfg: _Cfg, grad, out, q, k, v, BN: int, BMT: int, warps: int
     ``out``: the forward's output (its strides; the dq pass reads it and the stats), or None."""
     meta = {
         "BN": BN, "BD": cfg.BD, "BE": cfg.BE, "BMT": BMT, "SOFTMAX": cfg.softmax, "HAS_MASK": cfg.meta["HAS_MASK"],
-        "FEAT_F32": cfg.feat_f32, "PREC": cfg.meta["PREC"], "INTERP": cfg.interp,
+        "FEAT_F32": cfg.feat_f32, "PREC": cfg.meta["PREC"], "INTERP": cfg.interp, "I64": cfg.i64,
     }  # fmt: skip
     opts = {"num_warps": warps, "num_stages": chunked._stages(cfg.feat_f32, cfg.BE)}
     dims = (cfg.N, cfg.D, cfg.E, cfg.m, cfg.H, NC, CPS, P, MP)

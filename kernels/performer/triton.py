@@ -164,6 +164,19 @@ def _dot(a, b, PREC: tl.constexpr, INTERP: tl.constexpr):
 
 
 @triton.jit
+def _bh_id(axis: tl.constexpr, I64: tl.constexpr):
+    """tl.program_id(axis), the (batch·head) index every offset is built from, as int64 when I64
+    (``_Cfg.i64``: some buffer the kernels index reaches 2³¹ elements, e.g. the chunked scan's
+    per-chunk states (B·H, N/C, m, E) from B·H = 512 at N = 16384, m = 256, E = 64, where int32
+    offsets wrap). Only then: the int64 index and what derives from it cost registers, and the
+    chunked dq kernel, at its register limit, took 8% longer with them (H200, docs/benchmarks.md)."""
+    if I64:
+        return tl.program_id(axis).to(tl.int64)
+    else:
+        return tl.program_id(axis)
+
+
+@triton.jit
 def _rne_bf16(x):
     """fp32 x rounded to the nearest bf16 (ties to even), kept in fp32. The interpreter's own
     fp32→bf16 cast truncates; the GPU's rounds to nearest: this makes the two agree."""
@@ -389,7 +402,7 @@ def _max2(a, b):
 def _key_max_kernel(
     K, W, MASK, OUT, CM, N, D, M, H, NCK, skb, skh, skn, skd, smb, smn, rs, log2_sqrt_m,
     BN: tl.constexpr, BD: tl.constexpr, BMT: tl.constexpr, ND: tl.constexpr, HAS_MASK: tl.constexpr,
-    PREC: tl.constexpr, INTERP: tl.constexpr,
+    PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Grid (NCK = ⌈N / BN⌉, B·H), first half of the causal softmax key stabilizer
     (:meth:`_Cfg.key_max`): each key's largest logit over the M features,
@@ -398,7 +411,7 @@ def _key_max_kernel(
     ω is read in tiles of BMT rows and, for wide heads (ND > 1), BD columns, as the kernels that
     use the stabilizer read it."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs = f32_of(rs)
     log2_sqrt_m = f32_of(log2_sqrt_m)
     b = bh // H
@@ -436,7 +449,7 @@ def _key_max_carry_kernel(OUT, CM, N, NCK, floor, BN: tl.constexpr, BC: tl.const
     of the earlier chunks (CM, read BC at a time), and floored at ``floor`` (NO_KEY: finite
     where no key is visible yet)."""
     c = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = tl.program_id(1)  # (its buffers are (B·H, N) and (B·H, NCK): int32 offsets suffice)
     prev = tl.full((BC,), float("-inf"), tl.float32)
     for c0 in range(0, c, BC):
         offs = c0 + tl.arange(0, BC)
@@ -478,10 +491,10 @@ def _state_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):
     seg = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     nseg = tl.num_programs(0)
     b = bh // H
@@ -538,10 +551,10 @@ def _fwd_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):
     seg = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     b = bh // H
     h = bh % H
@@ -616,10 +629,10 @@ def _bwd_q_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):
     seg = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     nseg = tl.num_programs(0)
     b = bh // H
@@ -721,10 +734,10 @@ def _bwd_k_kernel(
     rs, log2_sqrt_m, inv_sqrt_m, eps, CPS,
     BN: tl.constexpr, BD: tl.constexpr, BE: tl.constexpr, BM: tl.constexpr, ND: tl.constexpr,
     SOFTMAX: tl.constexpr, CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
-    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr,
+    FEAT_F32: tl.constexpr, PREC: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):
     seg = tl.program_id(0)
-    bh = tl.program_id(1)
+    bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)
     nseg = tl.num_programs(0)
     b = bh // H
@@ -812,7 +825,7 @@ def _bwd_k_kernel(
 def _reduce_kernel(
     S, Z, C, S_OUT, Z_OUT, C_OUT, MX, P, NTC, RPC, log2_sqrt_m, N, L,
     BM: tl.constexpr, BE: tl.constexpr, RT: tl.constexpr, BPT: tl.constexpr, BNT: tl.constexpr, MODE: tl.constexpr,
-    RESCALE: tl.constexpr, INTERP: tl.constexpr,
+    RESCALE: tl.constexpr, INTERP: tl.constexpr, I64: tl.constexpr,
 ):  # fmt: skip
     """Combine the P segment states (S, z) of one (batch, head), grid (B·H, BM / RT): each program
     owns RT feature rows (a whole-BM tile per (batch, head) left most SMs idle: 12.6 µs per call
@@ -825,7 +838,7 @@ def _reduce_kernel(
     RESCALE (modes 2/3, causal softmax): segment s, positions [s·L, (s+1)·L) of N, is summed at the
     key stabilizer MX (B·H, N) of its last position (mode 2: the keys' totals) or of the position
     before it (mode 3: the queries' R); the running sum moves between them by exp2(Eb − Ee) ≤ 1."""
-    bh = tl.program_id(0)
+    bh = _bh_id(0, I64)
     offs_m = tl.program_id(1) * RT + tl.arange(0, RT)
     tile = offs_m[:, None] * BE + tl.arange(0, BE)[None, :]
     cmax = 0.0
@@ -898,6 +911,11 @@ def _segments(n: int, bn: int, bh: int, device: torch.device) -> tuple[int, int]
     want = min(chunks, max(1, triton.cdiv(_target_programs(device), bh)))
     cps = triton.cdiv(chunks, want)
     return triton.cdiv(chunks, cps), cps
+
+
+def _extent(t: Tensor) -> int:
+    """Elements from t's first to its last, as its strides lay them out."""
+    return 1 + sum((d - 1) * st for d, st in zip(t.shape, t.stride()))
 
 
 def _contiguous_strides(*shape: int) -> tuple[int, ...]:
@@ -981,6 +999,19 @@ class _Cfg:
         # pipelines of large tiles overflow it (227 KB on Hopper).
         big = (4 if feat_f32 else 2) * self.BM * self.BE + q.element_size() * self.BM * self.BD * self.ND
         self.num_stages = 3 if big <= 64 * 1024 else 2 if big <= 96 * 1024 and not feat_f32 else 1
+        self.i64 = self.meta["I64"] = self._needs_i64(q, k, v)
+
+    def _needs_i64(self, q: Tensor, k: Tensor, v: Tensor) -> bool:
+        """Whether the kernels need int64 offsets (``_bh_id``): an upper bound on the elements of
+        every buffer they index reaches 2³¹. Per (batch, head), with n = max(N, Nk), C the chunked
+        kernels' chunk and P the segment kernels' segments: the rows of q, k, v, out, G' and the
+        training stats, n·max(D, E, 3 + C); the per-chunk and per-segment states, ≤ 2·(n/C + P +
+        1)·m·E. And the inputs' own extents (their strides may reach past B·H·n·D)."""
+        n = max(self.N, self.Nk)
+        chunk = self.chunk_size or _CHUNKED.chunked.CHUNK
+        P = max(self.segments(n, "fwd")[0], self.segments(n, "bwd")[0])
+        per_bh = n * max(self.BD * self.ND, self.BE, 3 + chunk) + 2 * (triton.cdiv(n, chunk) + P + 1) * self.BM * self.BE
+        return self.BH * per_bh >= 2**31 or max(_extent(t) for t in (q, k, v)) >= 2**31
 
     def tiles(self, group: str) -> tuple[int, int]:
         """(chunk, warps) of a kernel group: "fwd" (state and output passes) or "bwd"."""
@@ -1006,7 +1037,7 @@ class _Cfg:
         # Stabilizers are read BPT segments at a time, ≤ 4096 values (32 registers a thread).
         meta = {
             "BM": self.BM, "BE": self.BE, "RT": rt, "BPT": min(triton.next_power_of_2(P), max(1, 4096 // bnt)), "BNT": bnt,
-            "MODE": mode, "RESCALE": mode >= 2 and self.softmax, "INTERP": self.interp,
+            "MODE": mode, "RESCALE": mode >= 2 and self.softmax, "INTERP": self.interp, "I64": self.i64,
         }  # fmt: skip
         opts = {"num_warps": 4}
         scalars = (P, ntc, self.BM // ntc, self.scal[1], self.N, seg_len)
@@ -1034,7 +1065,7 @@ class _Cfg:
         nck = max(1, triton.cdiv(self.N, KEY_MAX_ROWS))
         meta = {
             "BN": KEY_MAX_ROWS, "BD": self.BD, "BMT": min(KEY_MAX_FEATURES, self.BM), "ND": self.ND,
-            "HAS_MASK": self.meta["HAS_MASK"], "PREC": self.meta["PREC"], "INTERP": self.interp,
+            "HAS_MASK": self.meta["HAS_MASK"], "PREC": self.meta["PREC"], "INTERP": self.interp, "I64": self.i64,
         }  # fmt: skip
         rows = _Launch(
             _key_max_kernel, (nck, self.BH), 5,
