@@ -25,6 +25,13 @@ Performer against exact softmax attention for each m (``--error-m``), causal and
 It prints tables (times in ms; ``×sdpa`` is panther's speedup over SDPA, ``/floor`` panther's time
 over the floor) and writes every number to ``--json``.
 
+``do_bench`` times from an event after its L2 flush (~60 µs of GPU time) to an event after the
+call, so a call whose host time passes that is timed partly on the host: panther's eager
+forward+backward takes ~0.6–1.2 ms of host time (autograd, a dozen launches, their workspaces),
+as much as its GPU time at B = 4, H = 12, N = 4096. ``--graph`` adds the GPU time alone, the
+median of CUDA-graph replays of many calls (``do_bench_cudagraph``; no L2 flush between calls),
+as a second table.
+
 Example::
 
     python -m panther bench attention --shapes issue --json attention.json
@@ -70,6 +77,9 @@ def _parse(argv):
     p.add_argument("--compile-workers", type=int, default=8, help="processes compiling --sweep's settings (default 8)")
     p.add_argument("--tuned", metavar="PATH", help="use the best settings of a --sweep JSON instead of the built-in ones")
     p.add_argument("--error-sigma", default="0.5,1.0", help="std of q, k, v entries in the approximation-error check")
+    p.add_argument(
+        "--graph", action="store_true", help="also time every method as CUDA-graph replays (GPU time without host time)"
+    )
     p.add_argument("--warmup", type=float, default=10.0, help="do_bench warm-up, ms (default 10)")
     p.add_argument("--rep", type=float, default=40.0, help="do_bench repetition time, ms (default 40)")
     return p.parse_args(argv)
@@ -94,6 +104,17 @@ def _bench(fn, args, grad_to_none=None) -> float:
     from triton.testing import do_bench
 
     return float(do_bench(fn, warmup=args.warmup, rep=args.rep, grad_to_none=grad_to_none, return_mode="median"))
+
+
+def _graph(rec, key, fn, grad_to_none=None) -> None:
+    """rec[key]: GPU time of one call in ms, the median of CUDA-graph replays of many calls; a call
+    that cannot be captured records its error under key + "_error" instead."""
+    from triton.testing import do_bench_cudagraph
+
+    try:
+        rec[key] = float(do_bench_cudagraph(fn, rep=20, grad_to_none=grad_to_none, return_mode="median"))
+    except RuntimeError as e:
+        rec[key + "_error"] = f"{type(e).__name__}: {str(e)[:200]}"
 
 
 def _ceilings(dtype, args):
@@ -179,6 +200,8 @@ def _measure(shape, causal, dtype, bw, rate, args, methods) -> dict:
             torch.cuda.synchronize()
             rec[f"{name}_first_call_s"] = time.perf_counter() - t0
             rec[f"{name}_fwd_ms"] = _bench(lambda: fn(q, k, v), args)
+            if args.graph:
+                _graph(rec, f"{name}_fwd_graph_ms", lambda: fn(q, k, v))
             inputs = (3 * B * H * N * d * es) if name != "mha" else B * N * H * d * es
             rec[f"{name}_peak_MB"] = (_peak(lambda: fn(q, k, v)) + inputs) / 2**20
             if not args.no_backward:
@@ -192,6 +215,8 @@ def _measure(shape, causal, dtype, bw, rate, args, methods) -> dict:
                     run = lambda: fn(qg, kg, vg).backward(go)  # noqa: E731
                 run()
                 rec[f"{name}_fwdbwd_ms"] = _bench(run, args, grad_to_none=leaves)
+                if args.graph:
+                    _graph(rec, f"{name}_fwdbwd_graph_ms", run, grad_to_none=leaves)
         except torch.OutOfMemoryError:
             rec[f"{name}_oom"] = True
         torch.cuda.empty_cache()
@@ -344,16 +369,20 @@ def main(argv: list[str] | None = None) -> int:
         return f"{x:9.3f}" if isinstance(x, float) else f"{'-':>9}"
 
     header = f"{'B':>2}{'N':>7} {'causal':<7}{'mode':<8}" + "".join(f"{n:>9}" for n in methods) + f"{'floor':>9}{'×sdpa':>8}{'/floor':>8}"
-    print("\ntimes (ms, median)\n" + header + "\n" + "-" * len(header))
-    for rec in records:
-        for mode in ("fwd",) if args.no_backward else ("fwd", "fwdbwd"):
-            row = f"{rec['B']:>2}{rec['N']:>7} {'yes' if rec['causal'] else 'no':<7}{mode:<8}"
-            row += "".join(f(rec.get(f"{n}_{mode}_ms")) for n in methods)
-            row += f(rec[f"floor_{mode}_ms"])
-            p, s = rec.get(f"panther_{mode}_ms"), rec.get(f"sdpa_{mode}_ms")
-            row += f"{s / p:7.2f}x" if p and s else f"{'-':>8}"
-            row += f"{p / rec[f'floor_{mode}_ms']:7.2f}x" if p else f"{'-':>8}"
-            print(row)
+    tables = [("times (ms, median of do_bench, L2 flushed)", "")]
+    if args.graph:
+        tables.append(("GPU times (ms, median of CUDA-graph replays)", "_graph"))
+    for title, tag in tables:
+        print(f"\n{title}\n" + header + "\n" + "-" * len(header))
+        for rec in records:
+            for mode in ("fwd",) if args.no_backward else ("fwd", "fwdbwd"):
+                row = f"{rec['B']:>2}{rec['N']:>7} {'yes' if rec['causal'] else 'no':<7}{mode:<8}"
+                row += "".join(f(rec.get(f"{n}_{mode}{tag}_ms")) for n in methods)
+                row += f(rec[f"floor_{mode}_ms"])
+                p, s = rec.get(f"panther_{mode}{tag}_ms"), rec.get(f"sdpa_{mode}{tag}_ms")
+                row += f"{s / p:7.2f}x" if p and s else f"{'-':>8}"
+                row += f"{p / rec[f'floor_{mode}_ms']:7.2f}x" if p else f"{'-':>8}"
+                print(row)
     print("\npeak memory of the forward (MiB, inputs included) against q+k+v+out")
     for rec in records:
         peaks = "  ".join(f"{n} {rec[f'{n}_peak_MB']:.0f}" for n in methods if f"{n}_peak_MB" in rec)
