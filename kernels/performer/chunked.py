@@ -49,6 +49,7 @@ from . import triton as _tri
 from .triton import (
     MAX_TILE,
     WHOLE_D_F32,
+    _bh_id,
     _cast,
     _Cfg,
     _chunk_end,
@@ -62,7 +63,6 @@ from .triton import (
     _max2,
     _mm,
     _omega_rows,
-    _bh_id,
     _phi_key,
     _pow2,
     _row_max,
@@ -666,8 +666,9 @@ def _fwd_chunk_kernel(
     """Grid (chunks, B·H): out of one chunk of queries (see _chunk_attend). WRITE_STATS: also
     the rows' query stabilizer mq, normalizer den, (causal softmax) key stabilizer Mᵢ and (causal)
     intra-chunk scores A into STATS (layout: :func:`stats_rows`), which the backward reads instead
-    of recomputing the forward. Causal softmax takes its stabilizers online (_chunk_attend's ONLINE): EL, EG are the
-    ONLINE scan's (:class:`ChunkScan` with ``online``), read for causal softmax only."""
+    of recomputing the forward. Causal softmax takes its stabilizers online (_chunk_attend's
+    ONLINE): EL, EG are the ONLINE scan's (:class:`ChunkScan` with ``online``), read for causal
+    softmax only."""
     c = tl.program_id(0)
     bh = _bh_id(1, I64)
     rs, log2_sqrt_m, inv_sqrt_m, eps = _f32(rs, log2_sqrt_m, inv_sqrt_m, eps)

@@ -42,6 +42,7 @@ from . import chunked
 from . import triton as _tri
 from .chunked import _chunk_attend, _operand, _segment_factor, _state_tile, _stats_at
 from .triton import (
+    _bh_id,
     _cast,
     _Cfg,
     _chunk_end,
@@ -55,7 +56,6 @@ from .triton import (
     _logits,
     _mm,
     _omega_rows,
-    _bh_id,
     _phi_key,
     _row_max,
     _run,
