@@ -122,13 +122,11 @@ def _states(phi, vals, zw, mx, C, CPS, reverse, MP, BE, sdt):
     return pad(SL, True).to(sdt), pad(ZL, False).float(), pad(SG, True).float(), pad(ZG, False).float()
 
 
-def _scores_want(q, k, omega, key_mask, kernel_fn, scale, mq, mx, C):
-    """The intra-chunk scores A (B, H, N, C) in float64, in the layout of chunked.stats_scores:
-    [i, j] = φq_i·φk_{c0 + j} for key c0 + j ≤ i of query i's chunk (c0 = its first position),
-    else 0. Softmax: φq = exp2(lg_q − mq), φk = exp2(lg_k − MX) (masked keys 0) and the pair's
-    factor exp2(min(MX_j − MX_i, 0)), with mq, mx (B, H, N) the stabilizers the kernel used; relu:
-    relu(ω·xs)/√m + eps (mq, mx not read)."""
-    B, H, N, _ = q.shape
+def _pair_weights(q, k, omega, key_mask, kernel_fn, scale, mq, mx):
+    """(B, H, N, N) float64: [i, j] = φq_i·φk_j, masked keys 0. Softmax: φq = exp2(lg_q − mq),
+    φk = exp2(lg_k − MX) and the pair's factor exp2(min(MX_j − MX_i, 0)), with mq, mx (B, H, N)
+    the stabilizers the kernel used (log2 units, log2 √m folded in); relu: relu(ω·xs)/√m + eps
+    (mq, mx not read). Causal sums take its lower triangle."""
     m = omega.shape[1]
     if kernel_fn == "softmax":
         lgk = logits2(k, omega, scale)
@@ -143,7 +141,15 @@ def _scores_want(q, k, omega, key_mask, kernel_fn, scale, mq, mx, C):
         if key_mask is not None:
             phk = phk * key_mask[:, None, :, None]
         rel = 1.0
-    full = (phq @ phk.transpose(-1, -2)) * rel  # (B, H, N, N): [i, j] over all pairs
+    return (phq @ phk.transpose(-1, -2)) * rel
+
+
+def _scores_want(q, k, omega, key_mask, kernel_fn, scale, mq, mx, C):
+    """The intra-chunk scores A (B, H, N, C) in float64, in the layout of chunked.stats_scores:
+    [i, j] = the pair weight (:func:`_pair_weights`) of query i and key c0 + j ≤ i of its chunk
+    (c0 = its first position), else 0."""
+    B, H, N, _ = q.shape
+    full = _pair_weights(q, k, omega, key_mask, kernel_fn, scale, mq, mx)
     i = torch.arange(N, device=q.device)[:, None]
     j = (i // C) * C + torch.arange(C, device=q.device)[None, :]  # key positions of i's chunk
     keep = j <= i
@@ -456,27 +462,13 @@ def _stats_want(q, k, omega, key_mask, kernel_fn, scale):
     max of lg_k over unmasked keys j' ≤ j plus log2 √m, NO_KEY before the first), φk = exp2(lg_k −
     MX), key j entering query i's den times exp2(MX_j − MX_i); or relu features and mq = 0.
     den = Σ_{j ≤ i} φq_i·φk_j (·exp2(MX_j − MX_i)) over unmasked keys. MX is None for relu."""
-    q, k, omega = (t.double() for t in (q, k, omega))
-    m = omega.shape[1]
-    rs = math.sqrt(scale)
-    proj = [torch.einsum("bhnd,hmd->bhnm", x * rs, omega) for x in (q, k)]
-    rel, mx = 1.0, None
+    B, H, N, _ = q.shape
     if kernel_fn == "softmax":
-        lg = [(p - 0.5 * ((x * rs) ** 2).sum(-1, keepdim=True)) / math.log(2) for p, x in zip(proj, (q, k))]
-        mq = lg[0].amax(-1) + 0.5 * math.log2(m)
-        lgk = lg[1]
-        if key_mask is not None:
-            lgk = lgk.masked_fill(~key_mask[:, None, :, None], float("-inf"))
-        mx = key_max2(k, omega, scale, key_mask)  # (B, H, N)
-        phq = torch.exp2(lg[0] - mq[..., None])
-        phk = torch.exp2(lgk - mx[..., None])
-        rel = torch.exp2((mx[..., None, :] - mx[..., :, None]).clamp_max(0.0))  # (i, j): exp2(MX_j − MX_i), j ≤ i
+        mq = logits2(q, omega, scale).amax(-1) + 0.5 * math.log2(omega.shape[1])
+        mx = key_max2(k, omega, scale, key_mask)
     else:
-        mq = torch.zeros(proj[0].shape[:3], dtype=torch.float64, device=q.device)
-        phq, phk = (torch.relu(p) / math.sqrt(m) + ref.RELU_EPS for p in proj)
-    if key_mask is not None:
-        phk = phk * key_mask[:, None, :, None]
-    den = torch.tril((phq @ phk.transpose(-1, -2)) * rel).sum(-1)
+        mq, mx = torch.zeros(B, H, N, dtype=torch.float64, device=q.device), None
+    den = torch.tril(_pair_weights(q, k, omega, key_mask, kernel_fn, scale, mq, mx)).sum(-1)
     return mq, den, mx
 
 

@@ -391,7 +391,7 @@ class ChunkedBackwardPlan:
         if out is not None and out.shape != grad.shape:
             raise ValueError(f"out must have shape {(c.B, c.H, c.N, c.E)}, got {tuple(out.shape)}")
         chunked._check_tiles(c, q.dtype)
-        BN = chunked.CHUNK if chunk_size is None else chunk_size
+        BN = self.chunk = chunked.CHUNK if chunk_size is None else chunk_size
         BMT = chunked._feature_tile(c.m, chunked.M_TILE)
         common = {
             "kernel_fn": kernel_fn, "scale": scale, "chunk": BN, "m_tile": BMT, "feat_f32": c.feat_f32,
@@ -425,7 +425,7 @@ class ChunkedBackwardPlan:
         dq = torch.empty(B, H, N, D, device=q.device, dtype=q.dtype)
         if out is None:  # O is not read; the dq pass writes the intra-chunk scores into stats
             out = grad
-            rows = chunked.stats_rows(c.feat_f32, self.bwd_k.meta["BN"])
+            rows = chunked.stats_rows(c.feat_f32, self.chunk)
             stats = torch.empty(B, H, rows, N, device=q.device, dtype=torch.float32)
         _run(self, "bwd_q", grad, q, k, v, omega, mptr, SL, ZL, SG, ZG, dq, gs, gd, mq, out, stats, mx)
         RL, RZL, RG, RZG = self.query_scan(q, gs, omega, None, mq if c.softmax else None, gd, mx)
